@@ -1,0 +1,175 @@
+//! The [`MergeMethod`] trait and what the engine hands to it.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use rand_chacha::ChaCha8Rng;
+
+use crate::{MethodError, ParamSpec, Params};
+
+/// How a method uses the base model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseModel {
+    /// The method needs a base (task-vector methods).
+    Required,
+    /// The method uses a base if one is given.
+    Optional,
+    /// The method ignores the base (it only supplies non-float tensors and
+    /// config files).
+    Unused,
+}
+
+/// What a method is, for the registry, `methods show` and `docs/methods.md`.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodInfo {
+    /// Canonical name, mergekit's snake_case (`task_arithmetic`).
+    pub name: &'static str,
+    /// One-line summary.
+    pub summary: &'static str,
+    /// The paper, with its arXiv id (`Ilharco et al. 2023, arXiv:2212.04089`).
+    pub paper: &'static str,
+    /// Use of the base model.
+    pub base: BaseModel,
+    /// Fewest models (not counting the base) it merges.
+    pub min_models: usize,
+    /// Most models it merges (`None` for any number).
+    pub max_models: Option<usize>,
+    /// Declared parameters.
+    pub params: &'static [ParamSpec],
+}
+
+/// One tensor being merged: its identity, its resolved parameters and the
+/// seed. Shared by every chunk of the tensor.
+#[derive(Debug, Clone)]
+pub struct TensorContext<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Tensor shape.
+    pub shape: &'a [usize],
+    /// Global parameters, resolved for this tensor.
+    pub global: &'a Params,
+    /// Each model's parameters, resolved for this tensor (same order as the models).
+    pub models: &'a [Params],
+    /// The merge's seed.
+    pub seed: u64,
+    /// Statistics from the method's whole-model pass, if it asked for one.
+    pub model_stats: Option<&'a Stats>,
+}
+
+impl TensorContext<'_> {
+    /// Number of elements in the whole tensor.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The reproducible random stream of model `model` on this tensor,
+    /// positioned at element `offset` (one 32-bit word per element). Draws
+    /// depend only on (seed, tensor name, model index, element position), never
+    /// on threads, chunking or tensor order.
+    pub fn rng(&self, model: usize, offset: usize) -> ChaCha8Rng {
+        crate::rng::stream(self.seed, self.name, model, offset)
+    }
+}
+
+/// A contiguous chunk `[offset, offset + len)` of one tensor's flattened
+/// values: the base's, each model's, and each model's auxiliary tensor (for
+/// [`ParamKind::ModelRef`](crate::ParamKind::ModelRef) parameters such as
+/// Fisher files).
+#[derive(Debug, Clone)]
+pub struct Chunk<'a> {
+    /// The tensor this chunk belongs to.
+    pub tensor: &'a TensorContext<'a>,
+    /// Element offset of the chunk within the tensor.
+    pub offset: usize,
+    /// The base model's values, if there is a base.
+    pub base: Option<&'a [f32]>,
+    /// Each model's values.
+    pub models: &'a [&'a [f32]],
+    /// Each model's auxiliary values (`None` where that model has none for this tensor).
+    pub aux: &'a [Option<&'a [f32]>],
+    /// The base's auxiliary values.
+    pub base_aux: Option<&'a [f32]>,
+    /// Statistics from the method's per-tensor pass, if it asked for one.
+    pub tensor_stats: Option<&'a Stats>,
+}
+
+impl Chunk<'_> {
+    /// Number of elements in this chunk.
+    pub fn len(&self) -> usize {
+        self.models.first().map(|m| m.len()).or(self.base.map(|b| b.len())).unwrap_or(0)
+    }
+
+    /// Whether the chunk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether this chunk is the whole tensor.
+    pub fn is_whole(&self) -> bool {
+        self.offset == 0 && self.len() == self.tensor.numel()
+    }
+}
+
+/// Statistics gathered by a [`StatsPass`], read back by the method with
+/// `downcast_ref`.
+pub type Stats = Arc<dyn Any + Send + Sync>;
+
+/// A streaming pass over data before merging: over every chunk of one tensor
+/// (per-tensor pass) or over every chunk of every tensor (whole-model pass).
+///
+/// The engine calls `observe` for each chunk, in order, `sweeps()` times
+/// (`end_sweep` after each), then `finish`. A pass needing an exact top-k over
+/// data larger than memory uses two sweeps (a coarse histogram, then a refined
+/// one). Memory is the pass's own business and must not grow with model size.
+pub trait StatsPass: Send {
+    /// How many sweeps over the data.
+    fn sweeps(&self) -> usize {
+        1
+    }
+
+    /// Sees one chunk during sweep `sweep` (0-based).
+    fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError>;
+
+    /// Called after each sweep.
+    fn end_sweep(&mut self, _sweep: usize) -> Result<(), MethodError> {
+        Ok(())
+    }
+
+    /// The gathered statistics.
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError>;
+}
+
+/// A merge method: merges one tensor (or one chunk of it) at a time.
+///
+/// Implementations are stateless (`&self`), `Send + Sync`, and deterministic:
+/// the output may depend only on the chunk's data, the resolved parameters,
+/// the stats, and randomness drawn from [`TensorContext::rng`]. Register an
+/// implementation with [`register_method!`](crate::register_method).
+pub trait MergeMethod: Send + Sync + 'static {
+    /// Name, summary, paper, parameters.
+    fn info(&self) -> &'static MethodInfo;
+
+    /// Whether a tensor may be split into chunks merged independently (with
+    /// per-tensor stats shared between them). `true` for element-wise methods;
+    /// methods that need whole rows or the whole tensor (SLERP's norms) say
+    /// `false` and always receive the whole tensor.
+    fn chunkable(&self) -> bool {
+        true
+    }
+
+    /// A pass over the whole model before merging (global top-k, global Fisher
+    /// norms), or `None`. `models` holds each model's global-scope view of the
+    /// parameters.
+    fn model_pass(&self, _global: &Params, _models: &[Params]) -> Option<Box<dyn StatsPass>> {
+        None
+    }
+
+    /// A pass over one tensor's chunks before merging it (exact top-k
+    /// thresholds, L1 norms), or `None`.
+    fn tensor_pass(&self, _tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        None
+    }
+
+    /// Merges one chunk into `out` (`chunk.len()` values).
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError>;
+}
