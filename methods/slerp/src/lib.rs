@@ -1,0 +1,336 @@
+//! # tensormerge-method-slerp
+//!
+//! `slerp`: spherical linear interpolation between two models (Shoemake 1985,
+//! "Animating rotation with quaternion curves", SIGGRAPH; as used for model
+//! merging by mergekit). Each tensor is treated as one vector:
+//!
+//! ```text
+//! cos θ = (v0/‖v0‖) · (v1/‖v1‖)
+//! out   = sin((1−t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1
+//! ```
+//!
+//! and when the directions are nearly parallel (`|cos θ| > 0.9995`) the
+//! result falls back to linear interpolation `(1−t)·v0 + t·v1`.
+//!
+//! The two endpoints are the base model (when given) followed by the models:
+//! either `base_model` plus one model (mergekit's form: `t = 0` is the base)
+//! or two models without a base. `t` is a global parameter, so layer
+//! gradients (`t: [0, 0.5, 1]`) and filters apply to it.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_slerp as _;
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![2], DType::F32)]).unwrap());
+//! let a = ParamVector::from_vec(layout.clone(), vec![1.0, 0.0]).unwrap();
+//! let b = ParamVector::from_vec(layout.clone(), vec![0.0, 1.0]).unwrap();
+//! let slerp = registry().get("slerp").unwrap();
+//! let merge = Merge::new(slerp, vec![("t", 0.5.into())], vec![vec![], vec![]]).unwrap();
+//! let out = merge.run(None, &[&a, &b]).unwrap();
+//! let h = std::f32::consts::FRAC_1_SQRT_2;
+//! assert!(out.values().unwrap().iter().all(|v| (v - h).abs() < 1e-6));
+//! ```
+//!
+//! Differences from mergekit: none in the formula. Norms and the dot product
+//! are accumulated in `f64` (mergekit uses the tensor's float32 numpy copy);
+//! the interpolation itself is computed in `f64` and rounded once.
+#![deny(missing_docs)]
+
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
+    register_method,
+};
+
+/// Cosines above this (in absolute value) interpolate linearly (mergekit's
+/// `DOT_THRESHOLD`).
+pub const DOT_THRESHOLD: f64 = 0.9995;
+
+/// Norms at or below this are not normalised (mergekit's `eps`).
+pub const NORM_EPS: f64 = 1e-8;
+
+/// The `slerp` method.
+#[derive(Debug, Clone, Copy)]
+pub struct Slerp;
+
+static PARAMS: &[ParamSpec] = &[ParamSpec::global(
+    "t",
+    ParamKind::Float {
+        min: f64::NEG_INFINITY,
+        max: f64::INFINITY,
+    },
+    Default::Required,
+    "interpolation factor: 0 gives the first model (the base), 1 the second",
+)];
+
+static INFO: MethodInfo = MethodInfo {
+    name: "slerp",
+    summary: "spherical linear interpolation between two models, linear when they are nearly parallel",
+    paper: "Shoemake 1985 (SIGGRAPH, quaternion slerp); mergekit's slerp",
+    base: BaseModel::Optional,
+    min_models: 1,
+    max_models: Some(2),
+    params: PARAMS,
+};
+
+/// Spherical interpolation of `v0` and `v1` at `t` into `out` (all the same
+/// length), with mergekit's near-parallel fallback to linear interpolation.
+pub fn slerp(t: f64, v0: &[f32], v1: &[f32], out: &mut [f32]) {
+    let (mut n0, mut n1, mut dot) = (0.0f64, 0.0f64, 0.0f64);
+    for (&a, &b) in v0.iter().zip(v1) {
+        let (a, b) = (a as f64, b as f64);
+        n0 += a * a;
+        n1 += b * b;
+        dot += a * b;
+    }
+    let (n0, n1) = (n0.sqrt(), n1.sqrt());
+    // Only norms above eps are divided out (a zero vector stays zero).
+    let cos = dot / if n0 > NORM_EPS { n0 } else { 1.0 } / if n1 > NORM_EPS { n1 } else { 1.0 };
+    let (s0, s1) = if cos.abs() > DOT_THRESHOLD || !cos.is_finite() {
+        (1.0 - t, t)
+    } else {
+        let theta = cos.acos();
+        let sin = theta.sin();
+        (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
+    };
+    for ((o, &a), &b) in out.iter_mut().zip(v0).zip(v1) {
+        *o = (s0 * a as f64 + s1 * b as f64) as f32;
+    }
+}
+
+/// The two endpoints of an interpolation method: the base (if any) followed
+/// by the models; exactly two are required.
+fn endpoints<'a>(method: &str, chunk: &Chunk<'a>) -> Result<(&'a [f32], &'a [f32]), MethodError> {
+    let all: Vec<&'a [f32]> = chunk
+        .base
+        .into_iter()
+        .chain(chunk.models.iter().copied())
+        .collect();
+    match all.as_slice() {
+        [a, b] => Ok((a, b)),
+        _ => Err(MethodError::ModelCount {
+            method: method.to_string(),
+            expected: "exactly 2 (base_model plus one model, or two models without a base)".into(),
+            got: all.len(),
+        }),
+    }
+}
+
+impl MergeMethod for Slerp {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    /// The angle is a property of the whole tensor.
+    fn chunkable(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let t = chunk.tensor.global.f64("t")?;
+        let (v0, v1) = endpoints(INFO.name, chunk)?;
+        slerp(t, v0, v1, out);
+        Ok(())
+    }
+}
+
+register_method!(Slerp);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+    use tensormerge_methods::{Merge, registry};
+
+    fn layout() -> Arc<Layout> {
+        Arc::new(
+            Layout::new(vec![
+                TensorInfo::new("a", vec![3, 4], DType::F32),
+                TensorInfo::new("b", vec![5], DType::BF16),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn random(layout: &Arc<Layout>, seed: u64) -> ParamVector {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v = (0..layout.num_params())
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect();
+        ParamVector::from_vec(layout.clone(), v).unwrap()
+    }
+
+    fn run(
+        t: f64,
+        base: Option<&ParamVector>,
+        models: &[&ParamVector],
+    ) -> Result<ParamVector, MethodError> {
+        let m = registry().get("slerp")?;
+        Merge::new(m, vec![("t", t.into())], vec![vec![]; models.len()])?.run(base, models)
+    }
+
+    /// Independent reference: rotate the unit direction of `a` towards `b`
+    /// in the plane they span (Gram–Schmidt), then interpolate the norms
+    /// geometrically as the weighted sum of the originals does.
+    fn reference(t: f64, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+        let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+        let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let mut c = 0.0;
+        for i in 0..a.len() {
+            c += a[i] / na * b[i] / nb;
+        }
+        if c.abs() > 0.9995 {
+            return (0..a.len()).map(|i| (1.0 - t) * a[i] + t * b[i]).collect();
+        }
+        // Coefficients (p, q) with out = p·a + q·b satisfy, for unit vectors,
+        // out·â = cos(tθ)·(something); solve directly from the 2×2 system
+        // that places out at angle tθ from â with norm interpolation
+        // matching Shoemake's weights: p = sin((1−t)θ)/sinθ, q = sin(tθ)/sinθ.
+        let theta = c.acos();
+        // Express via rotation: unit e1 = â, e2 = normalised component of b̂ ⟂ â.
+        let ua: Vec<f64> = a.iter().map(|x| x / na).collect();
+        let ub: Vec<f64> = b.iter().map(|x| x / nb).collect();
+        let perp: Vec<f64> = (0..a.len()).map(|i| ub[i] - c * ua[i]).collect();
+        let np = perp.iter().map(|x| x * x).sum::<f64>().sqrt();
+        // direction at angle tθ on the unit sphere
+        let dir: Vec<f64> = (0..a.len())
+            .map(|i| (t * theta).cos() * ua[i] + (t * theta).sin() * perp[i] / np)
+            .collect();
+        // Shoemake's weighted sum of the originals equals, in the (â, e2)
+        // basis: na·sin((1−t)θ)/sinθ·â + nb·sin(tθ)/sinθ·b̂; with na = nb
+        // this is na·dir. For general norms compare component-wise:
+        let s = theta.sin();
+        let (p, q) = (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s);
+        // Sanity link between the two derivations (same direction when norms are equal).
+        let unit_mix: Vec<f64> = (0..a.len()).map(|i| p * ua[i] + q * ub[i]).collect();
+        for i in 0..a.len() {
+            assert!(
+                (unit_mix[i] - dir[i]).abs() < 1e-9,
+                "geometric and trigonometric slerp disagree"
+            );
+        }
+        (0..a.len()).map(|i| p * a[i] + q * b[i]).collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (*g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+                "got {g}, want {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_reference_per_tensor() {
+        let l = layout();
+        let (a, b) = (random(&l, 1), random(&l, 2));
+        for t in [0.0, 0.25, 0.5, 0.9, 1.0, 1.3] {
+            let out = run(t, Some(&a), &[&b]).unwrap();
+            for (_, r) in l.float_tensors() {
+                let want = reference(
+                    t,
+                    &a.values().unwrap()[r.clone()],
+                    &b.values().unwrap()[r.clone()],
+                );
+                assert_close(&out.values().unwrap()[r], &want, 1e-6);
+            }
+            // Two models without a base give the same result.
+            let out2 = run(t, None, &[&a, &b]).unwrap();
+            assert_eq!(out.values().unwrap(), out2.values().unwrap());
+        }
+    }
+
+    #[test]
+    fn endpoints_are_exact() {
+        let l = layout();
+        let (a, b) = (random(&l, 3), random(&l, 4));
+        assert_eq!(
+            run(0.0, Some(&a), &[&b]).unwrap().values().unwrap(),
+            a.values().unwrap()
+        );
+        assert_eq!(
+            run(1.0, Some(&a), &[&b]).unwrap().values().unwrap(),
+            b.values().unwrap()
+        );
+    }
+
+    #[test]
+    fn quarter_circle() {
+        let mut out = [0.0f32; 2];
+        slerp(1.0 / 3.0, &[2.0, 0.0], &[0.0, 2.0], &mut out);
+        let (c, s) = (
+            (std::f64::consts::PI / 6.0).cos(),
+            (std::f64::consts::PI / 6.0).sin(),
+        );
+        assert_close(&out, &[2.0 * c, 2.0 * s], 1e-6);
+    }
+
+    #[test]
+    fn near_parallel_falls_back_to_lerp() {
+        let l = layout();
+        let a = random(&l, 5);
+        let b = &a * 3.0; // exactly parallel
+        let out = run(0.25, Some(&a), &[&b]).unwrap();
+        let want: Vec<f64> = a
+            .values()
+            .unwrap()
+            .iter()
+            .map(|&x| 0.75 * x as f64 + 0.25 * 3.0 * x as f64)
+            .collect();
+        assert_close(out.values().unwrap(), &want, 1e-6);
+        // Antiparallel: lerp too (|cos| > threshold), no NaN.
+        let c = &a * -1.0;
+        let out = run(0.5, Some(&a), &[&c]).unwrap();
+        assert!(out.values().unwrap().iter().all(|v| v.abs() < 1e-6));
+    }
+
+    #[test]
+    fn zero_vector_does_not_make_nan() {
+        let mut out = [0.0f32; 3];
+        slerp(0.5, &[0.0, 0.0, 0.0], &[1.0, 2.0, 3.0], &mut out);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn wrong_endpoint_counts_are_errors() {
+        let l = layout();
+        let (a, b, c) = (random(&l, 6), random(&l, 7), random(&l, 8));
+        assert!(matches!(
+            run(0.5, Some(&a), &[&b, &c]),
+            Err(MethodError::ModelCount { .. })
+        ));
+        assert!(matches!(
+            run(0.5, None, &[&a]),
+            Err(MethodError::ModelCount { .. })
+        ));
+        let m = registry().get("slerp").unwrap();
+        assert!(matches!(
+            Merge::with_defaults(m, 2),
+            Err(MethodError::MissingParameter { .. })
+        ));
+    }
+
+    #[test]
+    fn chunk_length_does_not_matter() {
+        let l = layout();
+        let (a, b) = (random(&l, 9), random(&l, 10));
+        let m = registry().get("slerp").unwrap();
+        let merge = Merge::new(m, vec![("t", 0.3.into())], vec![vec![]]).unwrap();
+        let whole = merge.run(Some(&a), &[&b]).unwrap();
+        let chunked = merge.clone().chunk_len(3).run(Some(&a), &[&b]).unwrap();
+        assert_eq!(whole.values().unwrap(), chunked.values().unwrap());
+    }
+}
