@@ -1,0 +1,296 @@
+//! # tensormerge-method-model-stock
+//!
+//! `model_stock` (Jang et al. 2024, "Model Stock: All we need is just a few
+//! fine-tuned models", arXiv:2403.19522): interpolates between the average of
+//! `N` fine-tuned models and the base, with a ratio given by the angle between
+//! the models' task vectors `τ_i = x_i − b`:
+//!
+//! ```text
+//! cos θ = mean over pairs i<j of  τ_i·τ_j / max(‖τ_i‖‖τ_j‖, 1e-6)     (clamped to [0, 1])
+//! t     = N cos θ / (1 + (N − 1) cos θ)                               (arXiv:2403.19522, eq. 5)
+//! out   = t · (1/N) Σ x_i + (1 − t) · b
+//! ```
+//!
+//! Per tensor by default; with `filter_wise: true` the angle and ratio are
+//! computed for each row (each run of the last dimension; a 1-D tensor is one
+//! row), as the paper's per-filter variant.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_model_stock as _;
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![2], DType::F32)]).unwrap());
+//! let v = |x: [f32; 2]| ParamVector::from_vec(layout.clone(), x.to_vec()).unwrap();
+//! // Orthogonal task vectors: cos θ = 0, so t = 0 and the base comes back.
+//! let (base, a, b) = (v([1.0, 1.0]), v([2.0, 1.0]), v([1.0, 2.0]));
+//! let m = registry().get("model_stock").unwrap();
+//! let out = Merge::with_defaults(m, 2).unwrap().run(Some(&base), &[&a, &b]).unwrap();
+//! assert_eq!(out.values().unwrap(), &[1.0, 1.0]);
+//! ```
+//!
+//! Differences from mergekit (deliberate): the mean cosine is clamped to
+//! `[0, 1]` instead of `[−1, 1]`. The paper's ratio diverges at
+//! `cos θ = −1/(N−1)` (two opposite task vectors give a division by zero in
+//! mergekit) and extrapolates past the base for negative cosines; with the
+//! clamp, task vectors that disagree give `t = 0`, the base. Model weights are
+//! not used (as in mergekit and the paper). Sums are accumulated in `f64`.
+#![deny(missing_docs)]
+
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
+    register_method,
+};
+
+/// The `model_stock` method.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelStock;
+
+static PARAMS: &[ParamSpec] = &[ParamSpec::global(
+    "filter_wise",
+    ParamKind::Bool,
+    Default::Bool(false),
+    "compute the angle and ratio per row (last dimension) instead of per tensor",
+)];
+
+static INFO: MethodInfo = MethodInfo {
+    name: "model_stock",
+    summary: "moves from the base towards the models' average by a ratio set by the angle between their task vectors",
+    paper: "Jang et al. 2024, arXiv:2403.19522",
+    base: BaseModel::Required,
+    min_models: 2,
+    max_models: None,
+    params: PARAMS,
+};
+
+/// Model Stock on one group of elements (a whole tensor or one row).
+fn merge_group(base: &[f32], models: &[&[f32]], out: &mut [f32]) {
+    let n = models.len();
+    let mut norms = vec![0.0f64; n];
+    let mut dots = vec![0.0f64; n * n];
+    for e in 0..base.len() {
+        let b = base[e] as f64;
+        for i in 0..n {
+            let di = models[i][e] as f64 - b;
+            norms[i] += di * di;
+            for j in i + 1..n {
+                dots[i * n + j] += di * (models[j][e] as f64 - b);
+            }
+        }
+    }
+    let mut sum = 0.0;
+    let mut pairs = 0usize;
+    for i in 0..n {
+        for j in i + 1..n {
+            let denom = (norms[i].sqrt() * norms[j].sqrt()).max(1e-6);
+            sum += (dots[i * n + j] / denom).clamp(-1.0, 1.0);
+            pairs += 1;
+        }
+    }
+    let cos = (sum / pairs.max(1) as f64).clamp(0.0, 1.0);
+    let t = n as f64 * cos / (1.0 + (n as f64 - 1.0) * cos);
+    for (e, o) in out.iter_mut().enumerate() {
+        let avg = models.iter().map(|m| m[e] as f64).sum::<f64>() / n as f64;
+        *o = (t * avg + (1.0 - t) * base[e] as f64) as f32;
+    }
+}
+
+impl MergeMethod for ModelStock {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    /// The angle is a property of the whole tensor (or of whole rows).
+    fn chunkable(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        if chunk.models.len() < 2 {
+            return Err(MethodError::ModelCount {
+                method: INFO.name.into(),
+                expected: "at least 2".into(),
+                got: chunk.models.len(),
+            });
+        }
+        let row = match (chunk.tensor.global.bool("filter_wise")?, chunk.tensor.shape) {
+            (true, [.., last]) if *last > 0 => *last,
+            _ => base.len().max(1),
+        };
+        for (start, o) in (0..base.len()).step_by(row).zip(out.chunks_mut(row)) {
+            let end = start + o.len();
+            let models: Vec<&[f32]> = chunk.models.iter().map(|m| &m[start..end]).collect();
+            merge_group(&base[start..end], &models, o);
+        }
+        Ok(())
+    }
+}
+
+register_method!(ModelStock);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+    use tensormerge_methods::{Merge, registry};
+
+    fn layout() -> Arc<Layout> {
+        Arc::new(
+            Layout::new(vec![
+                TensorInfo::new("w", vec![3, 4], DType::F32),
+                TensorInfo::new("bias", vec![5], DType::F32),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn random(layout: &Arc<Layout>, seed: u64) -> ParamVector {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x1234_5678;
+        let v = (0..layout.num_params())
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f64 / (1u64 << 24) as f64 - 0.5) as f32
+            })
+            .collect();
+        ParamVector::from_vec(layout.clone(), v).unwrap()
+    }
+
+    fn run(filter_wise: bool, base: &ParamVector, models: &[&ParamVector]) -> ParamVector {
+        let m = registry().get("model-stock").unwrap();
+        Merge::new(
+            m,
+            vec![("filter_wise", filter_wise.into())],
+            vec![vec![]; models.len()],
+        )
+        .unwrap()
+        .run(Some(base), models)
+        .unwrap()
+    }
+
+    /// Plain reference over one group: explicit task vectors, cosines by
+    /// definition, the paper's ratio.
+    fn reference(base: &[f32], models: &[Vec<f32>]) -> Vec<f64> {
+        let tv: Vec<Vec<f64>> = models
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .zip(base)
+                    .map(|(x, b)| *x as f64 - *b as f64)
+                    .collect()
+            })
+            .collect();
+        let norm = |v: &Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let mut cosines = vec![];
+        for i in 0..tv.len() {
+            for j in 0..tv.len() {
+                if i < j {
+                    let dot: f64 = tv[i].iter().zip(&tv[j]).map(|(a, b)| a * b).sum();
+                    cosines.push((dot / (norm(&tv[i]) * norm(&tv[j])).max(1e-6)).clamp(-1.0, 1.0));
+                }
+            }
+        }
+        let c = (cosines.iter().sum::<f64>() / cosines.len() as f64).max(0.0);
+        let n = models.len() as f64;
+        let t = n * c / (1.0 + (n - 1.0) * c);
+        (0..base.len())
+            .map(|e| {
+                let avg = models.iter().map(|m| m[e] as f64).sum::<f64>() / n;
+                t * avg + (1.0 - t) * base[e] as f64
+            })
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f64]) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "got {g}, want {w}");
+        }
+    }
+
+    /// Models correlated with a shared direction so that cos θ > 0.
+    fn correlated(l: &Arc<Layout>, base: &ParamVector, k: u64) -> ParamVector {
+        let shared = random(l, 100);
+        base + &(&shared + &(random(l, k) * 0.7))
+    }
+
+    #[test]
+    fn matches_reference_per_tensor_and_per_row() {
+        let l = layout();
+        let base = random(&l, 1);
+        let models: Vec<ParamVector> = (2..5).map(|k| correlated(&l, &base, k)).collect();
+        let refs: Vec<&ParamVector> = models.iter().collect();
+        for filter_wise in [false, true] {
+            let out = run(filter_wise, &base, &refs);
+            for (info, r) in l.float_tensors() {
+                let row = if filter_wise {
+                    *info.shape.last().unwrap()
+                } else {
+                    r.len()
+                };
+                for s in (r.start..r.end).step_by(row) {
+                    let g: Vec<Vec<f32>> = models
+                        .iter()
+                        .map(|m| m.values().unwrap()[s..s + row].to_vec())
+                        .collect();
+                    let want = reference(&base.values().unwrap()[s..s + row], &g);
+                    close(&out.values().unwrap()[s..s + row], &want);
+                }
+            }
+        }
+        // Rows change the result on the matrix (each row has its own angle).
+        let a = run(false, &base, &refs);
+        let b = run(true, &base, &refs);
+        assert_ne!(a.values().unwrap()[..12], b.values().unwrap()[..12]);
+        // A 1-D tensor is one row: same either way.
+        assert_eq!(a.values().unwrap()[12..], b.values().unwrap()[12..]);
+    }
+
+    #[test]
+    fn identical_models_return_the_model() {
+        let l = layout();
+        let base = random(&l, 7);
+        let x = random(&l, 8);
+        for fw in [false, true] {
+            assert_eq!(
+                run(fw, &base, &[&x, &x, &x]).values().unwrap(),
+                x.values().unwrap()
+            );
+            // Models equal to the base: the base.
+            assert_eq!(
+                run(fw, &base, &[&base, &base]).values().unwrap(),
+                base.values().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn opposite_task_vectors_give_the_base() {
+        let l = layout();
+        let base = random(&l, 9);
+        let d = random(&l, 10);
+        let (a, b) = (&base + &d, &base - &d);
+        let out = run(false, &base, &[&a, &b]);
+        assert_eq!(out.values().unwrap(), base.values().unwrap());
+    }
+
+    #[test]
+    fn needs_base_and_two_models() {
+        let l = layout();
+        let x = random(&l, 11);
+        let m = registry().get("model_stock").unwrap();
+        assert!(matches!(
+            Merge::with_defaults(m, 2).unwrap().run(None, &[&x, &x]),
+            Err(MethodError::NeedsBase { .. })
+        ));
+        assert!(matches!(
+            Merge::with_defaults(m, 1).unwrap().run(Some(&x), &[&x]),
+            Err(MethodError::ModelCount { .. })
+        ));
+    }
+}
