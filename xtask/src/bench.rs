@@ -1,6 +1,604 @@
-//! `cargo xtask bench` (being built; see the open issues).
+//! `cargo xtask bench`: a realistic merge against the I/O floor.
+//!
+//! Writes synthetic checkpoints of GPT-2-small shape (the real tensor names
+//! and shapes of `gpt2`'s `model.safetensors`: `wte` 50257×768, `wpe`
+//! 1024×768, twelve blocks `h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2,
+//! mlp.c_fc, mlp.c_proj}` with weights and biases, `ln_f`; 124,439,808
+//! parameters), one base and three fine-tunes, in F32 and BF16. Then it runs
+//! `task_arithmetic` and `ties` (density 0.2) through the release
+//! `tensormerge merge` binary as a child process, and reports for each merge:
+//!
+//! - wall time, and input bytes per second (all four inputs over wall time);
+//! - peak resident memory of the child (`ru_maxrss` from `wait4`, as the
+//!   kernel counts it: mapped file pages included);
+//! - the floor measured in the same run, on the same files: reading every
+//!   input byte once (plain `read` into one buffer) plus writing an
+//!   output-sized file once and syncing it (the writer of `tensormerge-io`
+//!   syncs its shards, so the floor does too), and the ratio merge / floor.
+//!
+//! Targets (issue #4, on two cores): task_arithmetic ≤ 3× the floor, ties ≤
+//! 6×, peak RSS < 512 MiB. Inputs are in the page cache for both the floor
+//! and the merges (they were just written), so the comparison is warm against
+//! warm. `--quick` uses a tiny model of the same structure (a smoke test; not
+//! part of `cargo test`).
+//!
+//! Options: `--quick`, `--dir DIR` (where to write the models; default a
+//! fresh temporary directory, removed at the end), `--keep` (keep it),
+//! `--bin PATH` (use this binary instead of building `tensormerge` in
+//! release mode), `--check` (exit with an error when a target is missed),
+//! `-j N` (passed to `tensormerge merge`).
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The architecture of the synthetic models.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    vocab: usize,
+    ctx: usize,
+    d: usize,
+    layers: usize,
+}
+
+const GPT2_SMALL: Shape = Shape {
+    vocab: 50257,
+    ctx: 1024,
+    d: 768,
+    layers: 12,
+};
+
+const QUICK: Shape = Shape {
+    vocab: 1024,
+    ctx: 128,
+    d: 128,
+    layers: 2,
+};
+
+/// How a tensor's synthetic values look.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// Layer-norm scale: around 1.
+    Scale,
+    /// Biases and layer-norm shifts: small, around 0.
+    Bias,
+    /// Weight matrices and embeddings.
+    Weight,
+}
+
+/// GPT-2's tensors, in the order of the Hugging Face checkpoint's modules.
+fn tensors(s: Shape) -> Vec<(String, Vec<usize>, Kind)> {
+    let d = s.d;
+    let mut t = vec![
+        ("wte.weight".to_string(), vec![s.vocab, d], Kind::Weight),
+        ("wpe.weight".to_string(), vec![s.ctx, d], Kind::Weight),
+    ];
+    for i in 0..s.layers {
+        let p = |n: &str| format!("h.{i}.{n}");
+        t.extend([
+            (p("ln_1.weight"), vec![d], Kind::Scale),
+            (p("ln_1.bias"), vec![d], Kind::Bias),
+            (p("attn.c_attn.weight"), vec![d, 3 * d], Kind::Weight),
+            (p("attn.c_attn.bias"), vec![3 * d], Kind::Bias),
+            (p("attn.c_proj.weight"), vec![d, d], Kind::Weight),
+            (p("attn.c_proj.bias"), vec![d], Kind::Bias),
+            (p("ln_2.weight"), vec![d], Kind::Scale),
+            (p("ln_2.bias"), vec![d], Kind::Bias),
+            (p("mlp.c_fc.weight"), vec![d, 4 * d], Kind::Weight),
+            (p("mlp.c_fc.bias"), vec![4 * d], Kind::Bias),
+            (p("mlp.c_proj.weight"), vec![4 * d, d], Kind::Weight),
+            (p("mlp.c_proj.bias"), vec![d], Kind::Bias),
+        ]);
+    }
+    t.push(("ln_f.weight".to_string(), vec![d], Kind::Scale));
+    t.push(("ln_f.bias".to_string(), vec![d], Kind::Bias));
+    t
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// xorshift64*, seeded per (model, tensor): fast and reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn new(a: u64, b: u64) -> Self {
+        let mut z = a
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(b.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+            .wrapping_add(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Rng(z | 1)
+    }
+
+    /// Uniform in [-1, 1).
+    #[inline]
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((x >> 40) as f32) * (2.0 / (1u64 << 24) as f32) - 1.0
+    }
+}
+
+/// Fills `out` with tensor `index`'s values in model `model` (0 = base):
+/// the base's values plus, for fine-tunes, a small task vector.
+fn fill(out: &mut [f32], kind: Kind, index: usize, model: usize) {
+    let mut base = Rng::new(0, index as u64);
+    let (center, scale) = match kind {
+        Kind::Scale => (1.0, 0.1),
+        Kind::Bias => (0.0, 0.01),
+        Kind::Weight => (0.0, 0.05),
+    };
+    for v in out.iter_mut() {
+        *v = center + scale * base.next();
+    }
+    if model > 0 {
+        let mut delta = Rng::new(model as u64, index as u64);
+        let s = scale * 0.02;
+        for v in out.iter_mut() {
+            *v += s * delta.next();
+        }
+    }
+}
+
+/// Round-to-nearest-even f32 → bf16 (finite inputs).
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dt {
+    F32,
+    Bf16,
+}
+
+impl Dt {
+    fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 => 2,
+        }
+    }
+    fn st(self) -> &'static str {
+        match self {
+            Dt::F32 => "F32",
+            Dt::Bf16 => "BF16",
+        }
+    }
+    fn torch(self) -> &'static str {
+        match self {
+            Dt::F32 => "float32",
+            Dt::Bf16 => "bfloat16",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Writes one model directory (`model.safetensors` + `config.json`); returns
+/// the size of the weights file.
+fn write_model(dir: &Path, shape: Shape, dt: Dt, model: usize) -> Result<u64> {
+    fs::create_dir_all(dir)?;
+    let list = tensors(shape);
+    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut offset = 0usize;
+    for (name, shape, _) in &list {
+        let bytes = numel(shape) * dt.size();
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        header.push_str(&format!(
+            ",\"{name}\":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+            dt.st(),
+            dims.join(","),
+            offset + bytes
+        ));
+        offset += bytes;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let path = dir.join("model.safetensors");
+    let mut w = BufWriter::with_capacity(8 << 20, File::create(&path)?);
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(header.as_bytes())?;
+    let mut values = Vec::new();
+    let mut bytes = Vec::new();
+    for (i, (_, shape, kind)) in list.iter().enumerate() {
+        values.resize(numel(shape), 0f32);
+        fill(&mut values, *kind, i, model);
+        bytes.clear();
+        match dt {
+            Dt::F32 => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+            Dt::Bf16 => values
+                .iter()
+                .for_each(|v| bytes.extend(bf16_bits(*v).to_le_bytes())),
+        }
+        w.write_all(&bytes)?;
+    }
+    w.flush()?;
+    drop(w);
+    let config = format!(
+        "{{\n  \"architectures\": [\"GPT2LMHeadModel\"],\n  \"model_type\": \"gpt2\",\n  \"n_ctx\": {ctx},\n  \"n_embd\": {d},\n  \"n_head\": {h},\n  \"n_layer\": {l},\n  \"n_positions\": {ctx},\n  \"vocab_size\": {v},\n  \"torch_dtype\": \"{t}\"\n}}\n",
+        ctx = shape.ctx,
+        d = shape.d,
+        h = (shape.d / 64).max(1),
+        l = shape.layers,
+        v = shape.vocab,
+        t = dt.torch()
+    );
+    fs::write(dir.join("config.json"), config)?;
+    Ok(fs::metadata(&path)?.len())
+}
+
+/// The floor: read every input byte once, write an output-sized file once
+/// (synced). Returns (read time, write time).
+fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<(Duration, Duration)> {
+    let mut buf = vec![0u8; 8 << 20];
+    let t = Instant::now();
+    let mut checksum = 0u8;
+    for p in inputs {
+        let mut f = File::open(p)?;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            checksum ^= buf[n - 1];
+        }
+    }
+    let read = t.elapsed();
+    std::hint::black_box(checksum);
+    let t = Instant::now();
+    let path = scratch.join("floor.bin");
+    {
+        let mut f = File::create(&path)?;
+        let mut left = out_bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+    }
+    let write = t.elapsed();
+    fs::remove_file(&path)?;
+    Ok((read, write))
+}
+
+/// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
+/// RSS in bytes).
+fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64)> {
+    let t = Instant::now();
+    let child = cmd.spawn().context("starting tensormerge")?;
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero `rusage` is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet reaped (we never call
+    // `Child::wait`); `status` and `usage` are valid for writes.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = t.elapsed();
+    if r != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    // Linux reports ru_maxrss in KiB.
+    Ok((wall, code, usage.ru_maxrss as u64 * 1024))
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn config(method: &str, root: &Path, dt: Dt) -> String {
+    let m = |n: &str| root.join(n).display().to_string();
+    let mut s = format!(
+        "merge_method: {method}\nbase_model: {}\ndtype: {}\nmodels:\n",
+        m("base"),
+        dt.torch()
+    );
+    for (i, w) in [0.5, 0.3, 0.2].iter().enumerate() {
+        s.push_str(&format!(
+            "  - model: {}\n    parameters:\n",
+            m(&format!("ft{}", i + 1))
+        ));
+        s.push_str(&format!("      weight: {w}\n"));
+        if method == "ties" {
+            s.push_str("      density: 0.2\n");
+        }
+    }
+    s
+}
+
+struct Args {
+    quick: bool,
+    dir: Option<PathBuf>,
+    keep: bool,
+    bin: Option<PathBuf>,
+    check: bool,
+    jobs: Option<String>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut a = Args {
+        quick: false,
+        dir: None,
+        keep: false,
+        bin: None,
+        check: false,
+        jobs: None,
+    };
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--quick" => a.quick = true,
+            "--keep" => a.keep = true,
+            "--check" => a.check = true,
+            "--dir" => a.dir = Some(it.next().context("--dir needs a path")?.into()),
+            "--bin" => a.bin = Some(it.next().context("--bin needs a path")?.into()),
+            "-j" | "--jobs" => a.jobs = Some(it.next().context("-j needs a number")?.clone()),
+            other => bail!(
+                "unknown option `{other}`\nusage: cargo xtask bench [--quick] [--dir DIR] [--keep] [--bin PATH] [--check] [-j N]"
+            ),
+        }
+    }
+    Ok(a)
+}
+
+fn build_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building tensormerge (release)...");
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "tensormerge-cli",
+            "--bin",
+            "tensormerge",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building tensormerge failed: {status}");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_relative() {
+        root.join(target)
+    } else {
+        target
+    };
+    Ok(target.join("release").join("tensormerge"))
+}
+
+/// Removes the work directory unless asked to keep it.
+struct Cleanup {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
 
 /// Runs the task.
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("`cargo xtask bench` is not built yet")
+pub fn run(args: &[String]) -> Result<()> {
+    let args = parse_args(args)?;
+    let shape = if args.quick { QUICK } else { GPT2_SMALL };
+    let bin = match &args.bin {
+        Some(b) => b.clone(),
+        None => build_binary()?,
+    };
+    if !bin.is_file() {
+        bail!("no tensormerge binary at {}", bin.display());
+    }
+    let (root, fresh) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("tensormerge-bench-{}", std::process::id())),
+            true,
+        ),
+    };
+    fs::create_dir_all(&root)?;
+    let _cleanup = Cleanup {
+        dir: root.clone(),
+        keep: args.keep || !fresh,
+    };
+    let params: usize = tensors(shape).iter().map(|(_, s, _)| numel(s)).sum();
+    println!(
+        "models: GPT-2 shape (vocab {}, ctx {}, d {}, {} layers), {} parameters, 1 base + 3 fine-tunes",
+        shape.vocab, shape.ctx, shape.d, shape.layers, params
+    );
+    println!("binary: {}", bin.display());
+    println!(
+        "{:<5} {:<16} {:>9} {:>11} {:>10} {:>9} {:>7} {:>7}  verdict",
+        "dtype", "method", "wall", "input/s", "peak RSS", "floor", "ratio", "target"
+    );
+    let mut missed = Vec::new();
+    for dt in [Dt::F32, Dt::Bf16] {
+        let dir = root.join(dt.label());
+        let mut inputs = Vec::new();
+        let t = Instant::now();
+        for (i, name) in ["base", "ft1", "ft2", "ft3"].iter().enumerate() {
+            let mdir = dir.join(name);
+            let file = mdir.join("model.safetensors");
+            if !file.is_file() {
+                write_model(&mdir, shape, dt, i)?;
+            }
+            inputs.push(file);
+        }
+        let input_bytes: u64 = inputs
+            .iter()
+            .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let out_bytes = fs::metadata(&inputs[0])?.len();
+        eprintln!(
+            "{}: {:.0} MiB of inputs ready in {:.1} s",
+            dt.label(),
+            mib(input_bytes),
+            t.elapsed().as_secs_f64()
+        );
+        // The floor: best of three, so the merge is compared with the
+        // fastest plain read + write this machine managed.
+        let mut best = Duration::MAX;
+        let mut parts = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..3 {
+            let (r, w) = floor(&inputs, out_bytes, &dir)?;
+            if r + w < best {
+                best = r + w;
+                parts = (r, w);
+            }
+        }
+        println!(
+            "{:<5} {:<16} {:>8.2}s {:>7.0} MB/s {:>10} {:>9} {:>7} {:>7}  read {:.2} s + write&sync {:.2} s",
+            dt.label(),
+            "floor",
+            best.as_secs_f64(),
+            input_bytes as f64 / best.as_secs_f64() / 1e6,
+            "",
+            "",
+            "1.0x",
+            "",
+            parts.0.as_secs_f64(),
+            parts.1.as_secs_f64()
+        );
+        for (method, target) in [("task_arithmetic", 3.0), ("ties", 6.0)] {
+            let cfg = dir.join(format!("{method}.yml"));
+            fs::write(&cfg, config(method, &dir, dt))?;
+            let out = dir.join(format!("out-{method}"));
+            let _ = fs::remove_dir_all(&out);
+            let log = dir.join(format!("{method}.log"));
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--no-progress")
+                .arg("merge")
+                .arg(&cfg)
+                .arg("-o")
+                .arg(&out)
+                .stdin(Stdio::null())
+                .stdout(File::create(&log)?)
+                .stderr(File::create(dir.join(format!("{method}.err")))?);
+            if let Some(j) = &args.jobs {
+                cmd.arg("-j").arg(j);
+            }
+            let (wall, code, rss) = run_measured(&mut cmd)?;
+            if code != 0 {
+                let err = fs::read_to_string(dir.join(format!("{method}.err"))).unwrap_or_default();
+                bail!(
+                    "`tensormerge merge` ({method}, {}) exited with {code}:\n{err}",
+                    dt.label()
+                );
+            }
+            let written = dir_bytes(&out);
+            if written < out_bytes * 9 / 10 {
+                bail!(
+                    "{method} ({}): the output holds {written} bytes, expected about {out_bytes}",
+                    dt.label()
+                );
+            }
+            let ratio = wall.as_secs_f64() / best.as_secs_f64();
+            let rss_ok = rss < 512 << 20;
+            let ok = ratio <= target && rss_ok;
+            if !ok {
+                missed.push(format!("{} {method}", dt.label()));
+            }
+            println!(
+                "{:<5} {:<16} {:>8.2}s {:>7.0} MB/s {:>6.0} MiB {:>8.2}s {:>6.2}x {:>6.1}x  {}",
+                dt.label(),
+                method,
+                wall.as_secs_f64(),
+                input_bytes as f64 / wall.as_secs_f64() / 1e6,
+                mib(rss),
+                best.as_secs_f64(),
+                ratio,
+                target,
+                match (ratio <= target, rss_ok) {
+                    (true, true) => "ok".to_string(),
+                    (false, true) => "SLOW".to_string(),
+                    (true, false) => "RSS over 512 MiB".to_string(),
+                    (false, false) => "SLOW, RSS over 512 MiB".to_string(),
+                }
+            );
+            let _ = fs::remove_dir_all(&out);
+        }
+    }
+    if args.check && !missed.is_empty() {
+        bail!("targets missed: {}", missed.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_small_has_its_parameter_count() {
+        let n: usize = tensors(GPT2_SMALL).iter().map(|(_, s, _)| numel(s)).sum();
+        assert_eq!(n, 124_439_808);
+        assert_eq!(tensors(GPT2_SMALL).len(), 2 + 12 * 12 + 2);
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        for x in [1.0f32, -0.3, 0.1, 3.3, 1e-20, 65504.0] {
+            let b = bf16_bits(x);
+            let back = f32::from_bits((b as u32) << 16);
+            let next = f32::from_bits(((b as u32) + 1) << 16);
+            let prev = f32::from_bits(((b as u32) - 1) << 16);
+            assert!((x - back).abs() <= (x - next).abs() && (x - back).abs() <= (x - prev).abs());
+        }
+    }
+
+    #[test]
+    fn written_models_have_a_valid_safetensors_header() {
+        let dir = std::env::temp_dir().join(format!("tm-bench-test-{}", std::process::id()));
+        let size = write_model(&dir, QUICK, Dt::Bf16, 1).unwrap();
+        let bytes = fs::read(dir.join("model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let params: usize = tensors(QUICK).iter().map(|(_, s, _)| numel(s)).sum();
+        assert_eq!(size as usize, 8 + n + params * 2);
+        let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        assert!(header.contains("\"h.1.mlp.c_proj.bias\":{\"dtype\":\"BF16\",\"shape\":[128]"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
