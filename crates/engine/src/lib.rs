@@ -1,7 +1,31 @@
 //! # tensormerge-engine
 //!
-//! Mergekit-compatible configs, the planner, the streaming executor and the
-//! expression language.
+//! Mergekit-compatible configs ([`MergeConfig`]), the planner, the streaming
+//! executor and the expression language ([`expr`]).
+//!
+//! ```
+//! use tensormerge_engine::MergeConfig;
+//!
+//! let config = MergeConfig::from_yaml_str(
+//!     "merge_method: task_arithmetic\n\
+//!      base_model: ./base\n\
+//!      models:\n  - model: ./legal\n    parameters: {weight: [0.5, 1.0]}\n  - model: ./recipe\n\
+//!      parameters: {weight: 0.3}\n\
+//!      dtype: bfloat16\n",
+//! )
+//! .unwrap();
+//! assert_eq!(config.models.len(), 2);
+//! assert_eq!(config.output_dtype(), Some(tensormerge_core::DType::BF16));
+//! ```
 #![deny(missing_docs)]
 
+pub mod config;
+mod error;
 pub mod expr;
+mod progress;
+mod yaml;
+
+pub use config::MergeConfig;
+pub use error::{ConfigError, EngineError, Mismatch};
+pub use progress::{NoProgress, Progress};
+pub use yaml::Pos;

@@ -1,0 +1,214 @@
+//! Error types of the engine.
+
+use std::path::PathBuf;
+
+use tensormerge_core::CoreError;
+use tensormerge_methods::MethodError;
+
+use crate::yaml::Pos;
+
+/// A problem with a merge configuration. Every variant names the key path
+/// (`models[1].parameters.weight`) and the position in the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file `{}`", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid YAML (syntax error, duplicate key).
+    #[error("invalid YAML ({pos}): {message}")]
+    Yaml {
+        /// The parser's message.
+        message: String,
+        /// Where.
+        pos: Pos,
+    },
+    /// A key that the config format does not have.
+    #[error("unknown key `{path}` ({pos}){}", did_you_mean(.suggestions))]
+    UnknownKey {
+        /// Key path.
+        path: String,
+        /// Where.
+        pos: Pos,
+        /// Close known keys.
+        suggestions: Vec<String>,
+        /// All keys allowed at that place.
+        known: Vec<String>,
+    },
+    /// A value of the wrong type.
+    #[error("`{path}` ({pos}): expected {expected}, got {got}")]
+    WrongType {
+        /// Key path.
+        path: String,
+        /// Where.
+        pos: Pos,
+        /// What was expected.
+        expected: String,
+        /// What was found.
+        got: String,
+    },
+    /// A value that cannot be right.
+    #[error("`{path}` ({pos}): {message}")]
+    Invalid {
+        /// Key path.
+        path: String,
+        /// Where.
+        pos: Pos,
+        /// What is wrong.
+        message: String,
+    },
+    /// A required key is missing.
+    #[error("missing required key `{path}` (in the mapping at {pos})")]
+    Missing {
+        /// Key path.
+        path: String,
+        /// The mapping it is missing from.
+        pos: Pos,
+    },
+    /// A mergekit feature that tensormerge does not implement.
+    #[error("`{path}` ({pos}): {feature} not supported: {message}")]
+    Unsupported {
+        /// Key path.
+        path: String,
+        /// Where.
+        pos: Pos,
+        /// The feature, by name.
+        feature: String,
+        /// Explanation and what to do instead.
+        message: String,
+    },
+    /// A parameter the method rejects (unknown, wrong type, out of range).
+    #[error("`{path}` ({pos}): {source}")]
+    Param {
+        /// Key path.
+        path: String,
+        /// Where.
+        pos: Pos,
+        /// The method's complaint.
+        source: Box<MethodError>,
+    },
+    /// The method named by `merge_method` is not registered.
+    #[error("`merge_method` ({pos}): {source}")]
+    Method {
+        /// Where.
+        pos: Pos,
+        /// Unknown method, with suggestions.
+        source: Box<MethodError>,
+    },
+}
+
+fn did_you_mean(s: &[String]) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (did you mean {}?)",
+            s.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// A tensor-level incompatibility between inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The model that differs from the reference model (base, or first model).
+    pub model: String,
+    /// The tensor.
+    pub tensor: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// What can go wrong while planning or running a merge.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The inputs do not have the same tensors and shapes. Lists every mismatch.
+    #[error("the models cannot be merged: {} tensor mismatch(es):\n{}", .0.len(), render_mismatches(.0))]
+    Incompatible(Vec<Mismatch>),
+    /// A merge method failed or rejected its inputs.
+    #[error(transparent)]
+    Method(#[from] MethodError),
+    /// A core-type error (layouts, conversions).
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The output directory is one of the inputs, or lies inside one.
+    #[error("output directory `{}` is inside input model `{}`", output.display(), input.display())]
+    OutputInsideInput {
+        /// The output path.
+        output: PathBuf,
+        /// The input directory containing it.
+        input: PathBuf,
+    },
+    /// The output exists and overwriting was not asked for.
+    #[error("output `{}` already exists", .0.display())]
+    OutputExists(PathBuf),
+    /// A bad option value (`--max-memory 0`, a zero shard size).
+    #[error("invalid option: {0}")]
+    Option(String),
+    /// An error from another engine component (expressions).
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+fn render_mismatches(m: &[Mismatch]) -> String {
+    m.iter()
+        .map(|m| format!("  {}: tensor `{}`: {}", m.model, m.tensor, m.detail))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl EngineError {
+    /// Whether the error is the user's input (config, models that do not fit
+    /// together, unknown method): exit code 1 in the CLI; otherwise (I/O, usage
+    /// of the output path) exit code 2.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            EngineError::Config(ConfigError::Read { .. }) => false,
+            EngineError::Config(_) | EngineError::Incompatible(_) | EngineError::Method(_) => true,
+            EngineError::Core(_) => true,
+            EngineError::OutputInsideInput { .. }
+            | EngineError::OutputExists(_)
+            | EngineError::Option(_) => false,
+            EngineError::Other(_) => true,
+        }
+    }
+
+    /// A hint for the user, where one helps.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            EngineError::OutputExists(_) => Some("pass --overwrite to replace it".into()),
+            EngineError::OutputInsideInput { .. } => {
+                Some("write the output next to the input models, not inside one".into())
+            }
+            EngineError::Config(ConfigError::UnknownKey { known, .. }) => {
+                Some(format!("keys allowed here: {}", known.join(", ")))
+            }
+            EngineError::Config(ConfigError::Method { .. }) | EngineError::Method(MethodError::UnknownMethod { .. }) => {
+                Some("`tensormerge methods list` shows the available methods".into())
+            }
+            EngineError::Config(ConfigError::Param { source, .. }) => match source.as_ref() {
+                MethodError::UnknownParameter { method, .. } => {
+                    Some(format!("`tensormerge methods show {method}` lists its parameters"))
+                }
+                _ => None,
+            },
+            EngineError::Incompatible(_) => {
+                Some("all models must be fine-tunes of the same architecture (same tensor names and shapes)".into())
+            }
+            _ => None,
+        }
+    }
+}
