@@ -306,6 +306,19 @@ impl<'m> Merge<'m> {
         Ok(out)
     }
 
+    /// The warnings the method reports for this merge over `layout`
+    /// ([`MergeMethod::config_warnings`], then
+    /// [`MergeMethod::tensor_warnings`] for each float tensor), with
+    /// `has_aux[i]` telling whether model `i` has an auxiliary vector.
+    pub fn warnings(&self, layout: &tensormerge_core::Layout, has_aux: &[bool]) -> Vec<String> {
+        let mut out = self.method.config_warnings(&self.global, &self.models);
+        for (t, _) in layout.float_tensors() {
+            let ctx = self.context(&t.name, &t.shape, None);
+            out.extend(self.method.tensor_warnings(&ctx, has_aux));
+        }
+        out
+    }
+
     fn context<'a>(&'a self, name: &'a str, shape: &'a [usize], model_stats: Option<&'a Stats>) -> TensorContext<'a> {
         TensorContext {
             name,

@@ -55,7 +55,10 @@ mod error;
 mod method;
 mod params;
 mod registry;
+pub mod ops;
 pub mod rng;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use driver::{check_inputs, chunk_ranges, merge_tensor, ChunkData, Merge};
 pub use error::MethodError;

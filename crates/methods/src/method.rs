@@ -170,6 +170,21 @@ pub trait MergeMethod: Send + Sync + 'static {
         None
     }
 
+    /// Warnings about merging `tensor` as configured: problems that are
+    /// reported but do not stop the merge (a model without an auxiliary
+    /// tensor such as a Fisher for it, a density that keeps nothing).
+    /// `has_aux[i]` tells whether model `i` has an auxiliary tensor for this
+    /// tensor. The engine calls it once per tensor, before merging it.
+    fn tensor_warnings(&self, _tensor: &TensorContext<'_>, _has_aux: &[bool]) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Warnings about the configuration as a whole (a trimming method that
+    /// trims nothing). The engine calls it once per merge.
+    fn config_warnings(&self, _global: &Params, _models: &[Params]) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Merges one chunk into `out` (`chunk.len()` values).
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError>;
 }

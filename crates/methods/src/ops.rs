@@ -1,0 +1,896 @@
+//! Shared building blocks of the task-vector family of methods (TIES, DARE,
+//! and later breadcrumbs, DELLA, SCE, magnitude pruning).
+//!
+//! Everything here is deterministic and chunk-invariant, so a method built on
+//! it gives bit-identical results whether a tensor is merged whole or in
+//! chunks, on any number of threads, in any tensor order:
+//!
+//! - [`ExactSum`]: an exact (fixed-point) accumulator of `f64` values. Sums of
+//!   squares and L1 norms do not depend on the order of addition or on where
+//!   chunks were cut.
+//! - [`TopK`]: exact streaming selection of the `k` largest magnitudes by a
+//!   histogram over `f32` bit patterns refined in a second sweep (no sorting,
+//!   memory independent of the data size), with ties at the threshold broken
+//!   by the lowest position. Its result, a [`Selection`], is applied chunk by
+//!   chunk.
+//! - [`Combine`]: the final combination of (sparsified) task vectors: the
+//!   linear sum of task arithmetic or the sign election and disjoint merge of
+//!   TIES ([`Consensus`]).
+//! - [`dare_keep`]: DARE's random drop decision, drawn from the reproducible
+//!   stream of [`TensorContext::rng`](crate::TensorContext::rng).
+//! - [`weights`], [`weight_sum`]: per-model weights of a tensor.
+//!
+//! ```
+//! use tensormerge_methods::ops::{magnitude_key, Selection, TopK};
+//!
+//! // Keep the 2 largest magnitudes of [3, -5, 3, 1]: -5 and the first 3 (ties
+//! // at the threshold go to the lowest index).
+//! let values = [3.0f32, -5.0, 3.0, 1.0];
+//! let keys: Vec<u32> = values.iter().map(|&v| magnitude_key(v)).collect();
+//! let mut top = TopK::new(4, 2, true);
+//! for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+//!     top.observe("", 0, &keys);
+//!     top.end_sweep(sweep);
+//! }
+//! let sel = top.selection().unwrap();
+//! let kept: Vec<bool> = (0..4).map(|i| sel.keeps("", i as u64, keys[i])).collect();
+//! assert_eq!(kept, [true, true, false, false]);
+//! ```
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use crate::{MethodError, Params, TensorContext};
+
+/// Number of elements processed at a time by block-wise kernels.
+pub const BLOCK: usize = 1024;
+
+// ---------------------------------------------------------------------------
+// Exact summation
+// ---------------------------------------------------------------------------
+
+const LIMBS: usize = 70;
+/// Exponent of the lowest limb's lowest bit (below the smallest f64 subnormal).
+const E0: i32 = -1088;
+/// Additions between carry normalisations (each limb grows by < 2³² per add).
+const NORMALIZE_EVERY: u32 = 1 << 30;
+
+/// An exact accumulator of finite `f64` values: the sum is held as a
+/// fixed-point integer wide enough for every `f64`, so the result does not
+/// depend on the order of the additions or on how they were grouped (chunks,
+/// threads). Non-finite inputs are summed separately (the result is then
+/// that non-finite sum, which is also order independent).
+///
+/// ```
+/// use tensormerge_methods::ops::ExactSum;
+/// let mut a = ExactSum::new();
+/// for v in [1e20, 1.0, -1e20] { a.add(v); }
+/// assert_eq!(a.value(), 1.0); // a plain f64 sum would give 0.0
+/// ```
+#[derive(Clone)]
+pub struct ExactSum {
+    limbs: Box<[i64; LIMBS]>,
+    pending: u32,
+    special: f64,
+}
+
+impl std::fmt::Debug for ExactSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExactSum({})", self.value())
+    }
+}
+
+impl Default for ExactSum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ExactSum {
+    /// Zero.
+    pub fn new() -> Self {
+        ExactSum {
+            limbs: Box::new([0; LIMBS]),
+            pending: 0,
+            special: 0.0,
+        }
+    }
+
+    /// Adds `v` exactly.
+    #[inline]
+    pub fn add(&mut self, v: f64) {
+        if v == 0.0 {
+            return;
+        }
+        if !v.is_finite() {
+            self.special += v;
+            return;
+        }
+        let bits = v.to_bits();
+        let exp = ((bits >> 52) & 0x7ff) as i32;
+        let frac = bits & ((1u64 << 52) - 1);
+        let (m, e) = if exp == 0 {
+            (frac, -1074)
+        } else {
+            (frac | (1u64 << 52), exp - 1075)
+        };
+        let p = (e - E0) as u32;
+        let j = (p / 32) as usize;
+        let x = (m as u128) << (p % 32);
+        let parts = [
+            (x & 0xffff_ffff) as i64,
+            ((x >> 32) & 0xffff_ffff) as i64,
+            (x >> 64) as i64,
+        ];
+        if v < 0.0 {
+            for (k, part) in parts.iter().enumerate() {
+                self.limbs[j + k] -= part;
+            }
+        } else {
+            for (k, part) in parts.iter().enumerate() {
+                self.limbs[j + k] += part;
+            }
+        }
+        self.pending += 1;
+        if self.pending >= NORMALIZE_EVERY {
+            self.normalize();
+        }
+    }
+
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: &ExactSum) {
+        self.normalize();
+        let mut o = other.clone();
+        o.normalize();
+        for (a, b) in self.limbs.iter_mut().zip(o.limbs.iter()) {
+            *a += b;
+        }
+        self.special += other.special;
+        self.normalize();
+    }
+
+    fn normalize(&mut self) {
+        for j in 0..LIMBS - 1 {
+            let carry = self.limbs[j] >> 32;
+            self.limbs[j] -= carry << 32;
+            self.limbs[j + 1] += carry;
+        }
+        self.pending = 0;
+    }
+
+    /// The sum, correctly rounded to `f64` (in the normal range; the same
+    /// exact sum always gives the same `f64`).
+    pub fn value(&self) -> f64 {
+        if self.special != 0.0 || self.special.is_nan() {
+            return self.special;
+        }
+        let mut s = self.clone();
+        s.normalize();
+        let negative = s.limbs[LIMBS - 1] < 0;
+        if negative {
+            s.limbs.iter_mut().for_each(|l| *l = -*l);
+            s.normalize();
+        }
+        let Some(h) = (0..LIMBS).rev().find(|&j| s.limbs[j] != 0) else {
+            return 0.0;
+        };
+        let limb = |j: usize| if j <= h { s.limbs[j] as u128 } else { 0 };
+        let low = h.saturating_sub(2);
+        let mut x = (limb(low + 2) << 64) | (limb(low + 1) << 32) | limb(low);
+        if s.limbs[..low].iter().any(|&l| l != 0) {
+            x |= 1; // sticky bit: x has more than 64 significant bits here
+        }
+        let v = x as f64 * pow2(32 * low as i32 + E0);
+        if negative { -v } else { v }
+    }
+}
+
+/// `2^k` as an `f64` (0 below the subnormal range, infinity above).
+fn pow2(k: i32) -> f64 {
+    if k > 1023 {
+        f64::INFINITY
+    } else if k >= -1022 {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    } else if k >= -1074 {
+        f64::from_bits(1u64 << (k + 1074))
+    } else {
+        0.0
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Exact streaming top-k
+// ---------------------------------------------------------------------------
+
+/// The ranking key of a value for magnitude selection: the bit pattern of
+/// `|v|` as `f32`. For non-negative floats the bit patterns order exactly as
+/// the values do (NaN ranks above infinity).
+#[inline]
+pub fn magnitude_key(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
+}
+
+/// Which entries a [`TopK`] keeps, decided per entry from its key and its
+/// position `(segment, index)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Nothing is kept (`k = 0`).
+    Nothing,
+    /// Entries whose key is at least this are kept (`AtLeast(0)`: all).
+    AtLeast(u32),
+    /// Entries with key above `key` are kept; of the entries with key exactly
+    /// `key` (the ties at the threshold), those at positions up to
+    /// `(segment, index)` inclusive, in (segment, index) order.
+    Ties {
+        /// The threshold key.
+        key: u32,
+        /// Segment of the last kept tie.
+        segment: String,
+        /// Index of the last kept tie within its segment.
+        index: u64,
+    },
+}
+
+impl Selection {
+    /// Whether the entry with `key` at `(segment, index)` is kept.
+    #[inline]
+    pub fn keeps(&self, segment: &str, index: u64, key: u32) -> bool {
+        match self {
+            Selection::Nothing => false,
+            Selection::AtLeast(t) => key >= *t,
+            Selection::Ties {
+                key: t,
+                segment: s,
+                index: i,
+            } => match key.cmp(t) {
+                Ordering::Greater => true,
+                Ordering::Less => false,
+                Ordering::Equal => match segment.cmp(s.as_str()) {
+                    Ordering::Less => true,
+                    Ordering::Greater => false,
+                    Ordering::Equal => index <= *i,
+                },
+            },
+        }
+    }
+
+    /// A faster per-chunk form of [`keeps`](Self::keeps) for a chunk of one
+    /// segment: `(threshold, tie_limit)`: keep iff `key > threshold`, or
+    /// `key == threshold` and `index <= tie_limit` (with `tie_limit = None`
+    /// meaning "no tie is kept"). For [`Selection::Nothing`] the threshold is
+    /// `u32::MAX` with no tie kept... except a key of `u32::MAX` cannot occur
+    /// (keys have the sign bit clear).
+    pub fn for_segment(&self, segment: &str) -> (u32, Option<u64>) {
+        match self {
+            Selection::Nothing => (u32::MAX, None),
+            Selection::AtLeast(0) => (0, Some(u64::MAX)),
+            Selection::AtLeast(t) => (t - 1, None),
+            Selection::Ties {
+                key,
+                segment: s,
+                index,
+            } => match segment.cmp(s.as_str()) {
+                Ordering::Less => (*key, Some(u64::MAX)),
+                Ordering::Greater => (*key, None),
+                Ordering::Equal => (*key, Some(*index)),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Stage {
+    /// Histogram of the high 16 bits of every key.
+    High,
+    /// Histogram of the low 16 bits of keys whose high bits are `hi`; `need`
+    /// of them are to be kept.
+    Low { hi: u32, need: u64 },
+    /// Counting the ties at `key` per segment; `need` of them are kept.
+    TieCount { key: u32, need: u64 },
+    /// Finding the index of the `need`-th tie (1-based) within `segment`.
+    TiePosition {
+        key: u32,
+        segment: String,
+        need: u64,
+        seen: u64,
+    },
+    /// Finished.
+    Done(Selection),
+}
+
+/// Exact streaming selection of the `k` largest of `n` keys
+/// ([`magnitude_key`]), with ties at the threshold broken by the lowest
+/// position (segment name, then index within the segment).
+///
+/// Feed every key once per sweep with [`observe`](Self::observe), in
+/// ascending index order within each segment (segments in any order), and
+/// call [`end_sweep`](Self::end_sweep) after each sweep. At most
+/// [`SWEEPS_ONE_SEGMENT`](Self::SWEEPS_ONE_SEGMENT) sweeps are needed when all
+/// keys belong to one segment (one tensor), at most
+/// [`SWEEPS`](Self::SWEEPS) otherwise (a whole model, segments = tensor
+/// names, so the result does not depend on the order of tensors in the file).
+/// Sweeps after the selection is known cost nothing. Memory: two 65 536-bin
+/// histograms' worth at most, plus one counter per segment.
+///
+/// Sweep 0 counts keys by their high 16 bits and finds the bin holding the
+/// k-th largest; sweep 1 counts the keys of that bin by their low 16 bits and
+/// finds the exact threshold key `t` and how many ties at `t` are kept; if
+/// not all of them are, sweep 2 (and, for several segments, 3) finds the
+/// position of the last kept tie.
+#[derive(Debug, Clone)]
+pub struct TopK {
+    n: u64,
+    k: u64,
+    one_segment: bool,
+    stage: Stage,
+    hist: Vec<u64>,
+    seen: u64,
+    ties: BTreeMap<String, u64>,
+}
+
+impl TopK {
+    /// Sweeps needed at most when every key is in one segment.
+    pub const SWEEPS_ONE_SEGMENT: usize = 3;
+    /// Sweeps needed at most with several segments.
+    pub const SWEEPS: usize = 4;
+
+    /// Selection of the `k` largest of `n` keys. `one_segment` promises that
+    /// every key comes with the same segment name (saves a sweep).
+    pub fn new(n: u64, k: u64, one_segment: bool) -> Self {
+        let stage = if k == 0 {
+            Stage::Done(Selection::Nothing)
+        } else if k >= n {
+            Stage::Done(Selection::AtLeast(0))
+        } else {
+            Stage::High
+        };
+        TopK {
+            n,
+            k,
+            one_segment,
+            stage,
+            hist: Vec::new(),
+            seen: 0,
+            ties: BTreeMap::new(),
+        }
+    }
+
+    /// The number of keys kept.
+    pub fn k(&self) -> u64 {
+        self.k
+    }
+
+    /// Whether the selection is known (no more sweeps needed).
+    pub fn is_done(&self) -> bool {
+        matches!(self.stage, Stage::Done(_))
+    }
+
+    /// The selection, once known.
+    pub fn selection(&self) -> Option<&Selection> {
+        match &self.stage {
+            Stage::Done(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Sees the keys of positions `offset..offset + keys.len()` of `segment`.
+    pub fn observe(&mut self, segment: &str, offset: u64, keys: &[u32]) {
+        match &mut self.stage {
+            Stage::Done(_) => {}
+            Stage::High => {
+                if self.hist.is_empty() {
+                    self.hist = vec![0; 1 << 16];
+                }
+                for &key in keys {
+                    self.hist[(key >> 16) as usize] += 1;
+                }
+                self.seen += keys.len() as u64;
+            }
+            Stage::Low { hi, .. } => {
+                let hi = *hi;
+                for &key in keys {
+                    if key >> 16 == hi {
+                        self.hist[(key & 0xffff) as usize] += 1;
+                    }
+                }
+                self.seen += keys.len() as u64;
+            }
+            Stage::TieCount { key, need } => {
+                let (key, need) = (*key, *need);
+                let count = self.ties.entry(segment.to_string()).or_insert(0);
+                if self.one_segment {
+                    // Ties arrive in index order: stop at the need-th.
+                    for (i, &k) in keys.iter().enumerate() {
+                        if k == key {
+                            *count += 1;
+                            if *count == need {
+                                self.stage = Stage::Done(Selection::Ties {
+                                    key,
+                                    segment: segment.to_string(),
+                                    index: offset + i as u64,
+                                });
+                                return;
+                            }
+                        }
+                    }
+                } else {
+                    *count += keys.iter().filter(|&&k| k == key).count() as u64;
+                }
+                self.seen += keys.len() as u64;
+            }
+            Stage::TiePosition {
+                key,
+                segment: s,
+                need,
+                seen,
+            } => {
+                if segment != s {
+                    return;
+                }
+                for (i, &k) in keys.iter().enumerate() {
+                    if k == *key {
+                        *seen += 1;
+                        if *seen == *need {
+                            self.stage = Stage::Done(Selection::Ties {
+                                key: *key,
+                                segment: segment.to_string(),
+                                index: offset + i as u64,
+                            });
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends a sweep. Errors when the sweep saw a number of keys other than `n`.
+    pub fn end_sweep(&mut self, sweep: usize) -> Result<(), String> {
+        let seen = std::mem::take(&mut self.seen);
+        let check = |seen: u64, n: u64| {
+            if seen == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "top-k sweep {sweep} saw {seen} values, expected {n}"
+                ))
+            }
+        };
+        match self.stage.clone() {
+            Stage::Done(_) => Ok(()),
+            Stage::High => {
+                check(seen, self.n)?;
+                let (bin, need) = locate(&self.hist, self.k);
+                if self.hist[bin] == need {
+                    self.finish(Selection::AtLeast((bin as u32) << 16));
+                } else {
+                    self.hist.iter_mut().for_each(|c| *c = 0);
+                    self.stage = Stage::Low {
+                        hi: bin as u32,
+                        need,
+                    };
+                }
+                Ok(())
+            }
+            Stage::Low { hi, need } => {
+                check(seen, self.n)?;
+                let (bin, need) = locate(&self.hist, need);
+                let key = (hi << 16) | bin as u32;
+                if self.hist[bin] == need {
+                    self.finish(Selection::AtLeast(key));
+                } else {
+                    self.hist = Vec::new();
+                    self.stage = Stage::TieCount { key, need };
+                }
+                Ok(())
+            }
+            Stage::TieCount { key, need } => {
+                if self.one_segment {
+                    return Err(format!("top-k sweep {sweep}: fewer ties than counted"));
+                }
+                check(seen, self.n)?;
+                let mut before = 0u64;
+                for (segment, count) in &self.ties {
+                    if before + count >= need {
+                        let stage = Stage::TiePosition {
+                            key,
+                            segment: segment.clone(),
+                            need: need - before,
+                            seen: 0,
+                        };
+                        self.stage = if before + count == need {
+                            Stage::Done(Selection::Ties {
+                                key,
+                                segment: segment.clone(),
+                                index: u64::MAX,
+                            })
+                        } else {
+                            stage
+                        };
+                        self.ties.clear();
+                        return Ok(());
+                    }
+                    before += count;
+                }
+                Err(format!("top-k sweep {sweep}: fewer ties than counted"))
+            }
+            Stage::TiePosition { .. } => {
+                Err(format!("top-k sweep {sweep}: tie position not found"))
+            }
+        }
+    }
+
+    fn finish(&mut self, s: Selection) {
+        self.hist = Vec::new();
+        self.stage = Stage::Done(s);
+    }
+}
+
+/// The bin (scanning from the top) holding the `k`-th largest, and how many
+/// of that bin are needed.
+fn locate(hist: &[u64], k: u64) -> (usize, u64) {
+    let mut above = 0u64;
+    for bin in (0..hist.len()).rev() {
+        if above + hist[bin] >= k {
+            return (bin, k - above);
+        }
+        above += hist[bin];
+    }
+    (0, k - above)
+}
+
+/// The number of entries TIES keeps of `n` at density `d`: `floor(d · n)`,
+/// all of them when `d ≥ 1`.
+pub fn keep_count(density: f64, n: u64) -> u64 {
+    if density >= 1.0 {
+        n
+    } else if density <= 0.0 {
+        0
+    } else {
+        ((density * n as f64).floor() as u64).min(n)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// DARE drop
+// ---------------------------------------------------------------------------
+
+/// DARE's keep decision (Yu et al. 2024, arXiv:2311.03099) for one entry:
+/// kept with probability `density`, from one `next_u32` of the entry's
+/// reproducible stream ([`TensorContext::rng`](crate::TensorContext::rng)
+/// positioned at the entry). See [`crate::rng::keep`].
+#[inline]
+pub fn dare_keep(draw: u32, density: f64) -> bool {
+    crate::rng::keep(draw, density)
+}
+
+// ---------------------------------------------------------------------------
+// Combination of task vectors
+// ---------------------------------------------------------------------------
+
+/// How TIES elects the sign of an entry (Yadav et al. 2023, arXiv:2306.01708).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consensus {
+    /// `sign(Σ δ_i)`, mass-weighted (the paper's and mergekit's default).
+    Sum,
+    /// `sign(Σ sign(δ_i))`, a majority vote.
+    Count,
+}
+
+impl Consensus {
+    /// Parses `sum` or `count`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sum" => Some(Consensus::Sum),
+            "count" => Some(Consensus::Count),
+            _ => None,
+        }
+    }
+}
+
+/// How task vectors are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// `Σ w_i δ_i` (task arithmetic, linear, DARE-linear), divided by `Σ w_i`
+    /// when normalising.
+    Linear,
+    /// TIES sign election and disjoint merge: with `δ_i = w_i τ̂_i`,
+    /// `merged = Σ m_i δ_i` over the entries agreeing with the elected sign
+    /// (`m_i`), divided by `Σ m_i w_i` when normalising (a zero divisor leaves
+    /// the entry at 0). An exact zero sum elects `+`.
+    Ties(Consensus),
+}
+
+/// The final step of the task-vector family: `out = base + λ · merged`, with
+/// `merged` combined from each model's (possibly sparsified) task vector by a
+/// [`Rule`]. Without a base (linear), `out = λ · merged`.
+///
+/// All arithmetic is in `f64`, in model order; the result is rounded to
+/// `f32` once.
+#[derive(Debug, Clone)]
+pub struct Combine {
+    /// Each model's weight `w_i`.
+    pub weights: Vec<f64>,
+    /// The factor `λ` on the merged task vector.
+    pub lambda: f64,
+    /// Whether to divide by the (masked) weight sum.
+    pub normalize: bool,
+    /// The combination rule.
+    pub rule: Rule,
+}
+
+impl Combine {
+    /// Checks that a [`Rule::Linear`] normalisation does not divide by zero
+    /// (`method`, `tensor` name the error).
+    pub fn check(&self, method: &str, tensor: &str) -> Result<(), MethodError> {
+        if self.normalize && self.rule == Rule::Linear && weight_sum(&self.weights) == 0.0 {
+            return Err(MethodError::Invalid {
+                method: method.to_string(),
+                tensor: tensor.to_string(),
+                message: format!(
+                    "the model weights {:?} sum to zero, so `normalize` would divide by zero; \
+                     change the weights or set `normalize: false`",
+                    self.weights
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Combines one block. `deltas` holds each model's task vector for the
+    /// block, model-major (`deltas[i * len + e]`, `len = out.len()`), as
+    /// `f64`; `base` is the block of the base (or `None`).
+    pub fn apply(&self, base: Option<&[f32]>, deltas: &[f64], out: &mut [f32]) {
+        let len = out.len();
+        let m = self.weights.len();
+        debug_assert_eq!(deltas.len(), m * len);
+        let inv = if self.normalize && self.rule == Rule::Linear {
+            1.0 / weight_sum(&self.weights)
+        } else {
+            1.0
+        };
+        let mut merged = [0.0f64; BLOCK];
+        for start in (0..len).step_by(BLOCK) {
+            let bl = BLOCK.min(len - start);
+            let merged = &mut merged[..bl];
+            match self.rule {
+                Rule::Linear => {
+                    merged.iter_mut().for_each(|v| *v = 0.0);
+                    for (i, &w) in self.weights.iter().enumerate() {
+                        let d = &deltas[i * len + start..i * len + start + bl];
+                        for (acc, &x) in merged.iter_mut().zip(d) {
+                            *acc += w * x;
+                        }
+                    }
+                    if self.normalize {
+                        merged.iter_mut().for_each(|v| *v *= inv);
+                    }
+                }
+                Rule::Ties(consensus) => {
+                    for (e, slot) in merged.iter_mut().enumerate() {
+                        let at = |i: usize| self.weights[i] * deltas[i * len + start + e];
+                        let mut vote = 0.0f64;
+                        for i in 0..m {
+                            let d = at(i);
+                            vote += match consensus {
+                                Consensus::Sum => d,
+                                Consensus::Count => sign(d),
+                            };
+                        }
+                        let positive = vote >= 0.0;
+                        let (mut sum, mut div) = (0.0f64, 0.0f64);
+                        for i in 0..m {
+                            let d = at(i);
+                            if d != 0.0 && (d > 0.0) == positive {
+                                sum += d;
+                                div += self.weights[i];
+                            }
+                        }
+                        *slot = if !self.normalize {
+                            sum
+                        } else if div == 0.0 {
+                            0.0
+                        } else {
+                            sum / div
+                        };
+                    }
+                }
+            }
+            let o = &mut out[start..start + bl];
+            match base {
+                Some(b) => {
+                    for ((o, &b), &v) in o.iter_mut().zip(&b[start..start + bl]).zip(merged.iter())
+                    {
+                        *o = (b as f64 + self.lambda * v) as f32;
+                    }
+                }
+                None => {
+                    for (o, &v) in o.iter_mut().zip(merged.iter()) {
+                        *o = (self.lambda * v) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `combine` over a chunk block by block: for each block of at most
+/// [`BLOCK`] elements starting at `start`, `fill(i, start, buf)` writes model
+/// `i`'s task vector for `start..start + buf.len()` into `buf` (as `f64`),
+/// then the block is combined into `out`. Blocks are visited in order, so
+/// `fill` may advance per-model random streams.
+pub fn combine_blocks(
+    combine: &Combine,
+    base: Option<&[f32]>,
+    out: &mut [f32],
+    mut fill: impl FnMut(usize, usize, &mut [f64]),
+) {
+    let m = combine.weights.len();
+    let mut buf = vec![0.0f64; m * BLOCK.min(out.len())];
+    for start in (0..out.len()).step_by(BLOCK) {
+        let bl = BLOCK.min(out.len() - start);
+        let buf = &mut buf[..m * bl];
+        for (i, part) in buf.chunks_exact_mut(bl).enumerate() {
+            fill(i, start, part);
+        }
+        combine.apply(
+            base.map(|b| &b[start..start + bl]),
+            buf,
+            &mut out[start..start + bl],
+        );
+    }
+}
+
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// Each model's `name` parameter (usually `weight`) for this tensor.
+pub fn weights(tensor: &TensorContext<'_>, name: &str) -> Result<Vec<f64>, MethodError> {
+    tensor.models.iter().map(|p: &Params| p.f64(name)).collect()
+}
+
+/// `Σ w_i`, summed exactly (so that weights cancelling to zero are detected).
+pub fn weight_sum(weights: &[f64]) -> f64 {
+    let mut s = ExactSum::new();
+    weights.iter().for_each(|&w| s.add(w));
+    s.value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_sum_is_order_independent_and_exact() {
+        let vals = [
+            1e300,
+            3.5,
+            -1e300,
+            1e-300,
+            2.0f64.powi(-1074),
+            -7.25,
+            1e16,
+            1.0,
+        ];
+        let mut a = ExactSum::new();
+        vals.iter().for_each(|&v| a.add(v));
+        let mut b = ExactSum::new();
+        vals.iter().rev().for_each(|&v| b.add(v));
+        assert_eq!(a.value().to_bits(), b.value().to_bits());
+        // 3.5 - 7.25 + 1e16 + 1 + tiny: exact integer part is 1e16 - 2.75 -> rounds in f64.
+        let expect = 1e16 - 2.75 + 1e-300;
+        assert_eq!(a.value(), expect);
+        let (mut c, mut d) = (ExactSum::new(), ExactSum::new());
+        vals[..3].iter().for_each(|&v| c.add(v));
+        vals[3..].iter().for_each(|&v| d.add(v));
+        c.merge(&d);
+        assert_eq!(c.value().to_bits(), a.value().to_bits());
+        let mut neg = ExactSum::new();
+        neg.add(-2.5);
+        neg.add(1.0);
+        assert_eq!(neg.value(), -1.5);
+        let mut inf = ExactSum::new();
+        inf.add(1.0);
+        inf.add(f64::INFINITY);
+        assert_eq!(inf.value(), f64::INFINITY);
+    }
+
+    fn select(keys: &[u32], k: u64, chunk: usize) -> Vec<bool> {
+        let mut t = TopK::new(keys.len() as u64, k, true);
+        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+            for (c, part) in keys.chunks(chunk.max(1)).enumerate() {
+                t.observe("", (c * chunk) as u64, part);
+            }
+            t.end_sweep(sweep).unwrap();
+        }
+        let s = t.selection().unwrap().clone();
+        keys.iter()
+            .enumerate()
+            .map(|(i, &key)| s.keeps("", i as u64, key))
+            .collect()
+    }
+
+    fn reference(keys: &[u32], k: usize) -> Vec<bool> {
+        let mut idx: Vec<usize> = (0..keys.len()).collect();
+        idx.sort_by(|&a, &b| keys[b].cmp(&keys[a]).then(a.cmp(&b)));
+        let mut keep = vec![false; keys.len()];
+        idx[..k].iter().for_each(|&i| keep[i] = true);
+        keep
+    }
+
+    #[test]
+    fn top_k_matches_sorting_with_ties_and_any_chunking() {
+        let vals = [
+            0.5f32, -2.0, 2.0, 0.0, 1.0, -0.0, 2.0, 0.5, 3.0, -1.0, 0.5, 2.0,
+        ];
+        let keys: Vec<u32> = vals.iter().map(|&v| magnitude_key(v)).collect();
+        for k in 0..=keys.len() {
+            for chunk in [1, 3, 5, 12] {
+                assert_eq!(
+                    select(&keys, k as u64, chunk),
+                    reference(&keys, k),
+                    "k={k} chunk={chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_over_segments_breaks_ties_by_segment_name() {
+        // Two segments observed in reverse name order; ties go to "a" first.
+        let seg_b = [magnitude_key(1.0), magnitude_key(2.0)];
+        let seg_a = [magnitude_key(1.0), magnitude_key(1.0), magnitude_key(0.5)];
+        let mut t = TopK::new(5, 3, false);
+        for sweep in 0..TopK::SWEEPS {
+            t.observe("b", 0, &seg_b);
+            t.observe("a", 0, &seg_a[..1]);
+            t.observe("a", 1, &seg_a[1..]);
+            t.end_sweep(sweep).unwrap();
+        }
+        let s = t.selection().unwrap();
+        let kb: Vec<bool> = seg_b
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| s.keeps("b", i as u64, k))
+            .collect();
+        let ka: Vec<bool> = seg_a
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| s.keeps("a", i as u64, k))
+            .collect();
+        assert_eq!(kb, [false, true]);
+        assert_eq!(ka, [true, true, false]);
+    }
+
+    #[test]
+    fn for_segment_agrees_with_keeps() {
+        let sels = [
+            Selection::Nothing,
+            Selection::AtLeast(0),
+            Selection::AtLeast(5),
+            Selection::Ties {
+                key: 5,
+                segment: "m".into(),
+                index: 2,
+            },
+        ];
+        for s in &sels {
+            for seg in ["a", "m", "z"] {
+                let (t, lim) = s.for_segment(seg);
+                for key in 0..8u32 {
+                    for idx in 0..5u64 {
+                        let fast = key > t || (key == t && lim.is_some_and(|l| idx <= l));
+                        assert_eq!(fast, s.keeps(seg, idx, key), "{s:?} {seg} {key} {idx}");
+                    }
+                }
+            }
+        }
+    }
+}
