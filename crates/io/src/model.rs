@@ -1,0 +1,497 @@
+//! Opening models: single files, directories, sharded indexes (and hub ids).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+use tensormerge_core::{CoreError, Layout, TensorInfo, TensorSource, convert};
+
+use crate::IoError;
+use crate::header::{self, OrderedObject};
+
+/// File name of a single-file model.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of a sharded model's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One memory-mapped safetensors file.
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct Located {
+    shard: usize,
+    bytes: Range<usize>,
+}
+
+/// An opened safetensors model: one file or a sharded set, memory-mapped and
+/// validated up front.
+///
+/// Every header is checked when the model is opened (lengths, JSON, dtypes,
+/// offsets in bounds, contiguous, non-overlapping and equal to shape × dtype
+/// size; for sharded models, every shard name in the index is checked to stay
+/// inside the model directory, and the index and the shards must agree
+/// tensor for tensor). Afterwards tensors are decoded on demand, one at a
+/// time; nothing is read until asked for.
+///
+/// The layout lists tensors in file order: shards in file-name order and,
+/// within a file, by data offset (never hash order).
+#[derive(Debug)]
+pub struct Model {
+    name: String,
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    layout: Layout,
+    located: Vec<Located>,
+    /// Whether the model was opened as a directory (or index) rather than one file.
+    whole_dir: bool,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: OrderedObject<String>,
+}
+
+impl Model {
+    /// Opens a model from a reference: a directory, a `.safetensors` file, a
+    /// `model.safetensors.index.json`, or (cargo feature `hub`) a hub id
+    /// `org/name[@revision]`. An existing path always wins over a hub id.
+    pub fn open(reference: &str) -> Result<Model, IoError> {
+        let path = Path::new(reference);
+        if path.exists() || path.symlink_metadata().is_ok() {
+            return Model::open_path(path);
+        }
+        if crate::hub::looks_like_hub_id(reference) {
+            return crate::hub::open_hub(reference);
+        }
+        Err(IoError::NotFound {
+            reference: reference.to_string(),
+            hint: String::new(),
+        })
+    }
+
+    /// Opens a model from a path only (directory, `.safetensors` file or index file).
+    pub fn open_path(path: &Path) -> Result<Model, IoError> {
+        let meta = std::fs::metadata(path).map_err(|e| IoError::io(path, e))?;
+        if meta.is_dir() {
+            return Self::open_dir(path);
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if name.ends_with(".index.json") && name.contains(".safetensors") {
+            let mut m = Self::open_index(path, &dir)?;
+            m.name = path.display().to_string();
+            return Ok(m);
+        }
+        if name.ends_with(".safetensors") {
+            return Self::open_files(path.display().to_string(), dir, vec![path.to_path_buf()]);
+        }
+        if is_pickle_name(name) {
+            return Err(IoError::Pickle {
+                path: path.to_path_buf(),
+                dir,
+            });
+        }
+        Err(IoError::UnsupportedFile {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn open_dir(dir: &Path) -> Result<Model, IoError> {
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            let mut m =
+                Self::open_files(dir.display().to_string(), dir.to_path_buf(), vec![single])?;
+            m.whole_dir = true;
+            return Ok(m);
+        }
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            return Self::open_index(&index, dir);
+        }
+        let mut safetensors = Vec::new();
+        let mut pickle = None;
+        for entry in std::fs::read_dir(dir).map_err(|e| IoError::io(dir, e))? {
+            let entry = entry.map_err(|e| IoError::io(dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let p = entry.path();
+            if name.ends_with(".safetensors") && p.is_file() {
+                safetensors.push(name);
+            } else if is_pickle_name(&name) && p.is_file() {
+                pickle.get_or_insert(p);
+            }
+        }
+        safetensors.sort();
+        match (safetensors.len(), pickle) {
+            (1, _) => {
+                let file = dir.join(&safetensors[0]);
+                let mut m =
+                    Self::open_files(dir.display().to_string(), dir.to_path_buf(), vec![file])?;
+                m.whole_dir = true;
+                Ok(m)
+            }
+            (0, Some(p)) => Err(IoError::Pickle {
+                path: p,
+                dir: dir.to_path_buf(),
+            }),
+            (0, None) => Err(IoError::NoWeights {
+                path: dir.to_path_buf(),
+            }),
+            _ => Err(IoError::AmbiguousWeights {
+                path: dir.to_path_buf(),
+                files: safetensors.join(", "),
+            }),
+        }
+    }
+
+    fn open_index(index: &Path, dir: &Path) -> Result<Model, IoError> {
+        let text = std::fs::read(index).map_err(|e| IoError::io(index, e))?;
+        let raw: RawIndex = serde_json::from_slice(&text).map_err(|e| IoError::IndexJson {
+            path: index.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut weight_map: HashMap<String, String> = HashMap::new();
+        for (tensor, file) in raw.weight_map.0 {
+            if weight_map.insert(tensor.clone(), file).is_some() {
+                return Err(IoError::DuplicateEntry {
+                    path: index.to_path_buf(),
+                    tensor,
+                });
+            }
+        }
+        let mut files: Vec<&String> = weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        let mut paths = Vec::with_capacity(files.len());
+        for file in &files {
+            paths.push(check_shard_name(index, dir, file)?);
+        }
+        let mut model = Self::open_files(dir.display().to_string(), dir.to_path_buf(), paths)?;
+        model.whole_dir = true;
+        // The index and the shards must agree tensor for tensor.
+        for (t, loc) in model.layout.tensors().iter().zip(&model.located) {
+            let shard_file = files[loc.shard];
+            if weight_map.get(&t.name) != Some(shard_file) {
+                return Err(IoError::UnindexedTensor {
+                    shard: model.shards[loc.shard].path.clone(),
+                    tensor: t.name.clone(),
+                });
+            }
+        }
+        if weight_map.len() != model.layout.len() {
+            let mut missing: Vec<(&String, &String)> = weight_map
+                .iter()
+                .filter(|(t, _)| model.layout.get(t).is_none())
+                .collect();
+            missing.sort();
+            if let Some((tensor, file)) = missing.first() {
+                return Err(IoError::IndexedTensorMissing {
+                    index: index.to_path_buf(),
+                    tensor: (*tensor).clone(),
+                    file: (*file).clone(),
+                });
+            }
+        }
+        Ok(model)
+    }
+
+    /// Maps and validates `files`, in this order, as one model.
+    fn open_files(name: String, dir: PathBuf, files: Vec<PathBuf>) -> Result<Model, IoError> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = Vec::new();
+        let mut located = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| IoError::io(&path, e))?;
+            // SAFETY: the map is read-only and private to this process. As with
+            // every memory-mapped reader (the safetensors crate included), the
+            // file must not be truncated or modified by another process while
+            // the model is open; model files are treated as immutable.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| IoError::io(&path, e))?;
+            let header = header::parse(&path, &map)?;
+            for e in header.entries {
+                if let Some(&first) = seen.get(&e.info.name) {
+                    return Err(IoError::TensorInTwoShards {
+                        tensor: e.info.name,
+                        first: shards
+                            .get(first)
+                            .map(|s: &Shard| s.path.clone())
+                            .unwrap_or_else(|| path.clone()),
+                        second: path.clone(),
+                    });
+                }
+                seen.insert(e.info.name.clone(), i);
+                located.push(Located {
+                    shard: i,
+                    bytes: e.start..e.end,
+                });
+                tensors.push(e.info);
+            }
+            shards.push(Shard {
+                path,
+                map,
+                metadata: header.metadata,
+            });
+        }
+        let layout = Layout::new(tensors).map_err(|source| IoError::Core {
+            context: name.clone(),
+            source,
+        })?;
+        Ok(Model {
+            name,
+            dir,
+            shards,
+            layout,
+            located,
+            whole_dir: false,
+        })
+    }
+
+    /// The directory holding the model's config and tokenizer files (for a
+    /// single `.safetensors` file, the directory it is in).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The paths an output must not overwrite or lie inside: the model
+    /// directory when the model was opened as a directory, else its file(s).
+    /// Pass them as [`WriterOptions::protected`](crate::WriterOptions::protected).
+    pub fn protected_paths(&self) -> Vec<PathBuf> {
+        if self.whole_dir {
+            vec![self.dir.clone()]
+        } else {
+            self.shards.iter().map(|s| s.path.clone()).collect()
+        }
+    }
+
+    /// A name for messages: the path or hub id given when opening.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The safetensors files of the model, in layout order.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// The `__metadata__` of the first file (empty when it has none).
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.shards
+            .first()
+            .map(|s| s.metadata.clone())
+            .unwrap_or_default()
+    }
+
+    /// The tensors in file order.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Name, shape and dtype of one tensor.
+    pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo, IoError> {
+        self.layout.get(name).ok_or_else(|| self.unknown(name))
+    }
+
+    /// Total stored bytes of all tensors.
+    pub fn total_bytes(&self) -> u64 {
+        self.layout.total_bytes()
+    }
+
+    fn unknown(&self, name: &str) -> IoError {
+        IoError::UnknownTensor {
+            model: self.name.clone(),
+            tensor: name.to_string(),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), IoError> {
+        let i = self
+            .layout
+            .position(name)
+            .ok_or_else(|| self.unknown(name))?;
+        let loc = &self.located[i];
+        Ok((
+            &self.layout.tensors()[i],
+            &self.shards[loc.shard].map[loc.bytes.clone()],
+        ))
+    }
+
+    /// The stored little-endian bytes of one tensor (any dtype), borrowed from
+    /// the memory map.
+    pub fn tensor_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>, IoError> {
+        Ok(Cow::Borrowed(self.raw(name)?.1))
+    }
+
+    /// Decodes the elements `range` (in row-major element order) of the
+    /// floating-point tensor `name` into `out`, which must hold `range.len()`
+    /// values. Works on any alignment.
+    pub fn read_f32_range(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), IoError> {
+        let (info, bytes) = self.raw(name)?;
+        if !info.dtype.is_float() {
+            return Err(IoError::NotFloat {
+                model: self.name.clone(),
+                tensor: name.to_string(),
+                dtype: info.dtype,
+            });
+        }
+        let numel = info.numel();
+        let bad = |detail: String| IoError::BadRange {
+            model: self.name.clone(),
+            tensor: name.to_string(),
+            detail,
+        };
+        if range.start > range.end || range.end > numel {
+            return Err(bad(format!(
+                "element range {}..{} outside 0..{numel}",
+                range.start, range.end
+            )));
+        }
+        if out.len() != range.len() {
+            return Err(bad(format!(
+                "output buffer holds {} values, range has {}",
+                out.len(),
+                range.len()
+            )));
+        }
+        let size = info.dtype.size_in_bytes();
+        convert::decode_f32(
+            info.dtype,
+            &bytes[range.start * size..range.end * size],
+            out,
+        )
+        .map_err(|source| IoError::Core {
+            context: format!("{}: tensor `{name}`", self.name),
+            source,
+        })
+    }
+
+    /// Decodes a whole floating-point tensor to a new vector.
+    pub fn read_f32_vec(&self, name: &str) -> Result<Vec<f32>, IoError> {
+        let n = self.tensor_info(name)?.numel();
+        let mut out = vec![0f32; n];
+        self.read_f32_range(name, 0..n, &mut out)?;
+        Ok(out)
+    }
+}
+
+impl TensorSource for Model {
+    fn source_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn read_f32(&self, name: &str, out: &mut [f32]) -> Result<(), CoreError> {
+        let n = self
+            .layout
+            .get(name)
+            .ok_or_else(|| CoreError::UnknownTensor(name.to_string()))?
+            .numel();
+        self.read_f32_range(name, 0..n, out)
+            .map_err(|e| to_core(&self.name, e))
+    }
+
+    fn read_bytes(&self, name: &str) -> Result<Vec<u8>, CoreError> {
+        self.tensor_bytes(name)
+            .map(|b| b.into_owned())
+            .map_err(|e| to_core(&self.name, e))
+    }
+}
+
+fn to_core(model: &str, e: IoError) -> CoreError {
+    match e {
+        IoError::UnknownTensor { tensor, .. } => CoreError::UnknownTensor(tensor),
+        IoError::NotFloat { tensor, dtype, .. } => CoreError::NotFloat {
+            name: tensor,
+            dtype,
+        },
+        IoError::Core { source, .. } => source,
+        other => CoreError::Source {
+            source_name: model.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Whether a file name is a pickle checkpoint.
+fn is_pickle_name(name: &str) -> bool {
+    [".bin", ".pt", ".pth", ".ckpt", ".pkl"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+        || name.ends_with(".bin.index.json")
+}
+
+/// Checks an untrusted shard name from an index and returns its path.
+///
+/// The name must be relative, made only of normal components (no `..`, no
+/// `.`, no root or drive prefix, no backslashes), so that it stays inside
+/// `dir` lexically. Symbolic links are followed (the hub cache links snapshot
+/// files to blobs elsewhere), but must end at a regular file.
+fn check_shard_name(index: &Path, dir: &Path, file: &str) -> Result<PathBuf, IoError> {
+    let refuse = |reason| IoError::UnsafeShardName {
+        index: index.to_path_buf(),
+        file: file.to_string(),
+        reason,
+    };
+    if file.is_empty() {
+        return Err(refuse("empty name"));
+    }
+    if file.contains('\0') {
+        return Err(refuse("contains a NUL byte"));
+    }
+    if file.starts_with('/') || file.starts_with('\\') || Path::new(file).is_absolute() {
+        return Err(refuse("absolute path"));
+    }
+    if file.contains('\\') || file.as_bytes().get(1) == Some(&b':') {
+        return Err(refuse("drive letter or backslash"));
+    }
+    for c in Path::new(file).components() {
+        match c {
+            Component::Normal(_) => {}
+            Component::ParentDir => return Err(refuse("`..` would leave the model directory")),
+            Component::CurDir => return Err(refuse("`.` components are not allowed")),
+            Component::RootDir | Component::Prefix(_) => return Err(refuse("absolute path")),
+        }
+    }
+    let path = dir.join(file);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(IoError::ShardNotFile {
+            index: index.to_path_buf(),
+            file: file.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if path.symlink_metadata().is_ok() {
+                Err(IoError::ShardNotFile {
+                    index: index.to_path_buf(),
+                    file: file.to_string(),
+                })
+            } else {
+                Err(IoError::MissingShard {
+                    index: index.to_path_buf(),
+                    file: file.to_string(),
+                })
+            }
+        }
+        Err(e) => Err(IoError::io(&path, e)),
+    }
+}

@@ -1,0 +1,580 @@
+//! Streaming, sharded safetensors writing into a temporary sibling directory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use tensormerge_core::{DType, Layout, TensorInfo};
+
+use crate::IoError;
+use crate::model::{INDEX_FILE, SINGLE_FILE};
+
+/// Default shard size limit: 5 GB, as mergekit's `--out-shard-size` default.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// Files copied from a template model by [`ModelWriter::copy_support_files`]
+/// (when present). Weights are never among them.
+pub const SUPPORT_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Options of a [`ModelWriter`].
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Largest shard in bytes (tensor data, headers excluded). Tensors are
+    /// packed greedily in declared order; a tensor larger than the limit gets
+    /// a shard of its own. Default [`DEFAULT_MAX_SHARD_BYTES`].
+    pub max_shard_bytes: u64,
+    /// Replace an existing output directory (only when `finish` succeeds).
+    pub overwrite: bool,
+    /// Input paths the output must not be, lie inside, or contain.
+    pub protected: Vec<PathBuf>,
+    /// `__metadata__` of every shard. `format` defaults to `pt`, which
+    /// `transformers` expects.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            overwrite: false,
+            protected: Vec::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ShardPlan {
+    file_name: String,
+    /// Tensor indices `first..end`.
+    first: usize,
+    end: usize,
+}
+
+/// Writes a model directory tensor by tensor.
+///
+/// The tensor list is declared up front, so each shard's header is known
+/// before its first byte: a shard file is created with its header and the
+/// tensor bytes are streamed after it, one [`write`](ModelWriter::write) at a
+/// time. Memory holds no more than a write buffer.
+///
+/// Output goes to a temporary sibling directory
+/// (`.<name>.tensormerge-tmp-<pid>`); [`finish`](ModelWriter::finish) renames
+/// it into place. Dropping the writer without `finish` (an error, a panic, an
+/// interrupt that unwinds) removes the temporary directory, so nothing that
+/// looks like a finished model is ever left behind.
+///
+/// ```
+/// use tensormerge_core::{DType, TensorInfo};
+/// use tensormerge_io::{Model, ModelWriter, WriterOptions};
+/// # let tmp = tempfile::tempdir().unwrap();
+/// let out = tmp.path().join("out");
+/// let tensors = vec![TensorInfo::new("w", vec![2], DType::F32)];
+/// let mut w = ModelWriter::create(&out, tensors, WriterOptions::default()).unwrap();
+/// w.write("w", &1.5f32.to_le_bytes()).unwrap(); // a tensor may come in pieces
+/// w.write("w", &2.5f32.to_le_bytes()).unwrap();
+/// w.finish().unwrap();
+/// let m = Model::open_path(&out).unwrap();
+/// assert_eq!(m.read_f32_vec("w").unwrap(), vec![1.5, 2.5]);
+/// ```
+#[derive(Debug)]
+pub struct ModelWriter {
+    out: PathBuf,
+    tmp: PathBuf,
+    opts: WriterOptions,
+    tensors: Vec<TensorInfo>,
+    sizes: Vec<u64>,
+    shards: Vec<ShardPlan>,
+    /// Index of the tensor being written.
+    cur: usize,
+    /// Bytes of it written so far.
+    written: u64,
+    /// Shard currently open, if any.
+    open: Option<(usize, BufWriter<File>)>,
+    /// Shards fully written.
+    closed: usize,
+    failed: bool,
+    finished: bool,
+}
+
+impl ModelWriter {
+    /// Starts writing a model to `out_dir` with `tensors` (final dtypes) in
+    /// write order.
+    ///
+    /// Fails when the tensor list is invalid, when `out_dir` exists and
+    /// `opts.overwrite` is false (or it is not a directory), or when it
+    /// collides with one of `opts.protected`.
+    pub fn create(
+        out_dir: &Path,
+        tensors: Vec<TensorInfo>,
+        opts: WriterOptions,
+    ) -> Result<ModelWriter, IoError> {
+        let out = out_dir.to_path_buf();
+        let layout = Layout::new(tensors).map_err(|source| IoError::BadDeclaration {
+            out: out.clone(),
+            source,
+        })?;
+        let tensors = layout.tensors().to_vec();
+        let sizes: Vec<u64> = tensors
+            .iter()
+            .map(|t| t.checked_byte_len().unwrap_or(0) as u64)
+            .collect();
+        let name = out
+            .file_name()
+            .ok_or_else(|| IoError::io(&out, std::io::Error::other("output path has no name")))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        check_protected(&out, &parent, &name, &opts.protected)?;
+        match std::fs::symlink_metadata(&out) {
+            Ok(m) if !m.is_dir() => return Err(IoError::OutputNotDirectory { path: out }),
+            Ok(_) if !opts.overwrite => return Err(IoError::OutputExists { path: out }),
+            _ => {}
+        }
+        std::fs::create_dir_all(&parent).map_err(|e| IoError::io(&parent, e))?;
+        let tmp = parent.join(format!(".{name}.tensormerge-tmp-{}", std::process::id()));
+        if tmp.symlink_metadata().is_ok() {
+            // A leftover of a crashed run of a process with our id: ours by name.
+            remove_path(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+        let shards = plan_shards(&sizes, opts.max_shard_bytes);
+        Ok(ModelWriter {
+            out,
+            tmp,
+            opts,
+            tensors,
+            sizes,
+            shards,
+            cur: 0,
+            written: 0,
+            open: None,
+            closed: 0,
+            failed: false,
+            finished: false,
+        })
+    }
+
+    /// The final output directory.
+    pub fn out_dir(&self) -> &Path {
+        &self.out
+    }
+
+    /// The temporary directory being written.
+    pub fn temp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Number of shard files this writer produces.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Appends `bytes` to tensor `name`. Tensors must come in the declared
+    /// order; one tensor may be written in several consecutive pieces, and
+    /// the writer moves to the next tensor when the previous one is complete
+    /// (zero-sized tensors need no write).
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), IoError> {
+        self.check_usable()?;
+        loop {
+            let Some(t) = self.tensors.get(self.cur) else {
+                return Err(IoError::UndeclaredTensor {
+                    out: self.out.clone(),
+                    tensor: name.to_string(),
+                    detail: if self.tensors.iter().any(|t| t.name == name) {
+                        "written after every declared tensor was complete"
+                    } else {
+                        "was not declared"
+                    },
+                });
+            };
+            if t.name == name {
+                break;
+            }
+            if self.written == self.sizes[self.cur] {
+                if !self.tensors[self.cur + 1..].iter().any(|t| t.name == name) {
+                    return Err(IoError::UndeclaredTensor {
+                        out: self.out.clone(),
+                        tensor: name.to_string(),
+                        detail: if self.tensors[..self.cur].iter().any(|t| t.name == name) {
+                            "was already written completely"
+                        } else {
+                            "was not declared"
+                        },
+                    });
+                }
+                self.advance()?;
+            } else {
+                return Err(IoError::WriteOrder {
+                    out: self.out.clone(),
+                    expected: t.name.clone(),
+                    got: name.to_string(),
+                    detail: format!(
+                        "incomplete ({} of {} bytes written)",
+                        self.written, self.sizes[self.cur]
+                    ),
+                });
+            }
+        }
+        let total = self.written + bytes.len() as u64;
+        if total > self.sizes[self.cur] {
+            return Err(IoError::TooManyBytes {
+                out: self.out.clone(),
+                tensor: name.to_string(),
+                expected: self.sizes[self.cur],
+                written: total,
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let shard = self.shard_of(self.cur);
+        let result = self.ensure_open(shard).and_then(|()| {
+            let (_, w) = self.open.as_mut().expect("shard open");
+            w.write_all(bytes)
+                .map_err(|e| IoError::io(self.tmp.join(&self.shards[shard].file_name), e))
+        });
+        if result.is_err() {
+            self.failed = true;
+        }
+        result?;
+        self.written = total;
+        Ok(())
+    }
+
+    /// Copies the non-weight files of a template model (config, tokenizer,
+    /// generation config; see [`SUPPORT_FILES`]) that exist in `template_dir`.
+    /// `config.json`'s `torch_dtype` (and `dtype`, its newer name, when
+    /// present) is set to `torch_dtype` when given. Returns the names copied.
+    pub fn copy_support_files(
+        &mut self,
+        template_dir: &Path,
+        torch_dtype: Option<DType>,
+    ) -> Result<Vec<String>, IoError> {
+        self.check_usable()?;
+        let mut copied = Vec::new();
+        for name in SUPPORT_FILES {
+            let src = template_dir.join(name);
+            if !src.is_file() {
+                continue;
+            }
+            let dst = self.tmp.join(name);
+            if let (true, Some(dtype)) = (*name == "config.json", torch_dtype) {
+                let text = std::fs::read(&src).map_err(|e| IoError::io(&src, e))?;
+                let mut value: serde_json::Value =
+                    serde_json::from_slice(&text).map_err(|e| IoError::SupportFileJson {
+                        path: src.clone(),
+                        message: e.to_string(),
+                    })?;
+                let obj = value
+                    .as_object_mut()
+                    .ok_or_else(|| IoError::SupportFileJson {
+                        path: src.clone(),
+                        message: "not a JSON object".into(),
+                    })?;
+                let dtype = dtype.torch_name();
+                obj.insert("torch_dtype".into(), dtype.into());
+                if obj.contains_key("dtype") {
+                    obj.insert("dtype".into(), dtype.into());
+                }
+                let mut out = serde_json::to_string_pretty(&value).expect("JSON value serializes");
+                out.push('\n');
+                std::fs::write(&dst, out).map_err(|e| IoError::io(&dst, e))?;
+            } else {
+                std::fs::copy(&src, &dst).map_err(|e| IoError::io(&src, e))?;
+            }
+            copied.push(name.to_string());
+        }
+        Ok(copied)
+    }
+
+    /// Completes the model: checks every tensor was fully written, writes the
+    /// index when there are several shards, syncs, and renames the temporary
+    /// directory into place (replacing an existing output when `overwrite`
+    /// was set). Returns the output directory.
+    pub fn finish(mut self) -> Result<PathBuf, IoError> {
+        self.check_usable()?;
+        let r = self.finish_inner();
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn finish_inner(&mut self) -> Result<PathBuf, IoError> {
+        while self.cur < self.tensors.len() {
+            if self.written != self.sizes[self.cur] {
+                return Err(IoError::Incomplete {
+                    out: self.out.clone(),
+                    tensor: self.tensors[self.cur].name.clone(),
+                    expected: self.sizes[self.cur],
+                    written: self.written,
+                });
+            }
+            self.advance()?;
+        }
+        // Shards holding only zero-sized tensors (or an empty model) have not
+        // been opened yet.
+        while self.closed < self.shards.len() {
+            self.ensure_open(self.closed)?;
+            self.close_open()?;
+        }
+        if self.shards.len() > 1 {
+            let mut weight_map = serde_json::Map::new();
+            for s in &self.shards {
+                for t in &self.tensors[s.first..s.end] {
+                    weight_map.insert(t.name.clone(), s.file_name.clone().into());
+                }
+            }
+            let total: u64 = self.sizes.iter().sum();
+            let index = serde_json::json!({
+                "metadata": { "total_size": total },
+                "weight_map": weight_map,
+            });
+            let path = self.tmp.join(INDEX_FILE);
+            let mut text = serde_json::to_string_pretty(&index).expect("JSON value serializes");
+            text.push('\n');
+            std::fs::write(&path, text).map_err(|e| IoError::io(&path, e))?;
+        }
+        if let Ok(d) = File::open(&self.tmp) {
+            let _ = d.sync_all();
+        }
+        if self.out.symlink_metadata().is_ok() {
+            // overwrite was checked at create; move the old output aside first
+            // so that a failure leaves either the old or the new model.
+            let name = self.out.file_name().expect("checked").to_string_lossy();
+            let old = self
+                .tmp
+                .with_file_name(format!(".{name}.tensormerge-old-{}", std::process::id()));
+            if !self.opts.overwrite {
+                return Err(IoError::OutputExists {
+                    path: self.out.clone(),
+                });
+            }
+            std::fs::rename(&self.out, &old).map_err(|e| IoError::io(&self.out, e))?;
+            if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
+                let _ = std::fs::rename(&old, &self.out);
+                return Err(IoError::io(&self.out, e));
+            }
+            remove_path(&old).map_err(|e| IoError::io(&old, e))?;
+        } else {
+            std::fs::rename(&self.tmp, &self.out).map_err(|e| IoError::io(&self.out, e))?;
+        }
+        self.finished = true;
+        Ok(self.out.clone())
+    }
+
+    fn check_usable(&self) -> Result<(), IoError> {
+        if self.failed || self.finished {
+            return Err(IoError::WriterFailed {
+                out: self.out.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn shard_of(&self, tensor: usize) -> usize {
+        self.shards
+            .iter()
+            .position(|s| (s.first..s.end).contains(&tensor))
+            .expect("every tensor is in a shard")
+    }
+
+    /// Moves past the complete tensor `cur`, closing its shard when it was the last.
+    fn advance(&mut self) -> Result<(), IoError> {
+        let shard = self.shard_of(self.cur);
+        self.cur += 1;
+        self.written = 0;
+        if self.cur == self.shards[shard].end {
+            let r = self.ensure_open(shard).and_then(|()| self.close_open());
+            if r.is_err() {
+                self.failed = true;
+            }
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Opens shard `s` (writing its header) unless it is already open.
+    fn ensure_open(&mut self, s: usize) -> Result<(), IoError> {
+        if matches!(self.open, Some((o, _)) if o == s) {
+            return Ok(());
+        }
+        debug_assert!(self.open.is_none() && s == self.closed);
+        let plan = &self.shards[s];
+        let path = self.tmp.join(&plan.file_name);
+        let header = shard_header(
+            &self.tensors[plan.first..plan.end],
+            &self.sizes[plan.first..plan.end],
+            &self.opts.metadata,
+        );
+        let file = File::create(&path).map_err(|e| IoError::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| w.write_all(&header))
+            .map_err(|e| IoError::io(&path, e))?;
+        self.open = Some((s, w));
+        Ok(())
+    }
+
+    fn close_open(&mut self) -> Result<(), IoError> {
+        if let Some((s, w)) = self.open.take() {
+            let path = self.tmp.join(&self.shards[s].file_name);
+            let file = w
+                .into_inner()
+                .map_err(|e| IoError::io(&path, e.into_error()))?;
+            file.sync_all().map_err(|e| IoError::io(&path, e))?;
+            self.closed = s + 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ModelWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.open = None;
+            let _ = remove_path(&self.tmp);
+        }
+    }
+}
+
+fn remove_path(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Greedy packing in declared order.
+fn plan_shards(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
+    let mut bounds = Vec::new();
+    let mut first = 0;
+    let mut acc = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        if i > first && acc.saturating_add(s) > max {
+            bounds.push((first, i));
+            first = i;
+            acc = 0;
+        }
+        acc = acc.saturating_add(s);
+    }
+    bounds.push((first, sizes.len()));
+    let n = bounds.len();
+    bounds
+        .into_iter()
+        .enumerate()
+        .map(|(k, (first, end))| ShardPlan {
+            file_name: if n == 1 {
+                SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+            },
+            first,
+            end,
+        })
+        .collect()
+}
+
+/// The JSON header of one shard, padded with spaces to a multiple of 8 bytes
+/// (as the safetensors crate does) so that the data section is aligned.
+fn shard_header(
+    tensors: &[TensorInfo],
+    sizes: &[u64],
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut meta = metadata.clone();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    let mut s = String::from("{\"__metadata__\":");
+    s.push_str(&serde_json::to_string(&meta).expect("string map serializes"));
+    let mut offset = 0u64;
+    for (t, &size) in tensors.iter().zip(sizes) {
+        s.push(',');
+        s.push_str(&serde_json::to_string(&t.name).expect("string serializes"));
+        s.push_str(&format!(
+            ":{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{},{}]}}",
+            t.dtype.as_str(),
+            t.shape,
+            offset,
+            offset + size
+        ));
+        offset += size;
+    }
+    s.push('}');
+    while (8 + s.len()) % 8 != 0 {
+        s.push(' ');
+    }
+    s.into_bytes()
+}
+
+/// Refuses an output that is, lies inside, or contains a protected input.
+fn check_protected(
+    out: &Path,
+    parent: &Path,
+    name: &str,
+    protected: &[PathBuf],
+) -> Result<(), IoError> {
+    if protected.is_empty() {
+        return Ok(());
+    }
+    let out_abs = resolve_nonexistent(parent).join(name);
+    let out_abs = out_abs.canonicalize().unwrap_or(out_abs);
+    for p in protected {
+        let p_abs = p.canonicalize().unwrap_or_else(|_| resolve_nonexistent(p));
+        if out_abs.starts_with(&p_abs) || p_abs.starts_with(&out_abs) {
+            return Err(IoError::OutputIsInput {
+                out: out.to_path_buf(),
+                input: p.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Canonicalizes the longest existing ancestor of `p` and appends the rest.
+fn resolve_nonexistent(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}

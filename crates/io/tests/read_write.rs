@@ -1,0 +1,572 @@
+//! Round trips through real files: our writer, our reader, and the
+//! `safetensors` crate as an independent reader and writer.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{raw_file, write_model};
+use tensormerge_core::{DType, ModelTensorMapper, TensorInfo, TensorSource, convert};
+use tensormerge_io::{INDEX_FILE, IoError, MapperExt, Model, ModelWriter, WriterOptions};
+
+fn small_model() -> Vec<(&'static str, Vec<usize>, DType, Vec<f32>)> {
+    vec![
+        (
+            "z.embed",
+            vec![3, 2],
+            DType::BF16,
+            vec![1.0, -2.0, 0.5, 0.25, 8.0, -0.125],
+        ),
+        ("a.bias", vec![3], DType::F32, vec![0.1, 0.2, 0.3]),
+        ("m.ids", vec![4], DType::I64, vec![0.0, 1.0, 2.0, 3.0]),
+        ("b.half", vec![2], DType::F16, vec![1.5, -3.0]),
+        ("c.double", vec![1], DType::F64, vec![std::f32::consts::PI]),
+    ]
+}
+
+#[test]
+fn single_file_is_read_by_the_safetensors_crate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    write_model(&dir, &small_model(), WriterOptions::default());
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["model.safetensors"]);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .unwrap()
+            .get("format")
+            .map(String::as_str),
+        Some("pt")
+    );
+    assert_eq!(st.len(), 5);
+    for (name, shape, dtype, values) in small_model() {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.shape(), shape.as_slice(), "{name}");
+        assert_eq!(t.dtype().to_string(), dtype.as_str(), "{name}");
+        let expected = if dtype.is_float() {
+            convert::encode_f32_vec(dtype, &values).unwrap()
+        } else {
+            common::int_bytes(dtype, &values)
+        };
+        assert_eq!(t.data(), expected.as_slice(), "{name}");
+    }
+    // Header padded to 8 bytes: the data section is aligned.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    assert_eq!(n % 8, 0);
+}
+
+#[test]
+fn reads_files_written_by_the_safetensors_crate_in_offset_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("x.safetensors");
+    let a: Vec<u8> = [1.0f32, 2.0, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let b: Vec<u8> = convert::encode_f32_vec(DType::BF16, &[0.5, 0.75]).unwrap();
+    let c: Vec<u8> = 7i32.to_le_bytes().to_vec();
+    let views = vec![
+        (
+            "b",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![2], &b).unwrap(),
+        ),
+        (
+            "a",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 1], &a).unwrap(),
+        ),
+        (
+            "c",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![], &c).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    // Our layout follows the file's data offsets, whatever the crate chose.
+    let expected_order = meta.offset_keys();
+    let m = Model::open(path.to_str().unwrap()).unwrap();
+    let order: Vec<_> = m
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    assert_eq!(order, expected_order);
+    assert_eq!(m.read_f32_vec("a").unwrap(), vec![1.0, 2.0, 3.0]);
+    assert_eq!(m.read_f32_vec("b").unwrap(), vec![0.5, 0.75]);
+    assert_eq!(m.tensor_info("c").unwrap().shape, Vec::<usize>::new());
+    assert_eq!(m.tensor_bytes("c").unwrap().as_ref(), &c[..]);
+    assert_eq!(m.dir(), tmp.path());
+}
+
+#[test]
+fn layout_is_in_offset_order_not_name_or_hash_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("o.safetensors");
+    // Header keys in one order, offsets in another.
+    let header = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"c":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    let data: Vec<u8> = [10f32, 20.0, 30.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(&path, raw_file(header, &data)).unwrap();
+    let m = Model::open_path(&path).unwrap();
+    let order: Vec<_> = m
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(order, ["c", "b", "a"]);
+    let v = ModelTensorMapper::for_model(&m).to_vector(&m).unwrap();
+    assert_eq!(v.values().unwrap(), &[10.0, 20.0, 30.0]);
+}
+
+#[test]
+fn misaligned_data_decodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mis.safetensors");
+    // A 61-byte header leaves the data section at file offset 69: misaligned for f32/f64.
+    let mut header = r#"{"x":{"dtype":"F64","shape":[2],"data_offsets":[0,16]},"y":{"dtype":"F32","shape":[1],"data_offsets":[16,20]}}"#.to_string();
+    while (8 + header.len()) % 8 != 1 {
+        header.push(' ');
+    }
+    let mut data = Vec::new();
+    data.extend_from_slice(&1.25f64.to_le_bytes());
+    data.extend_from_slice(&(-2.5f64).to_le_bytes());
+    data.extend_from_slice(&7.5f32.to_le_bytes());
+    std::fs::write(&path, raw_file(&header, &data)).unwrap();
+    let m = Model::open_path(&path).unwrap();
+    assert_eq!(m.read_f32_vec("x").unwrap(), vec![1.25, -2.5]);
+    let mut one = [0f32];
+    m.read_f32_range("x", 1..2, &mut one).unwrap();
+    assert_eq!(one, [-2.5]);
+    assert_eq!(m.read_f32_vec("y").unwrap(), vec![7.5]);
+}
+
+#[test]
+fn read_f32_range_checks_bounds_and_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    write_model(&dir, &small_model(), WriterOptions::default());
+    let m = Model::open(dir.to_str().unwrap()).unwrap();
+    let mut out = [0f32; 2];
+    m.read_f32_range("z.embed", 2..4, &mut out).unwrap();
+    assert_eq!(out, [0.5, 0.25]);
+    let e = m.read_f32_range("z.embed", 5..7, &mut out).unwrap_err();
+    assert!(
+        matches!(&e, IoError::BadRange { tensor, .. } if tensor == "z.embed"),
+        "{e}"
+    );
+    let e = m.read_f32_range("z.embed", 0..3, &mut out).unwrap_err();
+    assert!(matches!(e, IoError::BadRange { .. }));
+    let e = m.read_f32_range("m.ids", 0..2, &mut out).unwrap_err();
+    assert!(matches!(&e, IoError::NotFloat { tensor, dtype: DType::I64, .. } if tensor == "m.ids"));
+    let e = m.read_f32_range("nope", 0..2, &mut out).unwrap_err();
+    assert!(e.to_string().contains("`nope`"), "{e}");
+    // The TensorSource view reports core errors.
+    let mut buf = vec![0f32; 4];
+    assert!(m.read_f32("m.ids", &mut buf).is_err());
+    assert_eq!(
+        m.read_bytes("m.ids").unwrap(),
+        common::int_bytes(DType::I64, &[0.0, 1.0, 2.0, 3.0])
+    );
+}
+
+#[test]
+fn sharded_output_has_an_index_and_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    // Sizes: 12, 12, 32, 4, 8 bytes; limit 24 gives [12+12], [32 alone], [4+8].
+    let tensors = vec![
+        ("t0", vec![3], DType::F32, vec![1.0, 2.0, 3.0]),
+        (
+            "t1",
+            vec![6],
+            DType::BF16,
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        ),
+        ("t2", vec![4], DType::F64, vec![1.0, 2.0, 3.0, 4.0]),
+        ("t3", vec![1], DType::F32, vec![9.0]),
+        ("t4", vec![1], DType::I64, vec![5.0]),
+    ];
+    write_model(
+        &dir,
+        &tensors,
+        WriterOptions {
+            max_shard_bytes: 24,
+            ..Default::default()
+        },
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "model-00001-of-00003.safetensors",
+            "model-00002-of-00003.safetensors",
+            "model-00003-of-00003.safetensors",
+            INDEX_FILE
+        ]
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(INDEX_FILE)).unwrap()).unwrap();
+    assert_eq!(index["metadata"]["total_size"], 12 + 12 + 32 + 4 + 8);
+    assert_eq!(
+        index["weight_map"]["t1"],
+        "model-00001-of-00003.safetensors"
+    );
+    assert_eq!(
+        index["weight_map"]["t2"],
+        "model-00002-of-00003.safetensors"
+    );
+    assert_eq!(
+        index["weight_map"]["t4"],
+        "model-00003-of-00003.safetensors"
+    );
+    // Each shard is a valid safetensors file on its own.
+    let mut seen = HashMap::new();
+    for f in &files[..3] {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for n in st.names() {
+            seen.insert(n.to_string(), f.clone());
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let m = Model::open(dir.to_str().unwrap()).unwrap();
+    let order: Vec<_> = m
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(order, ["t0", "t1", "t2", "t3", "t4"]);
+    assert_eq!(m.files().len(), 3);
+    assert_eq!(m.read_f32_vec("t2").unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    // Opening the index file directly works too.
+    let m2 = Model::open_path(&dir.join(INDEX_FILE)).unwrap();
+    assert_eq!(m2.layout(), m.layout());
+}
+
+#[test]
+fn writer_rejects_wrong_order_and_byte_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let infos = vec![
+        TensorInfo::new("a", vec![2], DType::F32),
+        TensorInfo::new("b", vec![1], DType::F32),
+    ];
+    let mut w = ModelWriter::create(&out, infos.clone(), WriterOptions::default()).unwrap();
+    let tmpdir = w.temp_dir().to_path_buf();
+    assert!(tmpdir.is_dir());
+    let e = w.write("b", &[0; 4]).unwrap_err();
+    assert!(
+        matches!(&e, IoError::WriteOrder { expected, got, .. } if expected == "a" && got == "b"),
+        "{e}"
+    );
+    w.write("a", &[0; 4]).unwrap();
+    let e = w.write("b", &[0; 4]).unwrap_err();
+    assert!(e.to_string().contains("4 of 8 bytes"), "{e}");
+    let e = w.write("a", &[0; 5]).unwrap_err();
+    assert!(matches!(
+        e,
+        IoError::TooManyBytes {
+            expected: 8,
+            written: 9,
+            ..
+        }
+    ));
+    let e = w.write("zz", &[0; 4]).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            IoError::WriteOrder { .. } | IoError::UndeclaredTensor { .. }
+        ),
+        "{e}"
+    );
+    w.write("a", &[0; 4]).unwrap();
+    let e = w.write("zz", &[0; 4]).unwrap_err();
+    assert!(
+        matches!(&e, IoError::UndeclaredTensor { tensor, .. } if tensor == "zz"),
+        "{e}"
+    );
+    w.write("b", &[0; 2]).unwrap();
+    let e = w.write("a", &[0; 1]).unwrap_err();
+    assert!(
+        matches!(&e, IoError::WriteOrder { expected, .. } if expected == "b"),
+        "{e}"
+    );
+    // finish with `b` incomplete: an error, and no output directory.
+    let e = w.finish().unwrap_err();
+    assert!(
+        matches!(&e, IoError::Incomplete { tensor, expected: 4, written: 2, .. } if tensor == "b"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    assert!(!tmpdir.exists(), "temporary directory removed on drop");
+    // A tensor written again after it was complete.
+    let mut w = ModelWriter::create(&out, infos.clone(), WriterOptions::default()).unwrap();
+    w.write("a", &[0; 8]).unwrap();
+    w.write("b", &[0; 4]).unwrap();
+    let e = w.write("a", &[0; 1]).unwrap_err();
+    assert!(e.to_string().contains("already written"), "{e}");
+    let e = w.write("b", &[0; 1]).unwrap_err();
+    assert!(matches!(e, IoError::TooManyBytes { .. }), "{e}");
+    drop(w);
+    // Duplicate declarations are refused.
+    let e = ModelWriter::create(
+        &out,
+        vec![infos[0].clone(), infos[0].clone()],
+        WriterOptions::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, IoError::BadDeclaration { .. }));
+}
+
+#[test]
+fn zero_sized_and_empty_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("z");
+    let infos = vec![
+        TensorInfo::new("e0", vec![0], DType::F32),
+        TensorInfo::new("a", vec![1], DType::F32),
+        TensorInfo::new("e1", vec![2, 0], DType::BF16),
+    ];
+    let mut w = ModelWriter::create(
+        &out,
+        infos,
+        WriterOptions {
+            max_shard_bytes: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.write("a", &1f32.to_le_bytes()).unwrap();
+    w.finish().unwrap();
+    let m = Model::open_path(&out).unwrap();
+    assert_eq!(m.layout().len(), 3);
+    assert_eq!(m.read_f32_vec("a").unwrap(), vec![1.0]);
+    assert_eq!(m.read_f32_vec("e1").unwrap(), Vec::<f32>::new());
+
+    let empty = tmp.path().join("empty");
+    ModelWriter::create(&empty, vec![], WriterOptions::default())
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_eq!(Model::open_path(&empty).unwrap().layout().len(), 0);
+}
+
+#[test]
+fn existing_output_and_protected_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    write_model(&base, &small_model(), WriterOptions::default());
+    let infos = vec![TensorInfo::new("a", vec![1], DType::F32)];
+
+    // Existing output without overwrite.
+    let e = ModelWriter::create(&base, infos.clone(), WriterOptions::default()).unwrap_err();
+    assert!(matches!(e, IoError::OutputExists { .. }));
+    // Inside, equal to, or containing a protected input, even with overwrite.
+    for out in [base.join("merged"), base.clone(), tmp.path().to_path_buf()] {
+        let opts = WriterOptions {
+            overwrite: true,
+            protected: vec![base.clone()],
+            ..Default::default()
+        };
+        let e = ModelWriter::create(&out, infos.clone(), opts).unwrap_err();
+        assert!(
+            matches!(e, IoError::OutputIsInput { .. }),
+            "{}: {e}",
+            out.display()
+        );
+    }
+    // A relative spelling of the same directory is caught too.
+    let sneaky = tmp.path().join("base/../base/sub");
+    let e = ModelWriter::create(
+        &sneaky,
+        infos.clone(),
+        WriterOptions {
+            protected: vec![base.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, IoError::OutputIsInput { .. }), "{e}");
+
+    // Overwrite replaces the old directory only at finish.
+    let out = tmp.path().join("out");
+    write_model(&out, &small_model(), WriterOptions::default());
+    std::fs::write(out.join("stale.txt"), "old").unwrap();
+    let mut w = ModelWriter::create(
+        &out,
+        infos.clone(),
+        WriterOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.write("a", &2f32.to_le_bytes()).unwrap();
+    assert!(
+        out.join("stale.txt").exists(),
+        "old output kept until finish"
+    );
+    w.finish().unwrap();
+    assert!(!out.join("stale.txt").exists());
+    assert_eq!(
+        Model::open_path(&out).unwrap().read_f32_vec("a").unwrap(),
+        vec![2.0]
+    );
+    // Dropping an overwriting writer leaves the old output intact.
+    let w = ModelWriter::create(
+        &out,
+        infos,
+        WriterOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(w);
+    assert_eq!(
+        Model::open_path(&out).unwrap().read_f32_vec("a").unwrap(),
+        vec![2.0]
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("tensormerge"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn support_files_are_copied_and_weights_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    write_model(&base, &small_model(), WriterOptions::default());
+    std::fs::write(
+        base.join("config.json"),
+        r#"{"architectures": ["X"], "torch_dtype": "float32", "hidden_size": 2}"#,
+    )
+    .unwrap();
+    std::fs::write(base.join("tokenizer.json"), "{\"tok\": 1}").unwrap();
+    std::fs::write(base.join("generation_config.json"), "{}").unwrap();
+    std::fs::write(base.join("pytorch_model.bin"), "pickle").unwrap();
+    std::fs::write(base.join("notes.md"), "n").unwrap();
+
+    let model = Model::open(base.to_str().unwrap()).unwrap();
+    let (mapper, _) = ModelTensorMapper::open(base.to_str().unwrap()).unwrap();
+    let v = mapper.load(base.to_str().unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    mapper
+        .save(&(&v * 2.0), &out, &model, WriterOptions::default())
+        .unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json"
+        ]
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    // Most parameters are BF16 (6 of 12).
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(config["hidden_size"], 2);
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json")).unwrap(),
+        b"{\"tok\": 1}"
+    );
+
+    let saved = Model::open_path(&out).unwrap();
+    assert_eq!(
+        saved.layout(),
+        model.layout(),
+        "names, shapes, dtypes and order kept"
+    );
+    for t in model.layout().tensors() {
+        if t.dtype.is_float() {
+            let a = model.read_f32_vec(&t.name).unwrap();
+            let b = saved.read_f32_vec(&t.name).unwrap();
+            let mut expect: Vec<f32> = a.iter().map(|x| x * 2.0).collect();
+            convert::round_to(t.dtype, &mut expect);
+            assert_eq!(b, expect, "{}", t.name);
+        } else {
+            assert_eq!(
+                saved.tensor_bytes(&t.name).unwrap(),
+                model.tensor_bytes(&t.name).unwrap()
+            );
+        }
+    }
+    // Saving into the template's directory is refused.
+    let e = mapper
+        .save(&v, &base.join("inside"), &model, WriterOptions::default())
+        .unwrap_err();
+    assert!(matches!(e, IoError::OutputIsInput { .. }), "{e}");
+}
+
+#[test]
+fn models_with_different_layouts_do_not_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    write_model(
+        &a,
+        &[
+            ("w", vec![2, 2], DType::F32, vec![0.0; 4]),
+            ("v", vec![1], DType::F32, vec![0.0]),
+        ],
+        WriterOptions::default(),
+    );
+    write_model(
+        &b,
+        &[
+            ("w", vec![4], DType::F32, vec![0.0; 4]),
+            ("v", vec![1], DType::F32, vec![0.0]),
+        ],
+        WriterOptions::default(),
+    );
+    let (mapper, _) = ModelTensorMapper::open(a.to_str().unwrap()).unwrap();
+    let e = mapper.load(b.to_str().unwrap()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("`w`") && msg.contains("[2, 2]") && msg.contains("[4]"),
+        "{msg}"
+    );
+    let mb = Model::open_path(&b).unwrap();
+    let e = mapper.to_vector(&mb).unwrap_err();
+    assert!(
+        matches!(&e, tensormerge_core::CoreError::LayoutMismatch { tensor, .. } if tensor == "w")
+    );
+
+    let c = tmp.path().join("c");
+    write_model(
+        &c,
+        &[
+            ("w", vec![2, 2], DType::F32, vec![0.0; 4]),
+            ("u", vec![1], DType::F32, vec![0.0]),
+        ],
+        WriterOptions::default(),
+    );
+    let e = mapper.load(c.to_str().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("`v`"), "{e}");
+}
