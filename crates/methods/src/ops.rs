@@ -326,6 +326,7 @@ pub struct TopK {
     hist: Vec<u64>,
     seen: u64,
     ties: BTreeMap<String, u64>,
+    density: Option<f64>,
 }
 
 impl TopK {
@@ -333,6 +334,22 @@ impl TopK {
     pub const SWEEPS_ONE_SEGMENT: usize = 3;
     /// Sweeps needed at most with several segments.
     pub const SWEEPS: usize = 4;
+
+    /// Selection of the `floor(density · n)` largest keys
+    /// ([`keep_count`]) where `n`, the number of keys, is learnt during the
+    /// first sweep (a whole model, whose size the pass is not told).
+    pub fn with_density(density: f64, one_segment: bool) -> Self {
+        let mut t = TopK::new(u64::MAX, u64::MAX, one_segment);
+        t.stage = if density >= 1.0 {
+            Stage::Done(Selection::AtLeast(0))
+        } else if density <= 0.0 {
+            Stage::Done(Selection::Nothing)
+        } else {
+            Stage::High
+        };
+        t.density = Some(density);
+        t
+    }
 
     /// Selection of the `k` largest of `n` keys. `one_segment` promises that
     /// every key comes with the same segment name (saves a sweep).
@@ -352,12 +369,20 @@ impl TopK {
             hist: Vec::new(),
             seen: 0,
             ties: BTreeMap::new(),
+            density: None,
         }
     }
 
-    /// The number of keys kept.
+    /// The number of keys kept (known after the first sweep with
+    /// [`with_density`](Self::with_density)).
     pub fn k(&self) -> u64 {
         self.k
+    }
+
+    /// The number of keys (known after the first sweep with
+    /// [`with_density`](Self::with_density)).
+    pub fn n(&self) -> u64 {
+        self.n
     }
 
     /// Whether the selection is known (no more sweeps needed).
@@ -459,6 +484,17 @@ impl TopK {
         match self.stage.clone() {
             Stage::Done(_) => Ok(()),
             Stage::High => {
+                if let Some(d) = self.density {
+                    self.n = seen;
+                    self.k = keep_count(d, seen);
+                    if self.k == 0 {
+                        self.finish(Selection::Nothing);
+                        return Ok(());
+                    } else if self.k >= seen {
+                        self.finish(Selection::AtLeast(0));
+                        return Ok(());
+                    }
+                }
                 check(seen, self.n)?;
                 let (bin, need) = locate(&self.hist, self.k);
                 if self.hist[bin] == need {

@@ -16,13 +16,29 @@
 //! assert!(names.contains(&"ties") || names.contains(&"linear"));
 //! ```
 
+use tensormerge_method_karcher as _;
 use tensormerge_method_linear as _;
+use tensormerge_method_model_stock as _;
+use tensormerge_method_multislerp as _;
+use tensormerge_method_nearswap as _;
+use tensormerge_method_nuslerp as _;
+use tensormerge_method_passthrough as _;
+use tensormerge_method_slerp as _;
 use tensormerge_method_task_arithmetic as _;
+use tensormerge_method_ties as _;
 
 /// Package names of the built-in method crates, sorted.
 pub const CRATES: &[&str] = &[
+    "tensormerge-method-karcher",
     "tensormerge-method-linear",
+    "tensormerge-method-model-stock",
+    "tensormerge-method-multislerp",
+    "tensormerge-method-nearswap",
+    "tensormerge-method-nuslerp",
+    "tensormerge-method-passthrough",
+    "tensormerge-method-slerp",
     "tensormerge-method-task-arithmetic",
+    "tensormerge-method-ties",
 ];
 
 /// The global method registry, with every built-in method linked in.

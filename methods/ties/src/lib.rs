@@ -1,0 +1,384 @@
+//! # tensormerge-method-ties
+//!
+//! `ties`: TIES-merging, "Resolving interference when merging models" (Yadav
+//! et al. 2023, arXiv:2306.01708). With task vectors `τ_i = x_i − b`:
+//!
+//! 1. **Trim**: keep, for each model, the `k_i = floor(d_i · n)` entries of
+//!    largest `|τ_i|` and zero the rest (`d_i ≥ 1` keeps all). `n` is the
+//!    tensor's size with `trim_scope: tensor` (the default, as mergekit), or
+//!    the whole model's float parameter count with `trim_scope: model` (a
+//!    global threshold per model, as in the paper's code). `k_i = 0` zeroes
+//!    that model's contribution and is reported as a warning.
+//! 2. **Elect**: `δ_i = w_i τ̂_i`; the sign of each entry is `sign(Σ δ_i)`
+//!    (`consensus: sum`, default) or `sign(Σ sign(δ_i))` (`consensus:
+//!    count`); an exact zero elects `+`.
+//! 3. **Disjoint merge**: `m_i = [sign(δ_i) = elected and δ_i ≠ 0]`,
+//!    `merged = Σ m_i δ_i`, divided element-wise by `Σ m_i w_i` when
+//!    `normalize` (default true; a zero divisor leaves the entry at 0).
+//! 4. `out = b + λ · merged`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_ties as _; // link the crate so it registers
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![4], DType::F32)]).unwrap());
+//! let v = |x: [f32; 4]| ParamVector::from_vec(layout.clone(), x.to_vec()).unwrap();
+//! let base = v([0.0; 4]);
+//! let a = v([3.0, -1.0, 0.5, 2.0]);
+//! let b = v([1.0, 2.0, -4.0, 0.1]);
+//! let ties = registry().get("ties").unwrap();
+//! // Keep the top half of each task vector, elect signs, average the agreeing entries.
+//! let merge = Merge::new(ties, vec![], vec![vec![("density", 0.5.into())]; 2]).unwrap();
+//! let out = merge.run(Some(&base), &[&a, &b]).unwrap();
+//! // a keeps {3, 2}, b keeps {2, -4}: entry 1 is b's alone, entry 2 is b's alone.
+//! assert_eq!(out.values().unwrap(), &[3.0, 2.0, -4.0, 2.0]);
+//! ```
+//!
+//! ## Exactness
+//!
+//! The trim is an exact top-k by magnitude (the key is `|x − b|` computed in
+//! `f32`), found without sorting by [`TopK`]: a histogram over `f32` bit
+//! patterns refined in a second sweep, with ties at the threshold kept in
+//! order of lowest position (within a tensor: flat index; over a whole
+//! model: tensor name, then flat index, so that the result does not depend on
+//! the order of tensors in the file). Merging in chunks, on any number of
+//! threads, gives bit-identical output.
+//!
+//! ## Differences from mergekit
+//!
+//! - mergekit trims with `torch.topk`/sorting whose tie order is unspecified;
+//!   ties here are broken by position, deterministically.
+//! - mergekit's normalisation leaves an entry unnormalised when
+//!   `|Σ m_i w_i| < 1e-8`; here only an exact zero divisor is special and the
+//!   entry is then 0 (METHODS.md), so negative weights that cancel do not
+//!   produce a huge entry.
+//! - `trim_scope: model` (the paper's global threshold) is our addition.
+//! - `weight` defaults to 1.0 (mergekit requires it); `int8_mask` is accepted
+//!   and has no effect.
+#![deny(missing_docs)]
+
+use std::sync::Arc;
+
+use tensormerge_methods::ops::{
+    self, BLOCK, Combine, Consensus, Rule, Selection, TopK, magnitude_key,
+};
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
+    Stats, StatsPass, TensorContext, register_method,
+};
+
+/// The `ties` method.
+#[derive(Debug, Clone, Copy)]
+pub struct Ties;
+
+/// Declared parameters of `ties`.
+pub const PARAMS: &[ParamSpec] = &[
+    ParamSpec::per_model_float(
+        "weight",
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        Default::Float(1.0),
+        "the model's weight w_i",
+    ),
+    ParamSpec::per_model_float(
+        "density",
+        0.0,
+        f64::INFINITY,
+        Default::Float(1.0),
+        "share d_i of the task vector's entries kept by magnitude (≥ 1 keeps all)",
+    ),
+    ParamSpec::global(
+        "lambda",
+        ParamKind::Float {
+            min: f64::NEG_INFINITY,
+            max: f64::INFINITY,
+        },
+        Default::Float(1.0),
+        "factor λ on the merged task vector",
+    ),
+    ParamSpec::global(
+        "normalize",
+        ParamKind::Bool,
+        Default::Bool(true),
+        "divide by the sum of the weights of the agreeing models, per entry",
+    ),
+    ParamSpec::global(
+        "consensus",
+        ParamKind::Choice(&["sum", "count"]),
+        Default::Choice("sum"),
+        "sign election: sign of the weighted sum, or majority of signs",
+    ),
+    ParamSpec::global(
+        "trim_scope",
+        ParamKind::Choice(&["tensor", "model"]),
+        Default::Choice("tensor"),
+        "top-k per tensor (mergekit) or over the whole model (the paper)",
+    ),
+    ParamSpec::global(
+        "int8_mask",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "accepted for mergekit compatibility; no effect",
+    ),
+];
+
+/// What `ties` is.
+pub static INFO: MethodInfo = MethodInfo {
+    name: "ties",
+    summary: "trim task vectors by magnitude, elect a sign per entry, average the agreeing entries",
+    paper: "Yadav et al. 2023, arXiv:2306.01708",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: PARAMS,
+};
+
+/// The per-model selections gathered by a pass.
+#[derive(Debug)]
+struct Selections(Vec<Selection>);
+
+fn model_scope(global: &Params) -> Result<bool, MethodError> {
+    Ok(global.str("trim_scope")? == "model")
+}
+
+fn consensus(global: &Params) -> Result<Consensus, MethodError> {
+    let s = global.str("consensus")?;
+    Consensus::parse(s).ok_or_else(|| MethodError::OutOfRange {
+        method: INFO.name.into(),
+        param: "consensus".into(),
+        value: s.into(),
+        range: "sum or count".into(),
+    })
+}
+
+/// Selectors for a tensor of `n` elements (tensor scope).
+fn tensor_selectors(tensor: &TensorContext<'_>) -> Result<Vec<TopK>, MethodError> {
+    let n = tensor.numel() as u64;
+    tensor
+        .models
+        .iter()
+        .map(|p| Ok(TopK::new(n, ops::keep_count(p.f64("density")?, n), true)))
+        .collect()
+}
+
+/// A [`StatsPass`] running one [`TopK`] per model over `|x_i − b|`.
+struct TopKPass {
+    selectors: Vec<TopK>,
+    /// Segment = tensor name (whole-model scope) or "" (one tensor).
+    by_tensor: bool,
+    sweeps: usize,
+    keys: Vec<u32>,
+}
+
+impl StatsPass for TopKPass {
+    fn sweeps(&self) -> usize {
+        self.sweeps
+    }
+
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.to_string(),
+        })?;
+        let segment = if self.by_tensor {
+            chunk.tensor.name
+        } else {
+            ""
+        };
+        for (i, sel) in self.selectors.iter_mut().enumerate() {
+            if sel.is_done() {
+                continue;
+            }
+            let x = chunk.models[i];
+            for start in (0..x.len()).step_by(BLOCK) {
+                let end = (start + BLOCK).min(x.len());
+                self.keys.clear();
+                self.keys.extend(
+                    x[start..end]
+                        .iter()
+                        .zip(&base[start..end])
+                        .map(|(&x, &b)| magnitude_key(x - b)),
+                );
+                sel.observe(segment, (chunk.offset + start) as u64, &self.keys);
+            }
+        }
+        Ok(())
+    }
+
+    fn end_sweep(&mut self, sweep: usize) -> Result<(), MethodError> {
+        for sel in &mut self.selectors {
+            sel.end_sweep(sweep)
+                .map_err(|message| MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: if self.by_tensor {
+                        "<model>".into()
+                    } else {
+                        "<tensor>".into()
+                    },
+                    message,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        let sels = self
+            .selectors
+            .iter()
+            .map(|s| s.selection().cloned())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: "<pass>".into(),
+                message: "the top-k pass ended before the threshold was found".into(),
+            })?;
+        Ok(Arc::new(Selections(sels)))
+    }
+}
+
+impl MergeMethod for Ties {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn model_pass(&self, global: &Params, models: &[Params]) -> Option<Box<dyn StatsPass>> {
+        if !model_scope(global).ok()? {
+            return None;
+        }
+        let selectors = models
+            .iter()
+            .map(|p| Some(TopK::with_density(p.f64("density").ok()?, false)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Box::new(TopKPass {
+            selectors,
+            by_tensor: true,
+            sweeps: TopK::SWEEPS,
+            keys: Vec::with_capacity(BLOCK),
+        }))
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        if model_scope(tensor.global).unwrap_or(true) {
+            return None;
+        }
+        let selectors = tensor_selectors(tensor).ok()?;
+        if selectors.iter().all(|s| s.is_done()) {
+            return None; // every model keeps all or nothing: no pass needed
+        }
+        Some(Box::new(TopKPass {
+            selectors,
+            by_tensor: false,
+            sweeps: TopK::SWEEPS_ONE_SEGMENT,
+            keys: Vec::with_capacity(BLOCK),
+        }))
+    }
+
+    fn config_warnings(&self, _global: &Params, models: &[Params]) -> Vec<String> {
+        let untrimmed: Vec<String> = models
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.f64("density").is_ok_and(|d| d >= 1.0))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if untrimmed.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!(
+                "ties: density ≥ 1 trims nothing for model(s) {} (mergekit's default is 1.0, the paper uses 0.2)",
+                untrimmed.join(", ")
+            )]
+        }
+    }
+
+    fn tensor_warnings(&self, tensor: &TensorContext<'_>, _has_aux: &[bool]) -> Vec<String> {
+        if model_scope(tensor.global).unwrap_or(true) {
+            return Vec::new();
+        }
+        let n = tensor.numel() as u64;
+        tensor
+            .models
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let d = p.f64("density").ok()?;
+                (n > 0 && d > 0.0 && ops::keep_count(d, n) == 0).then(|| {
+                    format!(
+                        "ties: model {i} keeps none of the {n} entries of `{}` (floor({d} · {n}) = 0); \
+                         its contribution to this tensor is zero",
+                        tensor.name
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let t = chunk.tensor;
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.to_string(),
+        })?;
+        let by_tensor = model_scope(t.global)?;
+        let (stats, segment) = if by_tensor {
+            (t.model_stats, t.name)
+        } else {
+            (chunk.tensor_stats, "")
+        };
+        let selections: Vec<Selection> = match stats {
+            Some(s) => s
+                .downcast_ref::<Selections>()
+                .ok_or_else(|| MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: t.name.into(),
+                    message: "statistics of another method were passed in".into(),
+                })?
+                .0
+                .clone(),
+            None if by_tensor => {
+                return Err(MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: t.name.into(),
+                    message: "`trim_scope: model` needs the whole-model pass, which was not run"
+                        .into(),
+                });
+            }
+            None => {
+                // No pass: every model keeps all or nothing.
+                let sels = tensor_selectors(t)?;
+                sels.iter()
+                    .map(|s| {
+                        s.selection().cloned().ok_or_else(|| MethodError::Invalid {
+                            method: INFO.name.into(),
+                            tensor: t.name.into(),
+                            message: "the per-tensor top-k pass was not run".into(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let limits: Vec<(u32, Option<u64>)> =
+            selections.iter().map(|s| s.for_segment(segment)).collect();
+        // TIES (Yadav et al. 2023, arXiv:2306.01708): trim, then elect and
+        // disjoint-merge δ_i = w_i τ̂_i, out = b + λ · merged.
+        let combine = Combine {
+            weights: ops::weights(t, "weight")?,
+            lambda: t.global.f64("lambda")?,
+            normalize: t.global.bool("normalize")?,
+            rule: Rule::Ties(consensus(t.global)?),
+        };
+        ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
+            let x = &chunk.models[i][start..start + buf.len()];
+            let b = &base[start..start + buf.len()];
+            let (thr, lim) = limits[i];
+            let first = (chunk.offset + start) as u64;
+            for (e, ((d, &x), &b)) in buf.iter_mut().zip(x).zip(b).enumerate() {
+                let key = magnitude_key(x - b);
+                let keep = key > thr || (key == thr && lim.is_some_and(|l| first + e as u64 <= l));
+                *d = if keep { x as f64 - b as f64 } else { 0.0 };
+            }
+        });
+        Ok(())
+    }
+}
+
+register_method!(Ties);
