@@ -13,26 +13,21 @@
 //! 4. The exact diagonal Fisher of each fine-tune on its own task
 //!    ([`fisher`]) is saved next to it.
 //! 5. Every model is written as a real model directory (safetensors +
-//!    `config.json`) and merged through the engine like any checkpoint, with
-//!    every registered method that applies, over a sweep of λ / density.
+//!    `config.json`, [`modelio`]) and merged like any checkpoint, with every
+//!    registered method that applies, over a sweep of λ / density / t
+//!    ([`experiment::plan_method`]); the mergekit YAML of each method's best
+//!    merge is saved. (Merging currently loads the directories with
+//!    `tensormerge-io` and runs `tensormerge-methods`' in-memory `Merge`;
+//!    see [`merge`].)
 //! 6. Each result is evaluated on the held-out test split: task A (0-4),
 //!    task B (5-9) and all ten digits.
 //!
-//! The library entry point (being built; this is the contract the CLI codes
-//! against):
+//! The library entry point is [`run`]`(&DemoOptions { out, seed, quick },
+//! &dyn DemoProgress) -> Result<DemoReport, DemoError>`; the command line
+//! prints the returned [`DemoReport`] (its `Display` is the table and the
+//! output paths) and implements [`DemoProgress`] with a progress bar.
 //!
-//! ```text
-//! pub struct DemoOptions { pub out: PathBuf, pub seed: u64, pub quick: bool }
-//! pub trait DemoProgress {            // implemented by the CLI with indicatif
-//!     fn phase(&self, name: &str, total: u64);   // a new phase with `total` steps
-//!     fn advance(&self, steps: u64);
-//!     fn message(&self, text: &str);
-//! }
-//! pub struct NoProgress;              // DemoProgress that does nothing
-//! pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport, DemoError>;
-//! // DemoReport: Display prints the table; fields rows, sweep, out_dir,
-//! // csv_path, svg_path, skipped (methods that do not apply, with the reason).
-//! ```
+//! The parts are usable on their own:
 //!
 //! ```
 //! use tensormerge_demo::{Dataset, Mlp, TrainConfig, diagonal_fisher, train};
@@ -56,12 +51,35 @@
 use std::path::PathBuf;
 
 pub mod data;
+pub mod experiment;
 pub mod fisher;
+pub mod merge;
 pub mod mlp;
+pub mod modelio;
+pub mod plot;
 
 pub use data::Dataset;
+pub use experiment::{Accuracy, DemoOptions, DemoReport, ReportRow, Setting, SweepPoint, run};
 pub use fisher::diagonal_fisher;
 pub use mlp::{Mlp, TrainConfig, train};
+
+/// Receives the demo's progress; the command line draws a bar. Every method
+/// has an empty default.
+pub trait DemoProgress {
+    /// A phase begins (`"training"` in epochs, `"fisher"` in models,
+    /// `"merging"` in merges) with its number of steps.
+    fn phase(&self, _name: &str, _total: u64) {}
+    /// Steps of the current phase are done.
+    fn advance(&self, _steps: u64) {}
+    /// Something worth telling the user.
+    fn message(&self, _text: &str) {}
+}
+
+/// A [`DemoProgress`] that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl DemoProgress for NoProgress {}
 
 /// Errors of the demo, each naming what it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +107,26 @@ pub enum DemoError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A model directory could not be written or read.
+    #[error("model directory {path}")]
+    ModelIo {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A merge failed.
+    #[error("merge `{method}` ({setting})")]
+    Merge {
+        /// The method.
+        method: String,
+        /// Its setting.
+        setting: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The plot could not be drawn.
     #[error("plot {path}: {detail}")]
