@@ -16,6 +16,7 @@
 //! assert!(names.contains(&"ties") || names.contains(&"linear"));
 //! ```
 
+use tensormerge_method_dare as _;
 use tensormerge_method_karcher as _;
 use tensormerge_method_linear as _;
 use tensormerge_method_model_stock as _;
@@ -29,6 +30,7 @@ use tensormerge_method_ties as _;
 
 /// Package names of the built-in method crates, sorted.
 pub const CRATES: &[&str] = &[
+    "tensormerge-method-dare",
     "tensormerge-method-karcher",
     "tensormerge-method-linear",
     "tensormerge-method-model-stock",

@@ -1,0 +1,400 @@
+//! # tensormerge-method-dare
+//!
+//! DARE, "drop and rescale" (Yu et al. 2024, "Language Models are Super
+//! Mario", arXiv:2311.03099), as two methods:
+//!
+//! - `dare_linear`: `out = b + λ · Σ w_i τ̃_i` (divided by `Σ w_i` when
+//!   `normalize`, default false);
+//! - `dare_ties`: the TIES sign election and disjoint merge (Yadav et al.
+//!   2023, arXiv:2306.01708) over `δ_i = w_i τ̃_i`, `out = b + λ · merged`
+//!   (`normalize` default false, `consensus: sum|count`).
+//!
+//! where `τ̃_i` is model i's task vector `τ_i = x_i − b` with each entry kept
+//! independently with probability `d_i` (`density`) and zeroed otherwise,
+//! the kept entries then rescaled (`rescale`):
+//!
+//! - `true` (default, mergekit's rule): by `‖τ_i‖₁ / ‖τ̃_i‖₁` over the
+//!   tensor, so the tensor's L1 norm is unchanged (an exact per-tensor pass);
+//! - `density`: by the paper's `1 / d_i` (unbiased: `E[τ̃_i] = τ_i`);
+//! - `false`: not rescaled.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_dare as _; // link the crate so it registers
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![1000], DType::F32)]).unwrap());
+//! let base = ParamVector::zeros(layout.clone());
+//! let model = ParamVector::full(layout.clone(), 1.0);
+//! let dare = registry().get("dare-linear").unwrap();
+//! let merge = Merge::new(dare, vec![], vec![vec![("density", 0.25.into())]]).unwrap().seed(7);
+//! let out = merge.run(Some(&base), &[&model]).unwrap();
+//! let kept = out.values().unwrap().iter().filter(|&&v| v != 0.0).count();
+//! assert!((200..300).contains(&kept)); // about a quarter kept…
+//! assert!((out.norm_l1().unwrap() - 1000.0).abs() < 1e-3); // …rescaled to the same L1 norm
+//! ```
+//!
+//! ## Randomness
+//!
+//! The keep decision of model i on entry e of tensor t is `u < d_i · 2³²` for
+//! the draw `u` at position e of the ChaCha8 stream keyed by `(seed, t, i)`
+//! ([`TensorContext::rng`](tensormerge_methods::TensorContext::rng)). So the
+//! output depends only on the seed (default 0), never on chunking, threads or
+//! tensor order; the same seed gives the same output.
+//!
+//! ## Differences from mergekit
+//!
+//! - mergekit draws the mask with `torch.bernoulli` (not reproducible across
+//!   devices or versions); here the stream is specified.
+//! - mergekit skips the L1 rescale when either norm is below `1e-7`; here it
+//!   is skipped only when nothing was kept (the kept norm is exactly 0), so
+//!   tensors with tiny deltas are rescaled too. Norms are summed exactly.
+//! - `rescale: density` (the paper's `1/d`) is our addition.
+//! - `weight` defaults to 1.0 (mergekit requires it); `int8_mask` is accepted
+//!   and has no effect.
+#![deny(missing_docs)]
+
+use std::sync::Arc;
+
+use rand::RngCore;
+use tensormerge_methods::ops::{self, Combine, Consensus, ExactSum, Rule};
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
+    Stats, StatsPass, TensorContext, register_method,
+};
+
+/// The `dare_linear` method.
+#[derive(Debug, Clone, Copy)]
+pub struct DareLinear;
+
+/// The `dare_ties` method.
+#[derive(Debug, Clone, Copy)]
+pub struct DareTies;
+
+const WEIGHT: ParamSpec = ParamSpec::per_model_float(
+    "weight",
+    f64::NEG_INFINITY,
+    f64::INFINITY,
+    Default::Float(1.0),
+    "the model's weight w_i",
+);
+const DENSITY: ParamSpec = ParamSpec::per_model_float(
+    "density",
+    0.0,
+    1.0,
+    Default::Float(1.0),
+    "probability d_i that an entry of the task vector is kept",
+);
+const LAMBDA: ParamSpec = ParamSpec::global(
+    "lambda",
+    ParamKind::Float {
+        min: f64::NEG_INFINITY,
+        max: f64::INFINITY,
+    },
+    Default::Float(1.0),
+    "factor λ on the merged task vector",
+);
+const RESCALE: ParamSpec = ParamSpec::global(
+    "rescale",
+    ParamKind::Choice(&["true", "false", "density"]),
+    Default::Choice("true"),
+    "rescale kept entries: true = keep the tensor's L1 norm, density = 1/d (paper), false = none",
+);
+const INT8_MASK: ParamSpec = ParamSpec::global(
+    "int8_mask",
+    ParamKind::Bool,
+    Default::Bool(false),
+    "accepted for mergekit compatibility; no effect",
+);
+
+/// Declared parameters of `dare_linear`.
+pub const LINEAR_PARAMS: &[ParamSpec] = &[
+    WEIGHT,
+    DENSITY,
+    LAMBDA,
+    ParamSpec::global(
+        "normalize",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "divide the weighted sum by the sum of the weights",
+    ),
+    RESCALE,
+    INT8_MASK,
+];
+
+/// Declared parameters of `dare_ties`.
+pub const TIES_PARAMS: &[ParamSpec] = &[
+    WEIGHT,
+    DENSITY,
+    LAMBDA,
+    ParamSpec::global(
+        "normalize",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "divide by the sum of the weights of the agreeing models, per entry",
+    ),
+    RESCALE,
+    ParamSpec::global(
+        "consensus",
+        ParamKind::Choice(&["sum", "count"]),
+        Default::Choice("sum"),
+        "sign election: sign of the weighted sum, or majority of signs",
+    ),
+    INT8_MASK,
+];
+
+/// What `dare_linear` is.
+pub static LINEAR_INFO: MethodInfo = MethodInfo {
+    name: "dare_linear",
+    summary: "randomly drop task-vector entries, rescale, and add the weighted sum to the base",
+    paper: "Yu et al. 2024, arXiv:2311.03099",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: LINEAR_PARAMS,
+};
+
+/// What `dare_ties` is.
+pub static TIES_INFO: MethodInfo = MethodInfo {
+    name: "dare_ties",
+    summary: "randomly drop task-vector entries, rescale, then TIES sign election and disjoint merge",
+    paper: "Yu et al. 2024, arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: TIES_PARAMS,
+};
+
+/// How kept entries are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rescale {
+    L1,
+    Density,
+    None,
+}
+
+fn rescale(method: &str, global: &Params) -> Result<Rescale, MethodError> {
+    match global.str("rescale")? {
+        "true" => Ok(Rescale::L1),
+        "density" => Ok(Rescale::Density),
+        "false" => Ok(Rescale::None),
+        other => Err(MethodError::OutOfRange {
+            method: method.into(),
+            param: "rescale".into(),
+            value: other.into(),
+            range: "true, false or density".into(),
+        }),
+    }
+}
+
+/// Whether entries of a model at density `d` are dropped at all.
+fn drops(d: f64) -> bool {
+    d < 1.0
+}
+
+/// The exact L1 norms of each model's task vector and of its kept entries.
+struct L1Pass {
+    method: &'static str,
+    densities: Vec<f64>,
+    total: Vec<ExactSum>,
+    kept: Vec<ExactSum>,
+}
+
+impl StatsPass for L1Pass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: self.method.to_string(),
+        })?;
+        for (i, &d) in self.densities.iter().enumerate() {
+            if !drops(d) {
+                continue;
+            }
+            let mut rng = chunk.tensor.rng(i, chunk.offset);
+            for (&x, &b) in chunk.models[i].iter().zip(base) {
+                let a = (x as f64 - b as f64).abs();
+                let keep = ops::dare_keep(rng.next_u32(), d);
+                self.total[i].add(a);
+                if keep {
+                    self.kept[i].add(a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        let scales: Vec<f64> = self
+            .total
+            .iter()
+            .zip(&self.kept)
+            .zip(&self.densities)
+            .map(|((t, k), &d)| {
+                let (t, k) = (t.value(), k.value());
+                if !drops(d) || k == 0.0 { 1.0 } else { t / k }
+            })
+            .collect();
+        Ok(Arc::new(L1Scales(scales)))
+    }
+}
+
+/// Each model's L1 rescale factor on one tensor.
+#[derive(Debug)]
+struct L1Scales(Vec<f64>);
+
+fn densities(tensor: &TensorContext<'_>) -> Result<Vec<f64>, MethodError> {
+    ops::weights(tensor, "density")
+}
+
+fn tensor_pass(
+    info: &'static MethodInfo,
+    tensor: &TensorContext<'_>,
+) -> Option<Box<dyn StatsPass>> {
+    if rescale(info.name, tensor.global).ok()? != Rescale::L1 {
+        return None;
+    }
+    let densities = densities(tensor).ok()?;
+    if !densities.iter().any(|&d| drops(d)) {
+        return None;
+    }
+    let m = densities.len();
+    Some(Box::new(L1Pass {
+        method: info.name,
+        densities,
+        total: vec![ExactSum::new(); m],
+        kept: vec![ExactSum::new(); m],
+    }))
+}
+
+fn config_warnings(info: &MethodInfo, models: &[Params]) -> Vec<String> {
+    let undropped: Vec<String> = models
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.f64("density").is_ok_and(|d| !drops(d)))
+        .map(|(i, _)| i.to_string())
+        .collect();
+    if undropped.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{}: density 1 drops nothing for model(s) {}",
+            info.name,
+            undropped.join(", ")
+        )]
+    }
+}
+
+/// DARE (Yu et al. 2024, arXiv:2311.03099): `τ̃_i = keep_i ⊙ τ_i · s_i`,
+/// then `combine` (linear sum, or TIES election).
+fn merge(
+    info: &'static MethodInfo,
+    rule: Rule,
+    chunk: &Chunk<'_>,
+    out: &mut [f32],
+) -> Result<(), MethodError> {
+    let t = chunk.tensor;
+    let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+        method: info.name.to_string(),
+    })?;
+    let dens = densities(t)?;
+    let mode = rescale(info.name, t.global)?;
+    let scales: Vec<f64> = match mode {
+        Rescale::None => vec![1.0; dens.len()],
+        // 1/d: unbiased, E[τ̃] = τ (the paper). d = 0 keeps nothing: factor unused.
+        Rescale::Density => dens
+            .iter()
+            .map(|&d| if d > 0.0 { 1.0 / d } else { 1.0 })
+            .collect(),
+        Rescale::L1 => match chunk.tensor_stats {
+            Some(s) => s
+                .downcast_ref::<L1Scales>()
+                .ok_or_else(|| MethodError::Invalid {
+                    method: info.name.into(),
+                    tensor: t.name.into(),
+                    message: "statistics of another method were passed in".into(),
+                })?
+                .0
+                .clone(),
+            None if dens.iter().any(|&d| drops(d)) => {
+                return Err(MethodError::Invalid {
+                    method: info.name.into(),
+                    tensor: t.name.into(),
+                    message: "`rescale: true` needs the per-tensor L1 pass, which was not run"
+                        .into(),
+                });
+            }
+            None => vec![1.0; dens.len()],
+        },
+    };
+    let combine = Combine {
+        weights: ops::weights(t, "weight")?,
+        lambda: t.global.f64("lambda")?,
+        normalize: t.global.bool("normalize")?,
+        rule,
+    };
+    combine.check(info.name, t.name)?;
+    let mut rngs: Vec<_> = (0..dens.len()).map(|i| t.rng(i, chunk.offset)).collect();
+    ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
+        let x = &chunk.models[i][start..start + buf.len()];
+        let b = &base[start..start + buf.len()];
+        let (d, s) = (dens[i], scales[i]);
+        if drops(d) {
+            let rng = &mut rngs[i];
+            for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {
+                let keep = ops::dare_keep(rng.next_u32(), d);
+                *o = if keep { (x as f64 - b as f64) * s } else { 0.0 };
+            }
+        } else {
+            for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {
+                *o = (x as f64 - b as f64) * s;
+            }
+        }
+    });
+    Ok(())
+}
+
+impl MergeMethod for DareLinear {
+    fn info(&self) -> &'static MethodInfo {
+        &LINEAR_INFO
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        tensor_pass(&LINEAR_INFO, tensor)
+    }
+
+    fn config_warnings(&self, _global: &Params, models: &[Params]) -> Vec<String> {
+        config_warnings(&LINEAR_INFO, models)
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        merge(&LINEAR_INFO, Rule::Linear, chunk, out)
+    }
+}
+
+impl MergeMethod for DareTies {
+    fn info(&self) -> &'static MethodInfo {
+        &TIES_INFO
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        tensor_pass(&TIES_INFO, tensor)
+    }
+
+    fn config_warnings(&self, _global: &Params, models: &[Params]) -> Vec<String> {
+        config_warnings(&TIES_INFO, models)
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let s = chunk.tensor.global.str("consensus")?;
+        let consensus = Consensus::parse(s).ok_or_else(|| MethodError::OutOfRange {
+            method: TIES_INFO.name.into(),
+            param: "consensus".into(),
+            value: s.into(),
+            range: "sum or count".into(),
+        })?;
+        merge(&TIES_INFO, Rule::Ties(consensus), chunk, out)
+    }
+}
+
+register_method!(DareLinear);
+register_method!(DareTies);
