@@ -1,0 +1,673 @@
+//! # tensormerge-method-della
+//!
+//! `della` and `della_linear`: DELLA-Merging (Deep et al. 2024, "DELLA-Merging:
+//! Reducing interference in model merging through magnitude-based sampling",
+//! arXiv:2406.11617). Its drop step, MagPrune (§3.1), keeps each entry of a
+//! task vector `τ = x − b` with a probability that grows with its magnitude
+//! rank. Within each row (the last dimension; a 1-D tensor is one row) of `n`
+//! entries ranked `r = 0 … n−1` by `|τ|` ascending:
+//!
+//! ```text
+//! p_r = (d − ε) + 2ε · r/(n − 1)          (arXiv:2406.11617, eq. 1; clamped to [0, 1])
+//! τ̃  = τ ⊙ Bernoulli(p)
+//! ```
+//!
+//! so the mean keep rate is the `density` `d` and the spread is `±epsilon`.
+//! `rescale: true` scales the kept entries so the tensor's L1 norm is
+//! unchanged (mergekit's rule); `rescale: density` divides each kept entry by
+//! its own `p_r` (the paper's unbiased rescaling); `false` does not rescale.
+//! Then `della` applies the TIES sign election and disjoint merge (Yadav et
+//! al. 2023, arXiv:2306.01708) and `della_linear` sums;
+//! `out = b + λ · merged`.
+//!
+//! Randomness comes only from [`TensorContext::rng`]: model `i`'s draws on a
+//! tensor depend on `(seed, tensor name, i)` and the entry's position (one
+//! `next_u32` per entry), so results are identical on any thread count.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_della as _;
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![1000], DType::F32)]).unwrap());
+//! let base = ParamVector::zeros(layout.clone());
+//! let x = ParamVector::from_vec(layout, (0..1000).map(|i| i as f32 + 1.0).collect()).unwrap();
+//! let m = registry().get("della_linear").unwrap();
+//! let p = vec![vec![("density", 0.5.into()), ("epsilon", 0.4.into())]];
+//! let g = vec![("rescale", "false".into())];
+//! let out = Merge::new(m, g, p).unwrap().seed(7).run(Some(&base), &[&x]).unwrap();
+//! let v = out.values().unwrap();
+//! let kept_small = v[..100].iter().filter(|v| **v != 0.0).count(); // p ≈ 0.1..0.18
+//! let kept_large = v[900..].iter().filter(|v| **v != 0.0).count(); // p ≈ 0.82..0.9
+//! assert!(kept_small < 30 && kept_large > 70);
+//! ```
+//!
+//! Differences from mergekit (deliberate):
+//! - Keep probabilities outside `[0, 1]` are clamped, where mergekit raises
+//!   an error unless `d ± ε` lies in `(0, 1)`; a one-entry row gets `p = d`
+//!   (mergekit divides 0 by 0 there).
+//! - Ranks run along the last dimension for tensors of any rank (mergekit's
+//!   `dim=1`, which is the last dimension for the usual 2-D weights); equal
+//!   magnitudes rank by position.
+//! - Draws come from our reproducible ChaCha8 streams instead of
+//!   `torch.bernoulli`, so outputs match mergekit in distribution, not bit
+//!   for bit. `lambda` is global (mergekit used the first model's);
+//!   `weight` defaults to 1.0; `int8_mask` has no effect.
+//! - Whole tensors are processed at once (`chunkable() = false`).
+#![deny(missing_docs)]
+
+use rand::RngCore;
+use tensormerge_methods::ops::{self, Combine, Consensus, ExactSum, Rule, magnitude_key};
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
+    TensorContext, register_method,
+};
+
+/// `della` (MagPrune, then TIES election).
+#[derive(Debug, Clone, Copy)]
+pub struct Della;
+
+/// `della_linear` (MagPrune, then a weighted sum).
+#[derive(Debug, Clone, Copy)]
+pub struct DellaLinear;
+
+const WEIGHT: ParamSpec = ParamSpec::per_model_float(
+    "weight",
+    f64::NEG_INFINITY,
+    f64::INFINITY,
+    Default::Float(1.0),
+    "the model's weight w_i",
+);
+const DENSITY: ParamSpec = ParamSpec::per_model_float(
+    "density",
+    0.0,
+    f64::INFINITY,
+    Default::Float(1.0),
+    "mean keep probability d (≥ 1 keeps all)",
+);
+const EPSILON: ParamSpec = ParamSpec::per_model_float(
+    "epsilon",
+    0.0,
+    1.0,
+    Default::Float(0.15),
+    "spread ε of keep probabilities: d − ε for the smallest magnitude of a row, d + ε for the largest",
+);
+const LAMBDA: ParamSpec = ParamSpec::global(
+    "lambda",
+    ParamKind::Float {
+        min: f64::NEG_INFINITY,
+        max: f64::INFINITY,
+    },
+    Default::Float(1.0),
+    "factor λ on the merged task vector",
+);
+const RESCALE: ParamSpec = ParamSpec::global(
+    "rescale",
+    ParamKind::Choice(&["true", "false", "density"]),
+    Default::Choice("true"),
+    "true: keep each task vector's L1 norm (mergekit); density: divide kept entries by their p (paper); false: none",
+);
+const INT8_MASK: ParamSpec = ParamSpec::global(
+    "int8_mask",
+    ParamKind::Bool,
+    Default::Bool(false),
+    "accepted for mergekit compatibility; no effect",
+);
+
+static PARAMS: &[ParamSpec] = &[
+    WEIGHT,
+    DENSITY,
+    EPSILON,
+    LAMBDA,
+    ParamSpec::global(
+        "normalize",
+        ParamKind::Bool,
+        Default::Bool(true),
+        "divide by the sum of the weights of the agreeing models, per entry",
+    ),
+    RESCALE,
+    ParamSpec::global(
+        "consensus",
+        ParamKind::Choice(&["sum", "count"]),
+        Default::Choice("sum"),
+        "sign election: sign of the weighted sum, or majority of signs",
+    ),
+    INT8_MASK,
+];
+
+static PARAMS_LINEAR: &[ParamSpec] = &[
+    WEIGHT,
+    DENSITY,
+    EPSILON,
+    LAMBDA,
+    ParamSpec::global(
+        "normalize",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "divide the weighted sum by the sum of the weights",
+    ),
+    RESCALE,
+    INT8_MASK,
+];
+
+static INFO: MethodInfo = MethodInfo {
+    name: "della",
+    summary: "drops task-vector entries at random with magnitude-ranked probabilities, then TIES election",
+    paper: "Deep et al. 2024, arXiv:2406.11617",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: PARAMS,
+};
+
+static INFO_LINEAR: MethodInfo = MethodInfo {
+    name: "della_linear",
+    summary: "drops task-vector entries at random with magnitude-ranked probabilities, then sums them",
+    paper: "Deep et al. 2024, arXiv:2406.11617",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: PARAMS_LINEAR,
+};
+
+/// How kept entries are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rescale {
+    L1,
+    Probability,
+    None,
+}
+
+/// MagPrune keep probabilities of one row of task-vector values (any order
+/// of magnitudes; equal magnitudes rank by position).
+pub fn row_probabilities(tau: &[f32], density: f64, epsilon: f64) -> Vec<f64> {
+    let n = tau.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&e| (magnitude_key(tau[e]), e));
+    let mut p = vec![0.0; n];
+    for (r, &e) in order.iter().enumerate() {
+        let frac = if n > 1 {
+            r as f64 / (n - 1) as f64
+        } else {
+            0.5
+        };
+        p[e] = ((density - epsilon) + 2.0 * epsilon * frac).clamp(0.0, 1.0);
+    }
+    p
+}
+
+/// Each kept entry's multiplier for model `i` (0 where dropped).
+fn multipliers(
+    t: &TensorContext<'_>,
+    i: usize,
+    offset: usize,
+    base: &[f32],
+    x: &[f32],
+    rescale: Rescale,
+) -> Result<Vec<f32>, MethodError> {
+    let (d, eps) = (t.models[i].f64("density")?, t.models[i].f64("epsilon")?);
+    let n = base.len();
+    if d >= 1.0 {
+        return Ok(vec![1.0; n]);
+    }
+    if d <= 0.0 {
+        return Ok(vec![0.0; n]);
+    }
+    let row = match t.shape {
+        [.., last] if *last > 0 => *last,
+        _ => n.max(1),
+    };
+    let mut rng = t.rng(i, offset);
+    let mut mult = vec![0.0f32; n];
+    let tau: Vec<f32> = x.iter().zip(base).map(|(x, b)| x - b).collect();
+    for start in (0..n).step_by(row) {
+        let end = (start + row).min(n);
+        let p = row_probabilities(&tau[start..end], d, eps);
+        for (j, &p) in p.iter().enumerate() {
+            let draw = rng.next_u32();
+            if ops::dare_keep(draw, p) {
+                mult[start + j] = if rescale == Rescale::Probability {
+                    (1.0 / p) as f32
+                } else {
+                    1.0
+                };
+            }
+        }
+    }
+    if rescale == Rescale::L1 {
+        let (mut before, mut after) = (ExactSum::new(), ExactSum::new());
+        for e in 0..n {
+            let a = (x[e] as f64 - base[e] as f64).abs();
+            before.add(a);
+            if mult[e] != 0.0 {
+                after.add(a);
+            }
+        }
+        let (before, after) = (before.value(), after.value());
+        if before >= 1e-7 && after >= 1e-7 {
+            let s = before / after;
+            mult.iter_mut()
+                .filter(|m| **m != 0.0)
+                .for_each(|m| *m = s as f32);
+        }
+    }
+    Ok(mult)
+}
+
+fn run(
+    info: &MethodInfo,
+    rule: Rule,
+    chunk: &Chunk<'_>,
+    out: &mut [f32],
+) -> Result<(), MethodError> {
+    let t = chunk.tensor;
+    let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+        method: info.name.into(),
+    })?;
+    let rescale = match t.global.str("rescale")? {
+        "true" => Rescale::L1,
+        "density" => Rescale::Probability,
+        _ => Rescale::None,
+    };
+    let combine = Combine {
+        weights: ops::weights(t, "weight")?,
+        lambda: t.global.f64("lambda")?,
+        normalize: t.global.bool("normalize")?,
+        rule,
+    };
+    if rule == Rule::Linear {
+        combine.check(info.name, t.name)?;
+    }
+    let mults = (0..chunk.models.len())
+        .map(|i| multipliers(t, i, chunk.offset, base, chunk.models[i], rescale))
+        .collect::<Result<Vec<_>, _>>()?;
+    ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
+        let (x, m) = (chunk.models[i], &mults[i]);
+        for (j, d) in buf.iter_mut().enumerate() {
+            let e = start + j;
+            *d = if m[e] == 0.0 {
+                0.0
+            } else {
+                (x[e] as f64 - base[e] as f64) * m[e] as f64
+            };
+        }
+    });
+    Ok(())
+}
+
+impl MergeMethod for Della {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    /// Ranks and the L1 rescale need whole rows and tensors.
+    fn chunkable(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let s = chunk.tensor.global.str("consensus")?;
+        let consensus = Consensus::parse(s).ok_or_else(|| MethodError::OutOfRange {
+            method: INFO.name.into(),
+            param: "consensus".into(),
+            value: s.into(),
+            range: "sum or count".into(),
+        })?;
+        run(&INFO, Rule::Ties(consensus), chunk, out)
+    }
+}
+
+impl MergeMethod for DellaLinear {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO_LINEAR
+    }
+
+    /// Ranks and the L1 rescale need whole rows and tensors.
+    fn chunkable(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        run(&INFO_LINEAR, Rule::Linear, chunk, out)
+    }
+}
+
+register_method!(Della);
+register_method!(DellaLinear);
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference loops are plain on purpose
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+    use tensormerge_methods::{Merge, ParamValue, registry, rng};
+
+    fn layout() -> Arc<Layout> {
+        Arc::new(
+            Layout::new(vec![
+                TensorInfo::new("w", vec![8, 50], DType::F32),
+                TensorInfo::new("bias", vec![30], DType::F32),
+                TensorInfo::new("one", vec![1], DType::F32),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn random(layout: &Arc<Layout>, seed: u64) -> ParamVector {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(3);
+        let v = (0..layout.num_params())
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f64 / (1u64 << 24) as f64 - 0.5) as f32
+            })
+            .collect();
+        ParamVector::from_vec(layout.clone(), v).unwrap()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_method(
+        name: &str,
+        seed: u64,
+        base: &ParamVector,
+        ms: &[&ParamVector],
+        p: &[(f64, f64, f64)],
+        rescale: &str,
+        normalize: bool,
+        lambda: f64,
+    ) -> ParamVector {
+        let m = registry().get(name).unwrap();
+        let per: Vec<Vec<(&str, ParamValue)>> = p
+            .iter()
+            .map(|&(w, d, e)| {
+                vec![
+                    ("weight", w.into()),
+                    ("density", d.into()),
+                    ("epsilon", e.into()),
+                ]
+            })
+            .collect();
+        let g = vec![
+            ("rescale", rescale.into()),
+            ("normalize", normalize.into()),
+            ("lambda", lambda.into()),
+        ];
+        Merge::new(m, g, per)
+            .unwrap()
+            .seed(seed)
+            .run(Some(base), ms)
+            .unwrap()
+    }
+
+    /// Reference: ranks by counting smaller magnitudes (plus earlier equal
+    /// ones), probabilities by the paper's formula, draws from the documented
+    /// stream (one u32 per entry, kept when u < p·2³²), f64 loops.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        seed: u64,
+        name: &str,
+        shape: &[usize],
+        base: &[f32],
+        xs: &[&[f32]],
+        p: &[(f64, f64, f64)],
+        rescale: &str,
+        ties: bool,
+        normalize: bool,
+        lambda: f64,
+    ) -> Vec<f64> {
+        let n = base.len();
+        let row = *shape.last().unwrap();
+        let mut masked = vec![];
+        for (i, (x, &(_, d, eps))) in xs.iter().zip(p).enumerate() {
+            let tau: Vec<f64> = (0..n).map(|e| x[e] as f64 - base[e] as f64).collect();
+            let mag: Vec<f32> = (0..n).map(|e| (x[e] - base[e]).abs()).collect();
+            let mut rng = rng::stream(seed, name, i, 0);
+            let mut m = vec![0.0; n];
+            for e in 0..n {
+                let u = rng.next_u32();
+                let r0 = e / row * row;
+                let rank = (r0..(r0 + row).min(n))
+                    .filter(|&f| mag[f] < mag[e] || (mag[f] == mag[e] && f < e))
+                    .count();
+                let len = (r0 + row).min(n) - r0;
+                let frac = if len > 1 {
+                    rank as f64 / (len - 1) as f64
+                } else {
+                    0.5
+                };
+                let prob = (d - eps + 2.0 * eps * frac).clamp(0.0, 1.0);
+                let keep = if d >= 1.0 {
+                    true
+                } else if d <= 0.0 {
+                    false
+                } else {
+                    (u as f64) < prob * 4294967296.0
+                };
+                if keep {
+                    m[e] = if rescale == "density" && d < 1.0 {
+                        tau[e] * (1.0 / prob) as f32 as f64
+                    } else {
+                        tau[e]
+                    };
+                }
+            }
+            if rescale == "true" {
+                let before: f64 = tau.iter().map(|v| v.abs()).sum();
+                let after: f64 = (0..n).filter(|&e| m[e] != 0.0).map(|e| tau[e].abs()).sum();
+                if before >= 1e-7 && after >= 1e-7 {
+                    let s = (before / after) as f32 as f64;
+                    m.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            masked.push(m);
+        }
+        (0..n)
+            .map(|e| {
+                let w = |i: usize| p[i].0;
+                let merged = if ties {
+                    let s: f64 = (0..xs.len()).map(|i| w(i) * masked[i][e]).sum();
+                    let (mut num, mut den) = (0.0, 0.0);
+                    for i in 0..xs.len() {
+                        let v = w(i) * masked[i][e];
+                        if v != 0.0 && (v > 0.0) == (s >= 0.0) {
+                            num += v;
+                            den += w(i);
+                        }
+                    }
+                    if !normalize {
+                        num
+                    } else if den == 0.0 {
+                        0.0
+                    } else {
+                        num / den
+                    }
+                } else {
+                    let s: f64 = (0..xs.len()).map(|i| w(i) * masked[i][e]).sum();
+                    if normalize {
+                        s / p.iter().map(|q| q.0).sum::<f64>()
+                    } else {
+                        s
+                    }
+                };
+                base[e] as f64 + lambda * merged
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_reference() {
+        let l = layout();
+        let base = random(&l, 1);
+        let ms: Vec<ParamVector> = (2..5).map(|k| random(&l, k)).collect();
+        let refs: Vec<&ParamVector> = ms.iter().collect();
+        let p = [(1.0, 0.5, 0.2), (0.7, 0.3, 0.1), (1.2, 0.9, 0.3)];
+        for (name, ties, normalize) in [
+            ("della", true, true),
+            ("della_linear", false, false),
+            ("della", true, false),
+        ] {
+            for rescale in ["true", "false", "density"] {
+                let out = run_method(name, 5, &base, &refs, &p, rescale, normalize, 0.9);
+                for (info, r) in l.float_tensors() {
+                    let xs: Vec<&[f32]> =
+                        ms.iter().map(|m| &m.values().unwrap()[r.clone()]).collect();
+                    let want = reference(
+                        5,
+                        &info.name,
+                        &info.shape,
+                        &base.values().unwrap()[r.clone()],
+                        &xs,
+                        &p,
+                        rescale,
+                        ties,
+                        normalize,
+                        0.9,
+                    );
+                    for (g, w) in out.values().unwrap()[r.clone()].iter().zip(&want) {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                            "{name} {rescale}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn keep_rate_and_rank_dependence() {
+        let l =
+            Arc::new(Layout::new(vec![TensorInfo::new("w", vec![20, 500], DType::F32)]).unwrap());
+        let base = ParamVector::zeros(l.clone());
+        let x = random(&l, 9);
+        let out = run_method(
+            "della_linear",
+            3,
+            &base,
+            &[&x],
+            &[(1.0, 0.4, 0.3)],
+            "false",
+            false,
+            1.0,
+        );
+        let v = out.values().unwrap();
+        let kept = v.iter().filter(|v| **v != 0.0).count() as f64;
+        // 10 000 Bernoulli draws with mean 0.4: sd ≈ 0.0049·n; allow 5 sd.
+        assert!(
+            (kept / 10_000.0 - 0.4).abs() < 0.025,
+            "keep rate {}",
+            kept / 10_000.0
+        );
+        // The largest fifth of magnitudes is kept more often than the smallest fifth.
+        let xs = x.values().unwrap();
+        let mut order: Vec<usize> = (0..10_000).collect();
+        order.sort_by(|&a, &b| xs[a].abs().partial_cmp(&xs[b].abs()).unwrap());
+        let rate =
+            |idx: &[usize]| idx.iter().filter(|&&e| v[e] != 0.0).count() as f64 / idx.len() as f64;
+        let (low, high) = (rate(&order[..2000]), rate(&order[8000..]));
+        assert!(high > low + 0.3, "low {low}, high {high}");
+    }
+
+    #[test]
+    fn seeds_determinism_and_unbiased_rescale() {
+        let l = layout();
+        let (base, x) = (random(&l, 11), random(&l, 12));
+        let p = [(1.0, 0.5, 0.2)];
+        let a = run_method("della_linear", 1, &base, &[&x], &p, "true", false, 1.0);
+        let b = run_method("della_linear", 1, &base, &[&x], &p, "true", false, 1.0);
+        let c = run_method("della_linear", 2, &base, &[&x], &p, "true", false, 1.0);
+        assert_eq!(a.values().unwrap(), b.values().unwrap());
+        assert_ne!(a.values().unwrap(), c.values().unwrap());
+        // The paper's 1/p rescaling is unbiased: the mean over seeds approaches τ.
+        let n = l.num_params();
+        let mut mean = vec![0.0f64; n];
+        let seeds = 400;
+        for s in 0..seeds {
+            let o = run_method("della_linear", s, &base, &[&x], &p, "density", false, 1.0);
+            for e in 0..n {
+                mean[e] +=
+                    (o.values().unwrap()[e] - base.values().unwrap()[e]) as f64 / seeds as f64;
+            }
+        }
+        let (xv, bv) = (x.values().unwrap(), base.values().unwrap());
+        let err: f64 = (0..n)
+            .map(|e| (mean[e] - (xv[e] - bv[e]) as f64).abs())
+            .sum::<f64>()
+            / n as f64;
+        let scale: f64 = (0..n).map(|e| ((xv[e] - bv[e]) as f64).abs()).sum::<f64>() / n as f64;
+        assert!(
+            err < 0.12 * scale,
+            "mean abs error {err} vs mean |τ| {scale}"
+        );
+    }
+
+    #[test]
+    fn density_one_keeps_everything() {
+        let l = layout();
+        let (base, x, y) = (random(&l, 21), random(&l, 22), random(&l, 23));
+        // della_linear with density 1 = task arithmetic.
+        let out = run_method(
+            "della_linear",
+            0,
+            &base,
+            &[&x, &y],
+            &[(1.0, 1.0, 0.1), (0.5, 1.0, 0.1)],
+            "true",
+            false,
+            1.0,
+        );
+        let (b, xv, yv) = (
+            base.values().unwrap(),
+            x.values().unwrap(),
+            y.values().unwrap(),
+        );
+        for e in 0..l.num_params() {
+            let want =
+                b[e] as f64 + (xv[e] as f64 - b[e] as f64) + 0.5 * (yv[e] as f64 - b[e] as f64);
+            assert!((out.values().unwrap()[e] as f64 - want).abs() < 1e-6);
+        }
+        // della with one model, density 1, weight 1, normalize: the model.
+        let out = run_method(
+            "della",
+            0,
+            &base,
+            &[&x],
+            &[(1.0, 1.0, 0.1)],
+            "true",
+            true,
+            1.0,
+        );
+        for (o, v) in out.values().unwrap().iter().zip(xv) {
+            assert!((o - v).abs() < 1e-6);
+        }
+        // density 0: the base.
+        let out = run_method(
+            "della",
+            0,
+            &base,
+            &[&x],
+            &[(1.0, 0.0, 0.1)],
+            "true",
+            true,
+            1.0,
+        );
+        assert_eq!(out.values().unwrap(), b);
+    }
+
+    #[test]
+    fn probabilities_follow_the_paper() {
+        let p = row_probabilities(&[0.1, -0.5, 0.3, 0.0, 0.2], 0.5, 0.2);
+        // ranks by |τ| ascending: 0.0→0, 0.1→1, 0.2→2, 0.3→3, 0.5→4
+        let want = [0.4, 0.7, 0.6, 0.3, 0.5];
+        for (g, w) in p.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{p:?}");
+        }
+        assert_eq!(row_probabilities(&[3.0], 0.5, 0.2), vec![0.5]);
+        // clamped at 1
+        let p = row_probabilities(&[1.0, 2.0], 0.9, 0.3);
+        assert!((p[0] - 0.6).abs() < 1e-12 && p[1] == 1.0, "{p:?}");
+    }
+}
