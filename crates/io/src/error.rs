@@ -442,6 +442,14 @@ pub enum IoError {
         /// The cache directory looked in.
         cache: PathBuf,
     },
+    /// A file in the hub cache that is malformed (e.g. a ref that is not a commit).
+    #[error("{}: invalid hub cache entry: {message}", path.display())]
+    HubCache {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A download from the hub failed.
     #[error("{repo}@{revision}: downloading `{file}` failed: {message}")]
     Download {

@@ -57,7 +57,7 @@ mod model;
 mod writer;
 
 pub use error::IoError;
-pub use hub::HubId;
+pub use hub::{HubId, HubOptions};
 pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};
 pub use writer::{DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WriterOptions};

@@ -157,20 +157,7 @@ impl Model {
     }
 
     fn open_index(index: &Path, dir: &Path) -> Result<Model, IoError> {
-        let text = std::fs::read(index).map_err(|e| IoError::io(index, e))?;
-        let raw: RawIndex = serde_json::from_slice(&text).map_err(|e| IoError::IndexJson {
-            path: index.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let mut weight_map: HashMap<String, String> = HashMap::new();
-        for (tensor, file) in raw.weight_map.0 {
-            if weight_map.insert(tensor.clone(), file).is_some() {
-                return Err(IoError::DuplicateEntry {
-                    path: index.to_path_buf(),
-                    tensor,
-                });
-            }
-        }
+        let weight_map = read_weight_map(index)?;
         let mut files: Vec<&String> = weight_map.values().collect();
         files.sort();
         files.dedup();
@@ -274,6 +261,11 @@ impl Model {
         } else {
             self.shards.iter().map(|s| s.path.clone()).collect()
         }
+    }
+
+    /// Renames the model for messages (the hub id it came from).
+    pub(crate) fn set_name(&mut self, name: String) {
+        self.name = name;
     }
 
     /// A name for messages: the path or hub id given when opening.
@@ -440,13 +432,68 @@ fn is_pickle_name(name: &str) -> bool {
         || name.ends_with(".bin.index.json")
 }
 
+/// Reads an index's `weight_map` (tensor → shard file), refusing repeated tensors.
+fn read_weight_map(index: &Path) -> Result<HashMap<String, String>, IoError> {
+    let text = std::fs::read(index).map_err(|e| IoError::io(index, e))?;
+    let raw: RawIndex = serde_json::from_slice(&text).map_err(|e| IoError::IndexJson {
+        path: index.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut weight_map: HashMap<String, String> = HashMap::new();
+    for (tensor, file) in raw.weight_map.0 {
+        if weight_map.insert(tensor.clone(), file).is_some() {
+            return Err(IoError::DuplicateEntry {
+                path: index.to_path_buf(),
+                tensor,
+            });
+        }
+    }
+    Ok(weight_map)
+}
+
+/// The distinct shard names of an index, sorted (unchecked: see
+/// [`check_shard_name`]).
+pub(crate) fn index_shards(index: &Path) -> Result<Vec<String>, IoError> {
+    let mut files: Vec<String> = read_weight_map(index)?.into_values().collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// Checks an untrusted shard name from an index and returns its path.
 ///
 /// The name must be relative, made only of normal components (no `..`, no
 /// `.`, no root or drive prefix, no backslashes), so that it stays inside
 /// `dir` lexically. Symbolic links are followed (the hub cache links snapshot
 /// files to blobs elsewhere), but must end at a regular file.
-fn check_shard_name(index: &Path, dir: &Path, file: &str) -> Result<PathBuf, IoError> {
+pub(crate) fn check_shard_name(index: &Path, dir: &Path, file: &str) -> Result<PathBuf, IoError> {
+    check_shard_name_lexically(index, file)?;
+    let path = dir.join(file);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(IoError::ShardNotFile {
+            index: index.to_path_buf(),
+            file: file.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if path.symlink_metadata().is_ok() {
+                Err(IoError::ShardNotFile {
+                    index: index.to_path_buf(),
+                    file: file.to_string(),
+                })
+            } else {
+                Err(IoError::MissingShard {
+                    index: index.to_path_buf(),
+                    file: file.to_string(),
+                })
+            }
+        }
+        Err(e) => Err(IoError::io(&path, e)),
+    }
+}
+
+/// The name checks of [`check_shard_name`], without touching the file system.
+pub(crate) fn check_shard_name_lexically(index: &Path, file: &str) -> Result<(), IoError> {
     let refuse = |reason| IoError::UnsafeShardName {
         index: index.to_path_buf(),
         file: file.to_string(),
@@ -472,26 +519,5 @@ fn check_shard_name(index: &Path, dir: &Path, file: &str) -> Result<PathBuf, IoE
             Component::RootDir | Component::Prefix(_) => return Err(refuse("absolute path")),
         }
     }
-    let path = dir.join(file);
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => Ok(path),
-        Ok(_) => Err(IoError::ShardNotFile {
-            index: index.to_path_buf(),
-            file: file.to_string(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if path.symlink_metadata().is_ok() {
-                Err(IoError::ShardNotFile {
-                    index: index.to_path_buf(),
-                    file: file.to_string(),
-                })
-            } else {
-                Err(IoError::MissingShard {
-                    index: index.to_path_buf(),
-                    file: file.to_string(),
-                })
-            }
-        }
-        Err(e) => Err(IoError::io(&path, e)),
-    }
+    Ok(())
 }
