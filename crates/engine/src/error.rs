@@ -135,6 +135,25 @@ pub enum EngineError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A model (input, Fisher file, output) could not be opened, read or written.
+    #[error("{context}")]
+    Io {
+        /// What was being done (`cannot open model \`./a\``).
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Box<tensormerge_io::IoError>,
+    },
+    /// A parameter could not be resolved for one tensor (a required parameter
+    /// that no filter entry provides for it).
+    #[error("tensor `{tensor}`: {source}")]
+    Param {
+        /// The tensor.
+        tensor: String,
+        /// The method's complaint.
+        #[source]
+        source: Box<MethodError>,
+    },
     /// The inputs do not have the same tensors and shapes. Lists every mismatch.
     #[error("the models cannot be merged: {} tensor mismatch(es):\n{}", .0.len(), render_mismatches(.0))]
     Incompatible(Vec<Mismatch>),
@@ -145,11 +164,11 @@ pub enum EngineError {
     #[error(transparent)]
     Core(#[from] CoreError),
     /// The output directory is one of the inputs, or lies inside one.
-    #[error("output directory `{}` is inside input model `{}`", output.display(), input.display())]
+    #[error("output directory `{}` is, contains or lies inside input model `{}`", output.display(), input.display())]
     OutputInsideInput {
         /// The output path.
         output: PathBuf,
-        /// The input directory containing it.
+        /// The input it collides with.
         input: PathBuf,
     },
     /// The output exists and overwriting was not asked for.
@@ -171,6 +190,21 @@ fn render_mismatches(m: &[Mismatch]) -> String {
 }
 
 impl EngineError {
+    /// Wraps an I/O error with what was being done; a refused output path
+    /// becomes [`EngineError::OutputExists`] or [`EngineError::OutputInsideInput`].
+    pub fn io(context: impl Into<String>, source: tensormerge_io::IoError) -> Self {
+        match source {
+            tensormerge_io::IoError::OutputExists { path } => EngineError::OutputExists(path),
+            tensormerge_io::IoError::OutputIsInput { out, input } => {
+                EngineError::OutputInsideInput { output: out, input }
+            }
+            source => EngineError::Io {
+                context: context.into(),
+                source: Box::new(source),
+            },
+        }
+    }
+
     /// Whether the error is the user's input (config, models that do not fit
     /// together, unknown method): exit code 1 in the CLI; otherwise (I/O, usage
     /// of the output path) exit code 2.
@@ -178,11 +212,16 @@ impl EngineError {
         match self {
             EngineError::Config(ConfigError::Read { .. }) => false,
             EngineError::Config(_) | EngineError::Incompatible(_) | EngineError::Method(_) => true,
+            EngineError::Param { .. } => true,
+            EngineError::Io { source, .. } => io_is_bad_input(source),
             EngineError::Core(_) => true,
             EngineError::OutputInsideInput { .. }
             | EngineError::OutputExists(_)
             | EngineError::Option(_) => false,
-            EngineError::Other(_) => true,
+            EngineError::Other(e) => match e.downcast_ref::<tensormerge_io::IoError>() {
+                Some(io) => io_is_bad_input(io),
+                None => true,
+            },
         }
     }
 
@@ -211,4 +250,23 @@ impl EngineError {
             _ => None,
         }
     }
+}
+
+/// A missing model or a malformed input file is the user's input; a refused
+/// output path and failing reads or writes (permissions, disk full) are usage
+/// and I/O errors.
+fn io_is_bad_input(e: &tensormerge_io::IoError) -> bool {
+    use tensormerge_io::IoError as E;
+    !matches!(
+        e,
+        E::Io { .. }
+            | E::OutputExists { .. }
+            | E::OutputNotDirectory { .. }
+            | E::OutputIsInput { .. }
+            | E::WriteOrder { .. }
+            | E::UndeclaredTensor { .. }
+            | E::TooManyBytes { .. }
+            | E::Incomplete { .. }
+            | E::WriterFailed { .. }
+    )
 }

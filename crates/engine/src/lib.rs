@@ -21,11 +21,17 @@
 
 pub mod config;
 mod error;
+mod exec;
 pub mod expr;
+mod plan;
 mod progress;
 mod yaml;
 
 pub use config::MergeConfig;
 pub use error::{ConfigError, EngineError, Mismatch};
+pub use exec::{MergeReport, execute, run_merge};
+pub use plan::{
+    Action, DEFAULT_MAX_MEMORY, Input, Plan, RunOptions, ShardPlan, TensorPlan, layer_index, plan,
+};
 pub use progress::{NoProgress, Progress};
 pub use yaml::Pos;

@@ -1,0 +1,631 @@
+//! The streaming executor.
+//!
+//! Tensors are handed to `-j` workers (a rayon pool) strictly in output order,
+//! each admitted only while the memory reserved by tensors in flight stays
+//! under the budget (one tensor always runs, however large). A worker reads
+//! its tensor chunk by chunk (converted to `f32`), runs the method through
+//! [`merge_tensor`] — the same pass protocol as the in-memory
+//! [`Merge`](tensormerge_methods::Merge), so results are bit-identical — and
+//! converts each result chunk to the output dtype. The tensor at the head of
+//! the output order streams straight into the writer; later tensors wait in a
+//! reorder buffer whose size the admission rule bounds. Results depend only on
+//! the inputs, parameters and seed, never on the number of workers.
+//!
+//! A method's whole-model pass (TIES with `trim_scope: model`, Fisher norms)
+//! runs first, streaming over every tensor in order, as many sweeps as it asks.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+use tensormerge_core::convert;
+use tensormerge_io::{ModelWriter, SUPPORT_FILES, WriterOptions};
+use tensormerge_methods::{ChunkData, Stats, TensorContext, chunk_ranges, merge_tensor};
+
+use crate::config::MergeConfig;
+use crate::error::{EngineError, Mismatch};
+use crate::plan::{Action, Input, Plan, RunOptions, plan};
+use crate::progress::Progress;
+
+/// What a finished merge did.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Tensors merged by the method.
+    pub tensors_merged: usize,
+    /// Non-float tensors copied from the base.
+    pub tensors_copied: usize,
+    /// Input bytes read (including whole-model pass sweeps).
+    pub bytes_read: u64,
+    /// Tensor bytes written.
+    pub bytes_written: u64,
+    /// Output shard files.
+    pub shards: usize,
+    /// The seed used.
+    pub seed: u64,
+    /// Worker threads used.
+    pub threads: usize,
+    /// Chunk length in elements.
+    pub chunk_len: usize,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Warnings given along the way.
+    pub warnings: Vec<String>,
+}
+
+/// Plans and runs a merge, writing the result to `out`.
+pub fn run_merge(
+    config: &MergeConfig,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<MergeReport, EngineError> {
+    let plan = plan(config, opts)?;
+    execute(&plan, out, opts, progress)
+}
+
+fn read(input: &Input, name: &str, range: Range<usize>) -> Result<Vec<f32>, EngineError> {
+    let mut v = vec![0f32; range.len()];
+    input
+        .model
+        .read_f32_range(name, range, &mut v)
+        .map_err(|source| {
+            EngineError::io(
+                format!("cannot read tensor `{name}` of `{}`", input.reference),
+                source,
+            )
+        })?;
+    Ok(v)
+}
+
+fn elem_size(input: &Input, name: &str) -> u64 {
+    input
+        .model
+        .layout()
+        .get(name)
+        .map_or(0, |t| t.dtype.size_in_bytes() as u64)
+}
+
+/// Reads one chunk of one tensor from every input taking part.
+fn fetch(
+    plan: &Plan,
+    name: &str,
+    aux_has: &[bool],
+    base_aux_has: bool,
+    range: Range<usize>,
+) -> Result<(ChunkData, u64), EngineError> {
+    let mut bytes = 0u64;
+    let n = range.len() as u64;
+    let mut rd = |i: &Input| {
+        bytes += n * elem_size(i, name);
+        read(i, name, range.clone())
+    };
+    let base = plan.base.as_ref().map(&mut rd).transpose()?;
+    let models = plan
+        .models
+        .iter()
+        .map(&mut rd)
+        .collect::<Result<Vec<_>, _>>()?;
+    let aux = plan
+        .aux
+        .iter()
+        .zip(aux_has)
+        .map(|(a, has)| match (a, has) {
+            (Some(a), true) => rd(a).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let base_aux = match (&plan.base_aux, base_aux_has) {
+        (Some(a), true) => Some(rd(a)?),
+        _ => None,
+    };
+    Ok((
+        ChunkData {
+            base,
+            models,
+            aux,
+            base_aux,
+        },
+        bytes,
+    ))
+}
+
+/// In-order admission of tensors under a memory budget.
+struct Scheduler {
+    state: Mutex<SchedState>,
+    cv: Condvar,
+    budget: u64,
+    cost: Vec<u64>,
+}
+
+struct SchedState {
+    next: usize,
+    reserved: u64,
+    failed: bool,
+}
+
+impl Scheduler {
+    fn acquire(&self) -> Option<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.failed || st.next >= self.cost.len() {
+                return None;
+            }
+            let c = self.cost[st.next];
+            if st.reserved == 0 || st.reserved.saturating_add(c) <= self.budget {
+                let i = st.next;
+                st.next += 1;
+                st.reserved += c;
+                return Some(i);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.reserved = st.reserved.saturating_sub(bytes);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+        self.cv.notify_all();
+    }
+}
+
+/// The writer behind a reorder buffer.
+struct Output<'p> {
+    plan: &'p Plan,
+    state: Mutex<OutState>,
+}
+
+struct OutState {
+    writer: Option<ModelWriter>,
+    next: usize,
+    pending: BTreeMap<usize, Pending>,
+    written: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    chunks: Vec<Vec<u8>>,
+    done: bool,
+}
+
+impl Output<'_> {
+    fn write_now(&self, st: &mut OutState, idx: usize, bytes: &[u8]) -> Result<(), EngineError> {
+        let name = &self.plan.tensors[idx].out.name;
+        let w = st
+            .writer
+            .as_mut()
+            .ok_or_else(|| EngineError::Option("writer already closed".into()))?;
+        w.write(name, bytes)
+            .map_err(|source| EngineError::io(format!("cannot write tensor `{name}`"), source))?;
+        st.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn push(&self, idx: usize, bytes: &[u8]) -> Result<(), EngineError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if idx == st.next {
+            self.write_now(&mut st, idx, bytes)
+        } else {
+            st.pending
+                .entry(idx)
+                .or_default()
+                .chunks
+                .push(bytes.to_vec());
+            Ok(())
+        }
+    }
+
+    /// Marks tensor `idx` complete; returns the tensors fully written by this call.
+    fn complete(&self, idx: usize) -> Result<Vec<usize>, EngineError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if idx != st.next {
+            st.pending.entry(idx).or_default().done = true;
+            return Ok(Vec::new());
+        }
+        st.pending.remove(&idx);
+        let mut written = vec![idx];
+        st.next += 1;
+        loop {
+            let n = st.next;
+            let Some(p) = st.pending.get_mut(&n) else {
+                break;
+            };
+            let chunks = std::mem::take(&mut p.chunks);
+            let done = p.done;
+            for c in chunks {
+                self.write_now(&mut st, n, &c)?;
+            }
+            if !done {
+                break;
+            }
+            st.pending.remove(&n);
+            written.push(n);
+            st.next += 1;
+        }
+        Ok(written)
+    }
+}
+
+/// Runs a planned merge, writing the result to `out` (through a temporary
+/// sibling directory renamed into place at the end).
+pub fn execute(
+    plan: &Plan,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+) -> Result<MergeReport, EngineError> {
+    let start = Instant::now();
+    for w in &plan.warnings {
+        progress.warning(w);
+    }
+    let info = plan.method.info();
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| EngineError::Option(format!("cannot start {threads} worker threads: {e}")))?;
+
+    // Chunk length: half the budget for the working sets of `threads` tensors.
+    let streams = plan.base.iter().count()
+        + plan.models.len()
+        + plan.aux.iter().flatten().count()
+        + plan.base_aux.iter().count()
+        + 1;
+    let per_elem = 4 * streams as u64 + 4;
+    let chunk_len =
+        ((opts.max_memory / 2) / (threads as u64 * per_elem)).clamp(4096, 1 << 28) as usize;
+
+    let mut protected = Vec::new();
+    for i in plan.inputs() {
+        protected.extend(i.model.protected_paths());
+    }
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("merge_method".to_string(), info.name.to_string());
+    metadata.insert(
+        "merged_by".to_string(),
+        format!("tensormerge {}", env!("CARGO_PKG_VERSION")),
+    );
+    let writer = ModelWriter::create(
+        out,
+        plan.tensors.iter().map(|t| t.out.clone()).collect(),
+        WriterOptions {
+            max_shard_bytes: opts.out_shard_bytes,
+            overwrite: opts.overwrite,
+            protected,
+            metadata,
+        },
+    )
+    .map_err(|source| {
+        EngineError::io(format!("cannot create output `{}`", out.display()), source)
+    })?;
+
+    let mut bytes_read = 0u64;
+    let model_stats = if plan.model_pass {
+        let (s, b) = model_pass(plan, chunk_len, progress)?;
+        bytes_read += b;
+        s
+    } else {
+        None
+    };
+
+    // Merge pass.
+    let n = plan.tensors.len();
+    let method = plan.method;
+    let mut working = Vec::with_capacity(n);
+    let mut out_bytes = Vec::with_capacity(n);
+    for t in &plan.tensors {
+        let numel = t.out.numel() as u64;
+        let w = match t.action {
+            Action::Copy => 0,
+            Action::Merge { .. } => {
+                let chunk = if method.chunkable() {
+                    numel.min(chunk_len as u64)
+                } else {
+                    numel
+                };
+                chunk * per_elem + chunk * t.out.dtype.size_in_bytes() as u64
+            }
+        };
+        working.push(w);
+        out_bytes.push(t.out.checked_byte_len().unwrap_or(0) as u64);
+    }
+    let sched = Scheduler {
+        state: Mutex::new(SchedState {
+            next: 0,
+            reserved: 0,
+            failed: false,
+        }),
+        cv: Condvar::new(),
+        budget: opts.max_memory,
+        cost: working.iter().zip(&out_bytes).map(|(a, b)| a + b).collect(),
+    };
+    let output = Output {
+        plan,
+        state: Mutex::new(OutState {
+            writer: Some(writer),
+            next: 0,
+            pending: BTreeMap::new(),
+            written: 0,
+        }),
+    };
+    let errors: Mutex<Vec<(usize, EngineError)>> = Mutex::new(Vec::new());
+    let read_total = Mutex::new(0u64);
+    progress.start("merging", plan.bytes_to_read(), n as u64);
+    pool.scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|_| {
+                while let Some(idx) = sched.acquire() {
+                    let r = process(
+                        plan,
+                        idx,
+                        chunk_len,
+                        model_stats.as_ref(),
+                        &output,
+                        progress,
+                    );
+                    sched.release(working[idx]);
+                    let r = r.and_then(|b| {
+                        *read_total.lock().unwrap_or_else(|e| e.into_inner()) += b;
+                        output.complete(idx)
+                    });
+                    match r {
+                        Ok(done) => {
+                            for d in done {
+                                sched.release(out_bytes[d]);
+                            }
+                            progress.advance(0, 1);
+                        }
+                        Err(e) => {
+                            errors
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((idx, e));
+                            sched.fail();
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    progress.finish();
+    let mut errors = errors.into_inner().unwrap_or_else(|e| e.into_inner());
+    if !errors.is_empty() {
+        errors.sort_by_key(|(i, _)| *i);
+        return Err(errors.swap_remove(0).1);
+    }
+    bytes_read += read_total.into_inner().unwrap_or_else(|e| e.into_inner());
+    let st = output.state.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut writer = st
+        .writer
+        .ok_or_else(|| EngineError::Option("writer already closed".into()))?;
+    let shards = writer.num_shards();
+    let io =
+        |context: String| move |source: tensormerge_io::IoError| EngineError::io(context, source);
+    writer
+        .copy_support_files(&plan.template_dir, plan.out_dtype)
+        .map_err(io(format!(
+            "cannot copy config files from `{}`",
+            plan.template_dir.display()
+        )))?;
+    if let Some(dir) = &plan.tokenizer_dir {
+        copy_tokenizer(dir, writer.temp_dir())?;
+    }
+    let out_dir = writer
+        .finish()
+        .map_err(io(format!("cannot finish output `{}`", out.display())))?;
+    let copied = plan
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.action, Action::Copy))
+        .count();
+    Ok(MergeReport {
+        out_dir,
+        tensors_merged: n - copied,
+        tensors_copied: copied,
+        bytes_read,
+        bytes_written: st.written,
+        shards,
+        seed: plan.seed,
+        threads,
+        chunk_len,
+        seconds: start.elapsed().as_secs_f64(),
+        warnings: plan.warnings.clone(),
+    })
+}
+
+/// Replaces the tokenizer files (everything in `SUPPORT_FILES` but the
+/// model and generation configs) with those of `src`.
+fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), EngineError> {
+    let err = |p: &Path, e: std::io::Error| {
+        EngineError::io(
+            format!("cannot copy tokenizer file `{}`", p.display()),
+            tensormerge_io::IoError::Io {
+                path: p.to_path_buf(),
+                source: e,
+            },
+        )
+    };
+    for name in SUPPORT_FILES
+        .iter()
+        .filter(|n| !matches!(**n, "config.json" | "generation_config.json"))
+    {
+        let d = dst.join(name);
+        if d.exists() {
+            std::fs::remove_file(&d).map_err(|e| err(&d, e))?;
+        }
+        let s = src.join(name);
+        if s.is_file() {
+            std::fs::copy(&s, &d).map_err(|e| err(&s, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Merges (or copies) tensor `idx`, streaming its result into `output`.
+/// Returns the input bytes read.
+fn process(
+    plan: &Plan,
+    idx: usize,
+    chunk_len: usize,
+    model_stats: Option<&Stats>,
+    output: &Output<'_>,
+    progress: &dyn Progress,
+) -> Result<u64, EngineError> {
+    let t = &plan.tensors[idx];
+    let name = &t.out.name;
+    match &t.action {
+        Action::Copy => {
+            let src = plan.copy_source();
+            let bytes = src.model.tensor_bytes(name).map_err(|source| {
+                EngineError::io(
+                    format!("cannot read tensor `{name}` of `{}`", src.reference),
+                    source,
+                )
+            })?;
+            let mut mismatches = Vec::new();
+            for m in plan.models.iter().chain(plan.base.iter()) {
+                if std::sync::Arc::ptr_eq(&m.model, &src.model) {
+                    continue;
+                }
+                let other = m.model.tensor_bytes(name).map_err(|source| {
+                    EngineError::io(
+                        format!("cannot read tensor `{name}` of `{}`", m.reference),
+                        source,
+                    )
+                })?;
+                if other != bytes {
+                    mismatches.push(Mismatch {
+                        model: m.reference.clone(),
+                        tensor: name.clone(),
+                        detail: format!(
+                            "non-float tensor ({}) differs from `{}`; it cannot be merged, only copied when all inputs agree",
+                            t.out.dtype,
+                            src.reference
+                        ),
+                    });
+                }
+            }
+            if !mismatches.is_empty() {
+                return Err(EngineError::Incompatible(mismatches));
+            }
+            output.push(idx, &bytes)?;
+            let n = bytes.len() as u64;
+            progress.advance(n, 0);
+            Ok(n)
+        }
+        Action::Merge {
+            global,
+            models,
+            aux,
+            base_aux,
+        } => {
+            let ctx = TensorContext {
+                name,
+                shape: &t.out.shape,
+                global,
+                models,
+                seed: plan.seed,
+                model_stats,
+            };
+            let mut read_bytes = 0u64;
+            let out_dtype = t.out.dtype;
+            merge_tensor::<EngineError>(
+                plan.method,
+                &ctx,
+                chunk_len,
+                |r| {
+                    let (data, b) = fetch(plan, name, aux, *base_aux, r)?;
+                    read_bytes += b;
+                    progress.advance(b, 0);
+                    Ok(data)
+                },
+                |_, vals| {
+                    let bytes = convert::encode_f32_vec(out_dtype, vals)?;
+                    output.push(idx, &bytes)
+                },
+            )?;
+            Ok(read_bytes)
+        }
+    }
+}
+
+/// The whole-model pass: every float tensor, chunk by chunk in output order,
+/// for each sweep the method asks for.
+fn model_pass(
+    plan: &Plan,
+    chunk_len: usize,
+    progress: &dyn Progress,
+) -> Result<(Option<Stats>, u64), EngineError> {
+    let method = plan.method;
+    let first = plan.tensors.iter().find_map(|t| match &t.action {
+        Action::Merge { global, models, .. } => Some((global, models)),
+        Action::Copy => None,
+    });
+    let Some((g0, m0)) = first else {
+        return Ok((None, 0));
+    };
+    let Some(mut pass) = method.model_pass(g0, m0) else {
+        return Ok((None, 0));
+    };
+    let sweeps = pass.sweeps();
+    let float_bytes: u64 = plan
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.action, Action::Merge { .. }))
+        .map(|t| {
+            let name = &t.out.name;
+            plan.base
+                .iter()
+                .chain(plan.models.iter())
+                .map(|i| t.out.numel() as u64 * elem_size(i, name))
+                .sum::<u64>()
+        })
+        .sum();
+    progress.start("whole-model statistics", float_bytes * sweeps as u64, 0);
+    let mut bytes = 0u64;
+    for sweep in 0..sweeps {
+        for t in &plan.tensors {
+            let Action::Merge {
+                global,
+                models,
+                aux,
+                base_aux,
+            } = &t.action
+            else {
+                continue;
+            };
+            let ctx = TensorContext {
+                name: &t.out.name,
+                shape: &t.out.shape,
+                global,
+                models,
+                seed: plan.seed,
+                model_stats: None,
+            };
+            for r in chunk_ranges(method, t.out.numel(), chunk_len) {
+                let offset = r.start;
+                let (data, b) = fetch(plan, &t.out.name, aux, *base_aux, r)?;
+                bytes += b;
+                progress.advance(b, 0);
+                data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;
+            }
+        }
+        pass.end_sweep(sweep)?;
+    }
+    progress.finish();
+    Ok((Some(pass.finish()?), bytes))
+}

@@ -1,0 +1,780 @@
+//! The planner: opens every input, checks that they fit together, resolves
+//! each tensor's parameters and lays out the output, without reading a weight.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tensormerge_core::{DType, Layout, TensorInfo};
+use tensormerge_io::{DEFAULT_MAX_SHARD_BYTES, Model};
+use tensormerge_methods::{
+    BaseModel, MergeMethod, ParamKind, ParamValue, Params, Scope, check_inputs, registry,
+};
+
+use crate::config::{MergeConfig, ModelRef, ParamMap, TokenizerSource};
+use crate::error::{ConfigError, EngineError, Mismatch};
+
+/// Default memory budget of the executor: 1 GiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 1 << 30;
+
+/// Options of a merge run (the command line's flags).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Seed for random methods; overrides the config's `seed`.
+    pub seed: Option<u64>,
+    /// Largest output shard in bytes.
+    pub out_shard_bytes: u64,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+    /// Worker threads (`None`: one per core).
+    pub threads: Option<usize>,
+    /// Memory budget in bytes for tensors in flight (input chunks, results
+    /// waiting to be written). One tensor always runs, whatever its size;
+    /// chunkable methods then work through it chunk by chunk.
+    pub max_memory: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            seed: None,
+            out_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            overwrite: false,
+            threads: None,
+            max_memory: DEFAULT_MAX_MEMORY,
+        }
+    }
+}
+
+/// An opened input model with the reference it was opened from.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The reference as written in the config.
+    pub reference: String,
+    /// The opened model (shared when the same reference appears twice).
+    pub model: Arc<Model>,
+}
+
+/// What happens to one output tensor.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Merged by the method with these resolved parameters.
+    Merge {
+        /// Global parameters for this tensor.
+        global: Params,
+        /// Each model's parameters for this tensor.
+        models: Vec<Params>,
+        /// Whether each model's auxiliary input (Fisher) has this tensor.
+        aux: Vec<bool>,
+        /// Whether the base's auxiliary input has this tensor.
+        base_aux: bool,
+    },
+    /// Not floating point: copied byte for byte from the base (or the first
+    /// model when there is no base).
+    Copy,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone)]
+pub struct TensorPlan {
+    /// Name, shape and output dtype.
+    pub out: TensorInfo,
+    /// The dtype in the reference input (base, or first model).
+    pub in_dtype: DType,
+    /// The layer index parsed from the name, if any.
+    pub layer: Option<usize>,
+    /// The gradient position `t` in `[0, 1]` used to resolve parameters.
+    pub t: f64,
+    /// Merge or copy.
+    pub action: Action,
+}
+
+/// One output shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlan {
+    /// File name.
+    pub file_name: String,
+    /// Number of tensors in it.
+    pub tensors: usize,
+    /// Bytes of tensor data.
+    pub bytes: u64,
+}
+
+/// Everything about a merge that can be known without reading a weight.
+#[derive(Debug)]
+pub struct Plan {
+    /// The method.
+    pub method: &'static dyn MergeMethod,
+    /// The seed.
+    pub seed: u64,
+    /// The base, when the method uses one and the config names one.
+    pub base: Option<Input>,
+    /// The base when given but not used by the method (source of non-float
+    /// tensors and support files only).
+    pub unused_base: Option<Input>,
+    /// The merged models, in config order.
+    pub models: Vec<Input>,
+    /// Each model's auxiliary input (Fisher), if any.
+    pub aux: Vec<Option<Input>>,
+    /// The base's auxiliary input, if any.
+    pub base_aux: Option<Input>,
+    /// Where config.json and generation_config.json come from.
+    pub template_dir: PathBuf,
+    /// Where tokenizer files come from, when not the template.
+    pub tokenizer_dir: Option<PathBuf>,
+    /// The output dtype set by the config (`out_dtype`, else `dtype`).
+    pub out_dtype: Option<DType>,
+    /// Output tensors in write order.
+    pub tensors: Vec<TensorPlan>,
+    /// Output shards.
+    pub shards: Vec<ShardPlan>,
+    /// Largest shard size asked for.
+    pub max_shard_bytes: u64,
+    /// Whether the method runs a whole-model pass before merging.
+    pub model_pass: bool,
+    /// Things the user should know (ignored parameters, missing Fisher entries).
+    pub warnings: Vec<String>,
+}
+
+/// The layer index of a tensor: the first purely numeric component of its
+/// dotted name (`model.layers.7.mlp.weight` → 7).
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.split('.').find_map(|p| {
+        if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) {
+            p.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// mergekit's layer position: `t = i / (n − 1)`, `1` when there is a single
+/// layer, `0` for tensors outside the layers.
+fn layer_t(layer: Option<usize>, num_layers: usize) -> f64 {
+    match layer {
+        None => 0.0,
+        Some(_) if num_layers <= 1 => 1.0,
+        Some(i) => i as f64 / (num_layers - 1) as f64,
+    }
+}
+
+struct Opener {
+    cache: HashMap<String, Arc<Model>>,
+}
+
+impl Opener {
+    fn open(&mut self, r: &ModelRef, what: &str) -> Result<Input, EngineError> {
+        if let Some(m) = self.cache.get(&r.reference) {
+            return Ok(Input {
+                reference: r.reference.clone(),
+                model: m.clone(),
+            });
+        }
+        let model = Model::open(&r.reference).map_err(|source| {
+            EngineError::io(
+                format!("cannot open {what} `{}` (line {})", r.reference, r.pos.line),
+                source,
+            )
+        })?;
+        let model = Arc::new(model);
+        self.cache.insert(r.reference.clone(), model.clone());
+        Ok(Input {
+            reference: r.reference.clone(),
+            model,
+        })
+    }
+}
+
+/// The model-reference parameters of a model entry (Fisher files).
+fn model_refs(method: &dyn MergeMethod, params: &ParamMap) -> Vec<(String, ModelRef)> {
+    let mut out = Vec::new();
+    for spec in method
+        .info()
+        .params
+        .iter()
+        .filter(|s| s.kind == ParamKind::ModelRef)
+    {
+        if let Some(p) = params.get(spec.name)
+            && let crate::config::Setting::Scalar(ParamValue::Str(s)) = &p.setting
+        {
+            out.push((
+                p.path.clone(),
+                ModelRef {
+                    reference: s.clone(),
+                    pos: p.pos,
+                },
+            ));
+        }
+    }
+    out
+}
+
+fn one_aux(
+    method: &dyn MergeMethod,
+    params: &ParamMap,
+    top: &ParamMap,
+) -> Result<Option<ModelRef>, EngineError> {
+    let mut refs = model_refs(method, params);
+    if refs.is_empty() {
+        refs = model_refs(method, top);
+    }
+    match refs.len() {
+        0 => Ok(None),
+        1 => Ok(refs.pop().map(|(_, r)| r)),
+        _ => Err(ConfigError::Invalid {
+            path: refs[1].0.clone(),
+            pos: refs[1].1.pos,
+            message: "only one auxiliary model (Fisher file) per model is supported".into(),
+        }
+        .into()),
+    }
+}
+
+/// Plans a merge: opens the inputs (headers only), checks them against each
+/// other and against the method, and resolves every tensor's parameters.
+pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError> {
+    let method = registry()
+        .get(&config.merge_method)
+        .map_err(|source| ConfigError::Method {
+            pos: config.merge_method_pos,
+            source: Box::new(source),
+        })?;
+    config.validate_params(method)?;
+    if opts.max_memory == 0 {
+        return Err(EngineError::Option(
+            "the memory budget must be above 0".into(),
+        ));
+    }
+    if opts.out_shard_bytes == 0 {
+        return Err(EngineError::Option("the shard size must be above 0".into()));
+    }
+    let info = method.info();
+    let uses_base = info.base != BaseModel::Unused;
+    let mut warnings = Vec::new();
+    let mut opener = Opener {
+        cache: HashMap::new(),
+    };
+
+    // Which entries are merged, and what the base carries.
+    let mut entries = Vec::new();
+    let mut base_aux_ref = None;
+    for (i, e) in config.models.iter().enumerate() {
+        let is_base = uses_base
+            && config
+                .base_model
+                .as_ref()
+                .is_some_and(|b| b.reference == e.model.reference);
+        if is_base {
+            base_aux_ref = one_aux(method, &e.parameters, &ParamMap::new())?;
+            let ignored: Vec<&str> = e
+                .parameters
+                .values()
+                .filter(|p| {
+                    info.params
+                        .iter()
+                        .any(|s| s.name == p.name && s.kind != ParamKind::ModelRef)
+                })
+                .map(|p| p.name.as_str())
+                .collect();
+            if !ignored.is_empty() {
+                warnings.push(format!(
+                    "models[{i}] is the base model; its parameters {} are ignored (the base is not merged as a model)",
+                    ignored.join(", ")
+                ));
+            }
+        } else {
+            entries.push(e);
+        }
+    }
+    check_inputs(
+        method,
+        uses_base && config.base_model.is_some(),
+        entries.len(),
+    )?;
+
+    let base_input = match &config.base_model {
+        Some(r) => Some(opener.open(r, "base model")?),
+        None => None,
+    };
+    let mut models = Vec::new();
+    let mut aux = Vec::new();
+    for e in &entries {
+        models.push(opener.open(&e.model, "model")?);
+        aux.push(match one_aux(method, &e.parameters, &config.parameters)? {
+            Some(r) => Some(opener.open(&r, "auxiliary model (Fisher)")?),
+            None => None,
+        });
+    }
+    let base_aux = match base_aux_ref {
+        Some(r) => Some(opener.open(&r, "auxiliary model (Fisher) of the base")?),
+        None => None,
+    };
+    let (base, unused_base) = if uses_base {
+        (base_input, None)
+    } else {
+        (None, base_input)
+    };
+
+    // The reference layout: the base's, else the first model's.
+    let reference = base
+        .as_ref()
+        .or(unused_base.as_ref())
+        .or(models.first())
+        .expect("check_inputs guarantees an input");
+    let ref_layout: &Layout = reference.model.layout();
+    let mut mismatches = Vec::new();
+    let others = base
+        .iter()
+        .chain(unused_base.iter())
+        .chain(models.iter())
+        .filter(|m| !Arc::ptr_eq(&m.model, &reference.model));
+    for other in others {
+        for d in ref_layout.differences(other.model.layout()) {
+            if let tensormerge_core::CoreError::LayoutMismatch { tensor, detail } = d {
+                mismatches.push(Mismatch {
+                    model: other.reference.clone(),
+                    tensor,
+                    detail: detail
+                        .replace("the other model", &format!("`{}`", other.reference))
+                        .replace(" vs ", &format!(" in `{}` vs ", reference.reference)),
+                });
+            }
+        }
+    }
+    // Auxiliary inputs may lack tensors (the method falls back), but shapes must agree.
+    for a in aux.iter().flatten().chain(base_aux.iter()) {
+        for (t, _) in ref_layout.float_tensors() {
+            if let Some(o) = a.model.layout().get(&t.name)
+                && (o.shape != t.shape || !o.dtype.is_float())
+            {
+                mismatches.push(Mismatch {
+                    model: a.reference.clone(),
+                    tensor: t.name.clone(),
+                    detail: format!(
+                        "shape {:?} ({}) in the auxiliary model vs {:?} in `{}`",
+                        o.shape, o.dtype, t.shape, reference.reference
+                    ),
+                });
+            }
+        }
+    }
+    if !mismatches.is_empty() {
+        return Err(EngineError::Incompatible(mismatches));
+    }
+
+    // Resolve every tensor.
+    let num_layers = ref_layout
+        .tensors()
+        .iter()
+        .filter_map(|t| layer_index(&t.name))
+        .max()
+        .map_or(0, |m| m + 1);
+    let model_params: Vec<&ParamMap> = entries.iter().map(|e| &e.parameters).collect();
+    let out_dtype = config.output_dtype();
+    let mut tensors = Vec::with_capacity(ref_layout.len());
+    for t in ref_layout.tensors() {
+        let layer = layer_index(&t.name);
+        let tt = layer_t(layer, num_layers);
+        let (out, action) = if t.dtype.is_float() {
+            let global = resolve(method, Scope::Global, &t.name, tt, None, &config.parameters)?;
+            let models_p = model_params
+                .iter()
+                .map(|p| {
+                    resolve(
+                        method,
+                        Scope::PerModel,
+                        &t.name,
+                        tt,
+                        Some(p),
+                        &config.parameters,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let has = |a: &Option<Input>| {
+                a.as_ref()
+                    .is_some_and(|a| a.model.layout().get(&t.name).is_some())
+            };
+            let aux_has: Vec<bool> = aux.iter().map(has).collect();
+            let base_aux_has = has(&base_aux);
+            (
+                TensorInfo::new(
+                    t.name.clone(),
+                    t.shape.clone(),
+                    out_dtype.unwrap_or(t.dtype),
+                ),
+                Action::Merge {
+                    global,
+                    models: models_p,
+                    aux: aux_has,
+                    base_aux: base_aux_has,
+                },
+            )
+        } else {
+            (t.clone(), Action::Copy)
+        };
+        tensors.push(TensorPlan {
+            out,
+            in_dtype: t.dtype,
+            layer,
+            t: tt,
+            action,
+        });
+    }
+    // The method's own warnings: once for the config, then per tensor
+    // (identical messages reported once).
+    if let Some((g, m)) = tensors.iter().find_map(|t| match &t.action {
+        Action::Merge { global, models, .. } => Some((global, models)),
+        Action::Copy => None,
+    }) {
+        warnings.extend(method.config_warnings(g, m));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut tensor_warnings = Vec::new();
+    for t in &tensors {
+        if let Action::Merge {
+            global,
+            models,
+            aux: aux_has,
+            ..
+        } = &t.action
+        {
+            let ctx = tensormerge_methods::TensorContext {
+                name: &t.out.name,
+                shape: &t.out.shape,
+                global,
+                models,
+                seed: 0,
+                model_stats: None,
+            };
+            for w in method.tensor_warnings(&ctx, aux_has) {
+                if seen.insert(w.clone()) {
+                    tensor_warnings.push(w);
+                }
+            }
+        }
+    }
+    let n = tensor_warnings.len();
+    warnings.extend(tensor_warnings.into_iter().take(10));
+    if n > 10 {
+        warnings.push(format!("... and {} more warnings like these", n - 10));
+    }
+
+    let template_dir = reference.model.dir().to_path_buf();
+    let tokenizer_dir = match &config.tokenizer_source {
+        None | Some(TokenizerSource::Base) => None,
+        Some(TokenizerSource::Model(r)) => Some(
+            opener
+                .open(r, "tokenizer source")?
+                .model
+                .dir()
+                .to_path_buf(),
+        ),
+    };
+    let sizes: Vec<u64> = tensors
+        .iter()
+        .map(|t| t.out.checked_byte_len().unwrap_or(0) as u64)
+        .collect();
+    let shards = shard_plan(&sizes, opts.out_shard_bytes);
+    let model_pass = tensors
+        .iter()
+        .find_map(|t| match &t.action {
+            Action::Merge { global, models, .. } => {
+                Some(method.model_pass(global, models).is_some())
+            }
+            Action::Copy => None,
+        })
+        .unwrap_or(false);
+    Ok(Plan {
+        method,
+        seed: opts.seed.or(config.seed).unwrap_or(0),
+        base,
+        unused_base,
+        models,
+        aux,
+        base_aux,
+        template_dir,
+        tokenizer_dir,
+        out_dtype,
+        tensors,
+        shards,
+        max_shard_bytes: opts.out_shard_bytes,
+        model_pass,
+        warnings,
+    })
+}
+
+/// A parameter's value for one tensor, by mergekit's precedence: the model's
+/// own setting, then the top-level setting, then the default (filled in by
+/// `Params::resolve`). A filter list without a matching entry falls through.
+fn resolve(
+    method: &dyn MergeMethod,
+    scope: Scope,
+    tensor: &str,
+    t: f64,
+    own: Option<&ParamMap>,
+    top: &ParamMap,
+) -> Result<Params, EngineError> {
+    let info = method.info();
+    let mut given = Vec::new();
+    for spec in info.params.iter().filter(|s| s.scope == scope) {
+        let from_own = own
+            .and_then(|m| m.get(spec.name))
+            .and_then(|p| p.setting.evaluate(tensor, t));
+        let value = from_own.or_else(|| {
+            top.get(spec.name)
+                .and_then(|p| p.setting.evaluate(tensor, t))
+        });
+        if let Some(v) = value {
+            given.push((spec.name, v));
+        }
+    }
+    Params::resolve(info.name, info.params, scope, given).map_err(|source| EngineError::Param {
+        tensor: tensor.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// Greedy shard packing in write order (the writer's rule): a new shard starts
+/// when the next tensor would overflow the limit; a tensor larger than the
+/// limit gets a shard of its own.
+fn shard_plan(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
+    let mut bounds = Vec::new();
+    let mut first = 0;
+    let mut acc = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        if i > first && acc.saturating_add(s) > max {
+            bounds.push((first, i, acc));
+            first = i;
+            acc = 0;
+        }
+        acc = acc.saturating_add(s);
+    }
+    bounds.push((first, sizes.len(), acc));
+    let n = bounds.len();
+    bounds
+        .into_iter()
+        .enumerate()
+        .map(|(k, (first, end, bytes))| ShardPlan {
+            file_name: if n == 1 {
+                tensormerge_io::SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+            },
+            tensors: end - first,
+            bytes,
+        })
+        .collect()
+}
+
+impl Plan {
+    /// Every input, each once (models, base, auxiliary inputs).
+    pub fn inputs(&self) -> Vec<&Input> {
+        let mut out: Vec<&Input> = Vec::new();
+        let all = self
+            .base
+            .iter()
+            .chain(self.unused_base.iter())
+            .chain(self.models.iter())
+            .chain(self.aux.iter().flatten())
+            .chain(self.base_aux.iter());
+        for i in all {
+            if !out.iter().any(|o| Arc::ptr_eq(&o.model, &i.model)) {
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// The input non-float tensors are copied from.
+    pub fn copy_source(&self) -> &Input {
+        self.base
+            .as_ref()
+            .or(self.unused_base.as_ref())
+            .or(self.models.first())
+            .expect("a plan has at least one input")
+    }
+
+    /// Bytes read by the merge pass: each merged tensor from every input that
+    /// takes part, each copied tensor once.
+    pub fn bytes_to_read(&self) -> u64 {
+        let mut total = 0u64;
+        for t in &self.tensors {
+            let name = &t.out.name;
+            let size = |i: &Input| {
+                i.model
+                    .layout()
+                    .get(name)
+                    .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
+            };
+            match &t.action {
+                Action::Copy => total += size(self.copy_source()),
+                Action::Merge { aux, base_aux, .. } => {
+                    total += self.base.iter().map(size).sum::<u64>();
+                    total += self.models.iter().map(size).sum::<u64>();
+                    for (a, has) in self.aux.iter().zip(aux) {
+                        if let (Some(a), true) = (a, has) {
+                            total += size(a);
+                        }
+                    }
+                    if *base_aux {
+                        total += self.base_aux.iter().map(size).sum::<u64>();
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Bytes of tensor data written.
+    pub fn bytes_to_write(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn params_text(p: &Params) -> String {
+    p.iter()
+        .map(|(k, v)| match v {
+            ParamValue::Float(x) => format!("{k}={}", trim_float(*x)),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn trim_float(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let info = self.method.info();
+        writeln!(f, "method: {} ({})", info.name, info.paper)?;
+        writeln!(f, "seed: {}", self.seed)?;
+        match (&self.base, &self.unused_base) {
+            (Some(b), _) => writeln!(f, "base: {}", b.reference)?,
+            (None, Some(b)) => writeln!(
+                f,
+                "base: {} (not merged by {}; source of non-float tensors and config)",
+                b.reference, info.name
+            )?,
+            (None, None) => writeln!(f, "base: none")?,
+        }
+        if let Some(b) = &self.base_aux {
+            writeln!(f, "base auxiliary: {}", b.reference)?;
+        }
+        writeln!(f, "models:")?;
+        for (i, m) in self.models.iter().enumerate() {
+            match &self.aux[i] {
+                Some(a) => writeln!(f, "  [{i}] {} (auxiliary: {})", m.reference, a.reference)?,
+                None => writeln!(f, "  [{i}] {}", m.reference)?,
+            }
+        }
+        match self.out_dtype {
+            Some(d) => writeln!(f, "output dtype: {d}")?,
+            None => writeln!(f, "output dtype: as the base")?,
+        }
+        if self.model_pass {
+            writeln!(f, "whole-model pass: yes (streamed before merging)")?;
+        }
+        writeln!(f, "tensors ({}):", self.tensors.len())?;
+        for t in &self.tensors {
+            let dtype = if t.in_dtype == t.out.dtype {
+                t.out.dtype.to_string()
+            } else {
+                format!("{}->{}", t.in_dtype, t.out.dtype)
+            };
+            match &t.action {
+                Action::Copy => writeln!(f, "  {} {:?} {dtype} copy", t.out.name, t.out.shape)?,
+                Action::Merge { global, models, .. } => {
+                    write!(f, "  {} {:?} {dtype} merge", t.out.name, t.out.shape)?;
+                    let g = params_text(global);
+                    if !g.is_empty() {
+                        write!(f, " | {g}")?;
+                    }
+                    for (i, m) in models.iter().enumerate() {
+                        let m = params_text(m);
+                        if !m.is_empty() {
+                            write!(f, " | [{i}] {m}")?;
+                        }
+                    }
+                    writeln!(f)?;
+                }
+            }
+        }
+        writeln!(
+            f,
+            "output shards ({}, at most {} each):",
+            self.shards.len(),
+            human(self.max_shard_bytes)
+        )?;
+        for s in &self.shards {
+            writeln!(
+                f,
+                "  {} {} tensors {}",
+                s.file_name,
+                s.tensors,
+                human(s.bytes)
+            )?;
+        }
+        writeln!(
+            f,
+            "read: {} from {} input(s)",
+            human(self.bytes_to_read()),
+            self.inputs().len()
+        )?;
+        write!(f, "write: {}", human(self.bytes_to_write()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_indices_and_positions() {
+        assert_eq!(layer_index("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(layer_index("transformer.h.0.attn.c_attn.weight"), Some(0));
+        assert_eq!(layer_index("model.embed_tokens.weight"), None);
+        assert_eq!(layer_index("lm_head.weight"), None);
+        assert_eq!(layer_index("x.1a.2"), Some(2));
+        assert_eq!(layer_t(None, 10), 0.0);
+        assert_eq!(layer_t(Some(0), 1), 1.0);
+        assert_eq!(layer_t(Some(3), 4), 1.0);
+        assert_eq!(layer_t(Some(1), 5), 0.25);
+    }
+
+    #[test]
+    fn shards_pack_greedily() {
+        let s = shard_plan(&[4, 4, 4, 10, 1], 8);
+        let got: Vec<(usize, u64)> = s.iter().map(|s| (s.tensors, s.bytes)).collect();
+        assert_eq!(got, vec![(2, 8), (1, 4), (1, 10), (1, 1)]);
+        assert_eq!(s[0].file_name, "model-00001-of-00004.safetensors");
+        assert_eq!(shard_plan(&[1, 2], 100)[0].file_name, "model.safetensors");
+        assert_eq!(trim_float(0.5), "0.5");
+        assert_eq!(trim_float(1.0), "1");
+        assert_eq!(human(1_500_000), "1.50 MB");
+    }
+}
