@@ -14,7 +14,7 @@
 //! `tensormerge-core`: element-wise `f32` operations, evaluated in the order
 //! the expression is written (nothing is reassociated or folded beyond what
 //! the `f32` operators themselves do), so the streaming path
-//! (`run_eval`) and the in-memory path ([`eval_vectors`]) give the same bits
+//! ([`run_eval`]) and the in-memory path ([`eval_vectors`]) give the same bits
 //! as writing the formula with `ParamVector` operators in Rust:
 //!
 //! ```
@@ -55,8 +55,10 @@ use tensormerge_core::{CoreError, ParamVector};
 
 mod kernel;
 mod parse;
+mod stream;
 
 pub use kernel::Evaluator;
+pub use stream::{EvalOptions, EvalReport, run_eval};
 
 /// Longest accepted expression, in bytes.
 pub const MAX_LEN: usize = 64 * 1024;

@@ -1,0 +1,413 @@
+//! Streaming evaluation of an expression on model directories
+//! ([`run_eval`]): tensor by tensor, chunk by chunk, straight to the writer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use tensormerge_core::{DType, TensorInfo, convert};
+use tensormerge_io::{IoError, Model, ModelWriter, WriterOptions};
+
+use super::{Evaluator, Expr, ExprError};
+use crate::{EngineError, Mismatch, Progress};
+
+/// Options of [`run_eval`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOptions {
+    /// Output dtype of every floating-point tensor. Default: each tensor's
+    /// dtype in the template model.
+    pub out_dtype: Option<DType>,
+    /// The model (by expression name) whose non-float tensors, tensor order
+    /// and support files (config, tokenizer) the output takes. Default: the
+    /// first model the expression uses. It may be a model the expression does
+    /// not use.
+    pub template: Option<String>,
+    /// Largest output shard in bytes.
+    pub max_shard_bytes: u64,
+    /// Replace an existing output directory.
+    pub overwrite: bool,
+    /// Memory budget in bytes for the evaluation buffers of all workers
+    /// (inputs decoded to `f32`, intermediate results, encoded output).
+    /// Chunks are sized to fit it, so one huge tensor does not need to fit.
+    pub max_memory: u64,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            out_dtype: None,
+            template: None,
+            max_shard_bytes: tensormerge_io::DEFAULT_MAX_SHARD_BYTES,
+            overwrite: false,
+            max_memory: 512 << 20,
+        }
+    }
+}
+
+/// What [`run_eval`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    /// The finished output directory.
+    pub out_dir: PathBuf,
+    /// Floating-point tensors computed by the expression.
+    pub tensors_evaluated: usize,
+    /// Non-float tensors copied from the template.
+    pub tensors_copied: usize,
+    /// Floating-point parameters computed.
+    pub params: u64,
+    /// Input bytes read (all models' float tensors, the template's others).
+    pub bytes_read: u64,
+    /// Tensor bytes written.
+    pub bytes_written: u64,
+    /// Support files copied from the template (`config.json`, tokenizer).
+    pub support_files: Vec<String>,
+    /// Given models that the expression does not use and that are not the
+    /// template (they are not read).
+    pub unused_models: Vec<String>,
+}
+
+/// Largest chunk, in elements, whatever the budget.
+const MAX_CHUNK: usize = 1 << 20;
+/// Smallest chunk, in elements, whatever the budget.
+const MIN_CHUNK: usize = 4 << 10;
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
+    EngineError::Other(Box::new(e))
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(IoError) -> EngineError {
+    move |source| EngineError::Io {
+        context: context.into(),
+        source: Box::new(source),
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// One worker's buffers, reused across chunks.
+struct Worker {
+    ev: Evaluator,
+    inputs: Vec<Vec<f32>>,
+    out: Vec<u8>,
+}
+
+impl Worker {
+    fn run(
+        &mut self,
+        models: &[&Model],
+        name: &str,
+        range: Range<usize>,
+        dtype: DType,
+    ) -> Result<(), EngineError> {
+        let len = range.len();
+        for (buf, m) in self.inputs.iter_mut().zip(models) {
+            buf.resize(len, 0.0);
+            m.read_f32_range(name, range.clone(), buf)
+                .map_err(io_error(format!("cannot read model `{}`", m.name())))?;
+        }
+        let slices: Vec<&[f32]> = self.inputs.iter().map(|b| &b[..]).collect();
+        let result = self.ev.eval(&slices, len).map_err(other)?;
+        self.out.resize(len * dtype.size_in_bytes(), 0);
+        convert::encode_f32(dtype, result, &mut self.out)?;
+        Ok(())
+    }
+}
+
+/// Evaluates `expr` on whole models and writes the result as a model
+/// directory at `out`, streaming: each floating-point tensor is read, decoded
+/// to `f32`, evaluated and encoded chunk by chunk (chunks in parallel on the
+/// current rayon pool), so memory is bounded by `opts.max_memory`, not by the
+/// model or the largest tensor.
+///
+/// `models` binds expression names to model references (directories,
+/// `.safetensors` files, hub ids; see `tensormerge_io::Model::open`). Every
+/// model the expression uses must be given; given models it does not use are
+/// reported as a warning and not read. All used models (and the template)
+/// must have the same tensor names and shapes; float widths may differ. The
+/// output has the template's tensors in its order: float tensors computed by
+/// the expression (in `opts.out_dtype`, or the template's dtype), non-float
+/// tensors copied from the template, and the template's support files.
+///
+/// The values are bit-identical to [`eval_vectors`](super::eval_vectors) on
+/// the models' vectors (before the final conversion to the output dtype).
+///
+/// ```
+/// use tensormerge_core::{DType, TensorInfo, convert};
+/// use tensormerge_engine::{NoProgress, expr};
+/// use tensormerge_io::{Model, ModelWriter, WriterOptions};
+///
+/// let tmp = tempfile::tempdir().unwrap();
+/// let write = |name: &str, w: [f32; 2]| {
+///     let dir = tmp.path().join(name);
+///     let info = vec![TensorInfo::new("w", vec![2], DType::F32)];
+///     let mut out = ModelWriter::create(&dir, info, WriterOptions::default()).unwrap();
+///     out.write("w", &convert::encode_f32_vec(DType::F32, &w).unwrap()).unwrap();
+///     out.finish().unwrap();
+///     (name.to_string(), dir.display().to_string())
+/// };
+/// let models = [write("base", [1.0, 1.0]), write("ft", [3.0, 0.0])];
+/// let out = tmp.path().join("merged");
+/// let opts = expr::EvalOptions::default();
+/// expr::run_eval("base + 0.5 * (ft - base)", &models, &out, &opts, &NoProgress).unwrap();
+/// assert_eq!(Model::open_path(&out).unwrap().read_f32_vec("w").unwrap(), [2.0, 0.5]);
+/// ```
+pub fn run_eval(
+    expr: &str,
+    models: &[(String, String)],
+    out: &Path,
+    opts: &EvalOptions,
+    progress: &dyn Progress,
+) -> Result<EvalReport, EngineError> {
+    let expr = Expr::parse(expr).map_err(other)?;
+    let mut seen = HashSet::new();
+    for (name, reference) in models {
+        if !is_name(name) {
+            return Err(EngineError::Option(format!(
+                "model name `{name}` (for `{reference}`) is not a name the expression language can use: \
+                 use letters, digits and `_`, not starting with a digit"
+            )));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(EngineError::Option(format!(
+                "model name `{name}` is given twice"
+            )));
+        }
+    }
+    let known = || models.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let reference_of = |name: &str| {
+        models
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r.as_str())
+    };
+    let mut used: Vec<(&str, &str)> = Vec::new();
+    for name in expr.models() {
+        match reference_of(name) {
+            Some(r) => used.push((name, r)),
+            None => return Err(other(ExprError::unknown_model(&expr, name, known()))),
+        }
+    }
+    let template_name = match &opts.template {
+        Some(t) => {
+            if reference_of(t).is_none() {
+                return Err(EngineError::Option(format!(
+                    "template `{t}` is not one of the given models ({})",
+                    known().join(", ")
+                )));
+            }
+            t.clone()
+        }
+        None => used[0].0.to_string(),
+    };
+    let unused: Vec<String> = models
+        .iter()
+        .filter(|(n, _)| expr.column_of(n).is_none() && *n != template_name)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in &unused {
+        progress.warning(&format!(
+            "model `{n}` is not used by the expression `{}`",
+            expr.source()
+        ));
+    }
+
+    // Open every model the expression uses, and the template.
+    let mut opened: Vec<Model> = Vec::with_capacity(used.len());
+    for (name, reference) in &used {
+        progress.message(&format!("opening `{name}` = {reference}"));
+        opened.push(Model::open(reference).map_err(io_error(format!(
+            "cannot open model `{name}` = {reference}"
+        )))?);
+    }
+    let template_owned;
+    let template: &Model = match used.iter().position(|(n, _)| *n == template_name) {
+        Some(i) => &opened[i],
+        None => {
+            let r = reference_of(&template_name).expect("checked above");
+            template_owned = Model::open(r).map_err(io_error(format!(
+                "cannot open model `{template_name}` = {r}"
+            )))?;
+            &template_owned
+        }
+    };
+
+    // Every used model must fit the template: report every mismatch at once.
+    let mut mismatches = Vec::new();
+    for ((name, _), m) in used.iter().zip(&opened) {
+        if *name == template_name {
+            continue;
+        }
+        for d in template.layout().differences(m.layout()) {
+            if let tensormerge_core::CoreError::LayoutMismatch { tensor, detail } = d {
+                mismatches.push(Mismatch {
+                    model: format!("{name} ({})", m.name()),
+                    tensor,
+                    detail,
+                });
+            }
+        }
+    }
+    if !mismatches.is_empty() {
+        return Err(EngineError::Incompatible(mismatches));
+    }
+
+    let out_tensors: Vec<TensorInfo> = template
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| match (t.dtype.is_float(), opts.out_dtype) {
+            (true, Some(d)) => TensorInfo::new(t.name.clone(), t.shape.clone(), d),
+            _ => t.clone(),
+        })
+        .collect();
+    if let Some(d) = opts.out_dtype
+        && !d.is_float()
+    {
+        return Err(EngineError::Option(format!(
+            "output dtype {d} is not a floating-point type"
+        )));
+    }
+    if opts.max_shard_bytes == 0 {
+        return Err(EngineError::Option(
+            "the output shard size must be positive".into(),
+        ));
+    }
+    let mut protected = Vec::new();
+    for m in opened.iter().chain(std::iter::once(template)) {
+        protected.extend(m.protected_paths());
+    }
+    let mut metadata = BTreeMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert(
+        "tensormerge.expression".to_string(),
+        expr.source().to_string(),
+    );
+    let mut writer = ModelWriter::create(
+        out,
+        out_tensors.clone(),
+        WriterOptions {
+            max_shard_bytes: opts.max_shard_bytes,
+            overwrite: opts.overwrite,
+            protected,
+            metadata,
+        },
+    )
+    .map_err(io_error(format!("cannot write output `{}`", out.display())))?;
+
+    // Size the chunks to the budget: per element, each worker holds one f32
+    // per input and per scratch buffer, plus the encoded output.
+    let evaluator = Evaluator::new(&expr);
+    let workers_n = rayon::current_num_threads().max(1);
+    let out_size = out_tensors
+        .iter()
+        .filter(|t| t.dtype.is_float())
+        .map(|t| t.dtype.size_in_bytes())
+        .max()
+        .unwrap_or(4);
+    let per_elem = (4 * (opened.len() + evaluator.scratch_buffers()) + out_size) as u64;
+    let chunk = (opts.max_memory / workers_n as u64 / per_elem)
+        .clamp(MIN_CHUNK as u64, MAX_CHUNK as u64) as usize;
+    let mut workers: Vec<Worker> = (0..workers_n)
+        .map(|_| Worker {
+            ev: evaluator.clone(),
+            inputs: vec![Vec::new(); opened.len()],
+            out: Vec::new(),
+        })
+        .collect();
+    let model_refs: Vec<&Model> = opened.iter().collect();
+    let write_ctx = || format!("cannot write output `{}`", out.display());
+
+    let mut report = EvalReport {
+        out_dir: PathBuf::new(),
+        tensors_evaluated: 0,
+        tensors_copied: 0,
+        params: 0,
+        bytes_read: 0,
+        bytes_written: 0,
+        support_files: Vec::new(),
+        unused_models: unused,
+    };
+    let total_read: u64 = out_tensors
+        .iter()
+        .map(|t| {
+            if t.dtype.is_float() {
+                opened
+                    .iter()
+                    .map(|m| {
+                        m.layout()
+                            .get(&t.name)
+                            .map_or(0, |i| i.numel() as u64 * i.dtype.size_in_bytes() as u64)
+                    })
+                    .sum::<u64>()
+            } else {
+                t.numel() as u64 * t.dtype.size_in_bytes() as u64
+            }
+        })
+        .sum();
+    progress.start("evaluating", total_read, out_tensors.len() as u64);
+    for t in &out_tensors {
+        if !t.dtype.is_float() {
+            let bytes = template
+                .tensor_bytes(&t.name)
+                .map_err(io_error(format!("cannot read model `{}`", template.name())))?;
+            writer
+                .write(&t.name, &bytes)
+                .map_err(io_error(write_ctx()))?;
+            report.tensors_copied += 1;
+            report.bytes_read += bytes.len() as u64;
+            report.bytes_written += bytes.len() as u64;
+            progress.advance(bytes.len() as u64, 1);
+            continue;
+        }
+        let n = t.numel();
+        let in_per_elem: u64 = opened
+            .iter()
+            .map(|m| {
+                m.layout()
+                    .get(&t.name)
+                    .map_or(0, |i| i.dtype.size_in_bytes() as u64)
+            })
+            .sum();
+        let mut start = 0;
+        while start < n {
+            // One batch: a chunk per worker, computed in parallel, written in order.
+            let ranges: Vec<Range<usize>> = (0..workers_n)
+                .map(|w| {
+                    let s = (start + w * chunk).min(n);
+                    s..(s + chunk).min(n)
+                })
+                .filter(|r| !r.is_empty())
+                .collect();
+            let end = ranges.last().map_or(start, |r| r.end);
+            workers[..ranges.len()]
+                .par_iter_mut()
+                .zip(ranges.par_iter())
+                .map(|(w, r)| w.run(&model_refs, &t.name, r.clone(), t.dtype))
+                .collect::<Result<Vec<()>, EngineError>>()?;
+            for w in &workers[..ranges.len()] {
+                writer
+                    .write(&t.name, &w.out)
+                    .map_err(io_error(write_ctx()))?;
+                report.bytes_written += w.out.len() as u64;
+            }
+            let elems = (end - start) as u64;
+            report.bytes_read += elems * in_per_elem;
+            progress.advance(elems * in_per_elem, 0);
+            start = end;
+        }
+        report.tensors_evaluated += 1;
+        report.params += n as u64;
+        progress.advance(0, 1);
+    }
+    progress.finish();
+    report.support_files = writer
+        .copy_support_files(template.dir(), opts.out_dtype)
+        .map_err(io_error(write_ctx()))?;
+    report.out_dir = writer.finish().map_err(io_error(write_ctx()))?;
+    Ok(report)
+}
