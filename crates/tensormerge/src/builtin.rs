@@ -16,9 +16,13 @@
 //! assert!(names.contains(&"ties") || names.contains(&"linear"));
 //! ```
 
+use tensormerge_method_breadcrumbs as _;
 use tensormerge_method_dare as _;
+use tensormerge_method_della as _;
+use tensormerge_method_fisher as _;
 use tensormerge_method_karcher as _;
 use tensormerge_method_linear as _;
+use tensormerge_method_magnitude_prune as _;
 use tensormerge_method_model_stock as _;
 use tensormerge_method_multislerp as _;
 use tensormerge_method_nearswap as _;
@@ -30,9 +34,13 @@ use tensormerge_method_ties as _;
 
 /// Package names of the built-in method crates, sorted.
 pub const CRATES: &[&str] = &[
+    "tensormerge-method-breadcrumbs",
     "tensormerge-method-dare",
+    "tensormerge-method-della",
+    "tensormerge-method-fisher",
     "tensormerge-method-karcher",
     "tensormerge-method-linear",
+    "tensormerge-method-magnitude-prune",
     "tensormerge-method-model-stock",
     "tensormerge-method-multislerp",
     "tensormerge-method-nearswap",

@@ -92,7 +92,14 @@ fn the_registry_is_consistent() {
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(names, sorted);
-    for name in ["linear", "task_arithmetic"] {
+    for name in [
+        "dare_linear",
+        "dare_ties",
+        "fisher",
+        "linear",
+        "task_arithmetic",
+        "ties",
+    ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
 }
