@@ -53,9 +53,11 @@ impl Trim {
     }
 }
 
-/// Runs an in-memory [`TopK`] over `tau` (`tau(start, keys)` fills the keys
-/// of `start..start + keys.len()`).
-fn top_k(n: usize, k: u64, tau: &impl Fn(usize, &mut [u32])) -> Result<Selection, String> {
+/// Runs an in-memory [`TopK`] selecting the `k` largest of `n` keys, block
+/// by block: `keys_at(start, keys)` fills the keys of
+/// `start..start + keys.len()` (recomputed on each sweep, so no `n`-sized
+/// buffer is needed). The error is a message for [`MethodError::Invalid`].
+pub fn top_k(n: usize, k: u64, keys_at: &impl Fn(usize, &mut [u32])) -> Result<Selection, String> {
     let mut sel = TopK::new(n as u64, k, true);
     let mut keys = vec![0u32; BLOCK.min(n)];
     for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
@@ -64,7 +66,7 @@ fn top_k(n: usize, k: u64, tau: &impl Fn(usize, &mut [u32])) -> Result<Selection
         }
         for start in (0..n).step_by(BLOCK) {
             let keys = &mut keys[..BLOCK.min(n - start)];
-            tau(start, keys);
+            keys_at(start, keys);
             sel.observe("", start as u64, keys);
         }
         sel.end_sweep(sweep)?;

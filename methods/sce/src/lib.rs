@@ -1,0 +1,321 @@
+//! # tensormerge-method-sce
+//!
+//! `sce`: the Select–Calculate–Erase merge of FuseChat (Wan et al. 2024,
+//! "FuseChat: Knowledge fusion of chat models", arXiv:2408.07990, §3.3).
+//! Per tensor, with task vectors `τ_i = x_i − b` of `M` models and `n`
+//! entries:
+//!
+//! ```text
+//! Select:    var_e = (1/M) Σ_i (τ_ie − mean_i τ_ie)²;  keep the k = floor(select_topk · #{var_e ≠ 0})
+//!            entries of largest variance in every τ_i, zero the rest        (only when select_topk < 1)
+//! Calculate: η_i = ‖τ̂_i‖² / n,   w_i = η_i / Σ_j η_j   (1/M when all η are 0)
+//! Erase:     s_e = sign(Σ_i τ̂_ie) (+ for 0);  m_ie = [sign(τ̂_ie) = s_e]
+//! out_e = b_e + Σ_i w_i m_ie τ̂_ie / Σ_i w_i m_ie      (0 where no model agrees)
+//! ```
+//!
+//! The weights come from the task vectors themselves: `sce` has no per-model
+//! parameters.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+//! use tensormerge_methods::{registry, Merge};
+//! use tensormerge_method_sce as _;
+//!
+//! let layout = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![2], DType::F32)]).unwrap());
+//! let base = ParamVector::zeros(layout.clone());
+//! let a = ParamVector::from_vec(layout.clone(), vec![1.0, 1.0]).unwrap();
+//! let b = ParamVector::from_vec(layout.clone(), vec![3.0, -1.0]).unwrap();
+//! let m = registry().get("sce").unwrap();
+//! let out = Merge::with_defaults(m, 2).unwrap().run(Some(&base), &[&a, &b]).unwrap();
+//! // η = (1, 5) → w = (1/6, 5/6); entry 0: both agree → (1/6·1 + 5/6·3) / 1;
+//! // entry 1: sum 0 elects +, only `a` agrees → 1.
+//! let v = out.values().unwrap();
+//! assert!((v[0] - 16.0 / 6.0).abs() < 1e-6 && v[1] == 1.0);
+//! ```
+//!
+//! Differences from mergekit: variances are computed in `f64` and ranked as
+//! `f32` with the exact tie-broken top-k of
+//! [`ops::TopK`](tensormerge_methods::ops::TopK) (equal variances: lower
+//! index first) instead of `torch.topk`; `int8_mask` has no effect. Whole
+//! tensors are merged at once (`chunkable() = false`): memory is bounded by
+//! the largest tensor.
+#![deny(missing_docs)]
+
+use tensormerge_method_breadcrumbs::trim;
+use tensormerge_methods::ops::{self, ExactSum, Selection, magnitude_key};
+use tensormerge_methods::{
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
+    register_method,
+};
+
+/// The `sce` method.
+#[derive(Debug, Clone, Copy)]
+pub struct Sce;
+
+static PARAMS: &[ParamSpec] = &[
+    ParamSpec::global(
+        "select_topk",
+        ParamKind::Float { min: 0.0, max: 1.0 },
+        Default::Float(1.0),
+        "share of the entries with non-zero variance across models that are kept (1 keeps all)",
+    ),
+    ParamSpec::global(
+        "int8_mask",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "accepted for mergekit compatibility; no effect",
+    ),
+];
+
+static INFO: MethodInfo = MethodInfo {
+    name: "sce",
+    summary: "keeps the entries where models vary most, weights models by task-vector energy, erases minority signs",
+    paper: "Wan et al. 2024 (FuseChat), arXiv:2408.07990",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: None,
+    params: PARAMS,
+};
+
+impl MergeMethod for Sce {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    /// Selection and weights need the whole tensor.
+    fn chunkable(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let t = chunk.tensor;
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        let (models, n) = (chunk.models, base.len());
+        let m = models.len();
+        let tau = |i: usize, e: usize| models[i][e] as f64 - base[e] as f64;
+        let var_key = |e: usize| {
+            let mean = (0..m).map(|i| tau(i, e)).sum::<f64>() / m as f64;
+            let var = (0..m).map(|i| (tau(i, e) - mean).powi(2)).sum::<f64>() / m as f64;
+            magnitude_key(var as f32)
+        };
+
+        // Select (arXiv:2408.07990 §3.3): top-k variance mask.
+        let topk = t.global.f64("select_topk")?;
+        let selection = if topk < 1.0 {
+            let nonzero = (0..n).filter(|&e| var_key(e) != 0).count() as u64;
+            let k = ops::keep_count(topk, nonzero);
+            let keys_at = |start: usize, keys: &mut [u32]| {
+                for (j, k) in keys.iter_mut().enumerate() {
+                    *k = var_key(start + j);
+                }
+            };
+            trim::top_k(n, k, &keys_at).map_err(|message| MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: t.name.into(),
+                message,
+            })?
+        } else {
+            Selection::AtLeast(0)
+        };
+        let kept = |e: usize| {
+            matches!(selection, Selection::AtLeast(0)) || selection.keeps("", e as u64, var_key(e))
+        };
+        let mask: Vec<bool> = (0..n).map(kept).collect();
+
+        // Calculate: η_i = ‖τ̂_i‖² / n, normalised.
+        let eta: Vec<f64> = (0..m)
+            .map(|i| {
+                let mut s = ExactSum::new();
+                (0..n)
+                    .filter(|&e| mask[e])
+                    .for_each(|e| s.add(tau(i, e) * tau(i, e)));
+                s.value() / n.max(1) as f64
+            })
+            .collect();
+        let total: f64 = eta.iter().sum();
+        let w: Vec<f64> = if total == 0.0 {
+            vec![1.0 / m as f64; m]
+        } else {
+            eta.iter().map(|e| e / total).collect()
+        };
+
+        // Erase minority signs and merge.
+        for (e, o) in out.iter_mut().enumerate() {
+            if !mask[e] {
+                *o = base[e];
+                continue;
+            }
+            let positive = (0..m).map(|i| tau(i, e)).sum::<f64>() >= 0.0;
+            let (mut num, mut den) = (0.0f64, 0.0f64);
+            for (i, wi) in w.iter().enumerate() {
+                let d = tau(i, e);
+                if d != 0.0 && (d > 0.0) == positive {
+                    num += wi * d;
+                    den += wi;
+                }
+            }
+            let merged = if den == 0.0 { 0.0 } else { num / den };
+            *o = (base[e] as f64 + merged) as f32;
+        }
+        Ok(())
+    }
+}
+
+register_method!(Sce);
+
+#[cfg(test)]
+#[allow(clippy::needless_range_loop)] // reference loops are plain on purpose
+mod tests {
+    use std::sync::Arc;
+    use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
+    use tensormerge_methods::{Merge, registry};
+
+    fn layout() -> Arc<Layout> {
+        Arc::new(
+            Layout::new(vec![
+                TensorInfo::new("w", vec![6, 9], DType::F32),
+                TensorInfo::new("b", vec![7], DType::F32),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn random(layout: &Arc<Layout>, seed: u64) -> ParamVector {
+        let mut s = seed * 104729 + 1;
+        let v = (0..layout.num_params())
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f64 / (1u64 << 24) as f64 - 0.5) as f32
+            })
+            .collect();
+        ParamVector::from_vec(layout.clone(), v).unwrap()
+    }
+
+    fn run(topk: f64, base: &ParamVector, ms: &[&ParamVector]) -> ParamVector {
+        let m = registry().get("sce").unwrap();
+        Merge::new(
+            m,
+            vec![("select_topk", topk.into())],
+            vec![vec![]; ms.len()],
+        )
+        .unwrap()
+        .run(Some(base), ms)
+        .unwrap()
+    }
+
+    /// Plain reference: sorted variances, explicit masks, f64 loops.
+    fn reference(topk: f64, base: &[f32], xs: &[&[f32]]) -> Vec<f64> {
+        let (n, m) = (base.len(), xs.len());
+        let tau: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| (0..n).map(|e| x[e] as f64 - base[e] as f64).collect())
+            .collect();
+        let var: Vec<f32> = (0..n)
+            .map(|e| {
+                let mean: f64 = (0..m).map(|i| tau[i][e]).sum::<f64>() / m as f64;
+                ((0..m)
+                    .map(|i| (tau[i][e] - mean) * (tau[i][e] - mean))
+                    .sum::<f64>()
+                    / m as f64) as f32
+            })
+            .collect();
+        let mut mask = vec![true; n];
+        if topk < 1.0 {
+            let nz = var.iter().filter(|v| **v != 0.0).count();
+            let k = (topk * nz as f64).floor() as usize;
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| var[b].partial_cmp(&var[a]).unwrap().then(a.cmp(&b)));
+            mask = vec![false; n];
+            for &e in &order[..k] {
+                mask[e] = true;
+            }
+        }
+        let masked: Vec<Vec<f64>> = tau
+            .iter()
+            .map(|t| (0..n).map(|e| if mask[e] { t[e] } else { 0.0 }).collect())
+            .collect();
+        let eta: Vec<f64> = masked
+            .iter()
+            .map(|t| t.iter().map(|v| v * v).sum::<f64>() / n as f64)
+            .collect();
+        let s: f64 = eta.iter().sum();
+        let w: Vec<f64> = eta
+            .iter()
+            .map(|e| if s == 0.0 { 1.0 / m as f64 } else { e / s })
+            .collect();
+        (0..n)
+            .map(|e| {
+                let sum: f64 = (0..m).map(|i| masked[i][e]).sum();
+                let maj = if sum >= 0.0 { 1.0 } else { -1.0 };
+                let (mut num, mut den) = (0.0, 0.0);
+                for i in 0..m {
+                    let v = masked[i][e];
+                    let sg = if v > 0.0 {
+                        1.0
+                    } else if v < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+                    if sg == maj {
+                        num += w[i] * v;
+                        den += w[i];
+                    }
+                }
+                base[e] as f64 + if den == 0.0 { 0.0 } else { num / den }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_reference() {
+        let l = layout();
+        let base = random(&l, 1);
+        let ms: Vec<ParamVector> = (2..6).map(|k| random(&l, k)).collect();
+        let refs: Vec<&ParamVector> = ms.iter().collect();
+        for topk in [1.0, 0.5, 0.1, 0.0] {
+            for count in [2, 4] {
+                let out = run(topk, &base, &refs[..count]);
+                for (_, r) in l.float_tensors() {
+                    let xs: Vec<&[f32]> = ms[..count]
+                        .iter()
+                        .map(|m| &m.values().unwrap()[r.clone()])
+                        .collect();
+                    let want = reference(topk, &base.values().unwrap()[r.clone()], &xs);
+                    for (g, w) in out.values().unwrap()[r.clone()].iter().zip(&want) {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-6 * (1.0 + w.abs()),
+                            "topk {topk}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn identities() {
+        let l = layout();
+        let (base, x) = (random(&l, 7), random(&l, 8));
+        // Copies of one model come back (all agree, weights equal).
+        let out = run(1.0, &base, &[&x, &x, &x]);
+        for (o, v) in out.values().unwrap().iter().zip(x.values().unwrap()) {
+            assert!((o - v).abs() < 1e-6);
+        }
+        // Identical models have zero variance: select_topk < 1 keeps nothing.
+        assert_eq!(
+            run(0.5, &base, &[&x, &x]).values().unwrap(),
+            base.values().unwrap()
+        );
+        // Models equal to the base: the base.
+        assert_eq!(
+            run(1.0, &base, &[&base, &base]).values().unwrap(),
+            base.values().unwrap()
+        );
+    }
+}
