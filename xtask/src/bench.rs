@@ -16,6 +16,9 @@
 //!   output-sized file once and syncing it (the writer of `tensormerge-io`
 //!   syncs its shards, so the floor does too), and the ratio merge / floor.
 //!
+//! A third row runs the same task arithmetic as an expression through
+//! `tensormerge eval` (held to the task_arithmetic target).
+//!
 //! Targets (issue #4, on two cores): task_arithmetic ≤ 3× the floor, ties ≤
 //! 6×, peak RSS < 512 MiB. Inputs are in the page cache for both the floor
 //! and the merges (they were just written), so the comparison is warm against
@@ -314,6 +317,10 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The task arithmetic of the config files, written as an expression: the
+/// weights 0.5, 0.3, 0.2 on the task vectors, λ = 1.
+const EVAL_EXPR: &str = "base + (0.5 * (ft1 - base) + 0.3 * (ft2 - base) + 0.2 * (ft3 - base))";
+
 fn config(method: &str, root: &Path, dt: Dt) -> String {
     let m = |n: &str| root.join(n).display().to_string();
     let mut s = format!(
@@ -490,7 +497,7 @@ pub fn run(args: &[String]) -> Result<()> {
             }
         }
         println!(
-            "{:<5} {:<16} {:>8.2}s {:>7.0} MB/s {:>10} {:>9} {:>7} {:>7}  read {:.2} s + write&sync {:.2} s",
+            "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>10} {:>9} {:>7} {:>7}  read {:.2} s + write&sync {:.2} s",
             dt.label(),
             "floor",
             best.as_secs_f64(),
@@ -502,47 +509,55 @@ pub fn run(args: &[String]) -> Result<()> {
             parts.0.as_secs_f64(),
             parts.1.as_secs_f64()
         );
-        for (method, target) in [("task_arithmetic", 3.0), ("ties", 6.0)] {
-            let cfg = dir.join(format!("{method}.yml"));
-            fs::write(&cfg, config(method, &dir, dt))?;
+        let runs: [(&str, f64); 3] = [("task_arithmetic", 3.0), ("ties", 6.0), ("eval", 3.0)];
+        for (method, target) in runs {
             let out = dir.join(format!("out-{method}"));
             let _ = fs::remove_dir_all(&out);
-            let log = dir.join(format!("{method}.log"));
+            let err_path = dir.join(format!("{method}.err"));
             let mut cmd = Command::new(&bin);
-            cmd.arg("--no-progress")
-                .arg("merge")
-                .arg(&cfg)
-                .arg("-o")
+            cmd.arg("--no-progress");
+            if method == "eval" {
+                // The same task arithmetic, as an expression (`tensormerge eval`).
+                cmd.arg("eval").arg(EVAL_EXPR);
+                for name in ["base", "ft1", "ft2", "ft3"] {
+                    cmd.arg("--model")
+                        .arg(format!("{name}={}", dir.join(name).display()));
+                }
+            } else {
+                let cfg = dir.join(format!("{method}.yml"));
+                fs::write(&cfg, config(method, &dir, dt))?;
+                cmd.arg("merge").arg(&cfg);
+                if let Some(j) = &args.jobs {
+                    cmd.arg("-j").arg(j);
+                }
+            }
+            cmd.arg("-o")
                 .arg(&out)
                 .stdin(Stdio::null())
-                .stdout(File::create(&log)?)
-                .stderr(File::create(dir.join(format!("{method}.err")))?);
-            if let Some(j) = &args.jobs {
-                cmd.arg("-j").arg(j);
-            }
+                .stdout(File::create(dir.join(format!("{method}.log")))?)
+                .stderr(File::create(&err_path)?);
             let (wall, code, rss) = run_measured(&mut cmd)?;
-            if code != 0 {
-                let err = fs::read_to_string(dir.join(format!("{method}.err"))).unwrap_or_default();
-                bail!(
-                    "`tensormerge merge` ({method}, {}) exited with {code}:\n{err}",
-                    dt.label()
-                );
-            }
             let written = dir_bytes(&out);
-            if written < out_bytes * 9 / 10 {
-                bail!(
-                    "{method} ({}): the output holds {written} bytes, expected about {out_bytes}",
-                    dt.label()
+            let _ = fs::remove_dir_all(&out);
+            let label = format!("{} {method}", dt.label());
+            if code != 0 || written < out_bytes * 9 / 10 {
+                let err = fs::read_to_string(&err_path).unwrap_or_default();
+                let err = err.lines().take(6).collect::<Vec<_>>().join("\n      ");
+                println!(
+                    "{:<5} {:<16} FAILED (exit {code}, {written} bytes written): {err}",
+                    dt.label(),
+                    method
                 );
+                missed.push(label);
+                continue;
             }
             let ratio = wall.as_secs_f64() / best.as_secs_f64();
             let rss_ok = rss < 512 << 20;
-            let ok = ratio <= target && rss_ok;
-            if !ok {
-                missed.push(format!("{} {method}", dt.label()));
+            if !(ratio <= target && rss_ok) {
+                missed.push(label);
             }
             println!(
-                "{:<5} {:<16} {:>8.2}s {:>7.0} MB/s {:>6.0} MiB {:>8.2}s {:>6.2}x {:>6.1}x  {}",
+                "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>6.0} MiB {:>8.3}s {:>6.2}x {:>6.1}x  {}",
                 dt.label(),
                 method,
                 wall.as_secs_f64(),
@@ -552,17 +567,19 @@ pub fn run(args: &[String]) -> Result<()> {
                 ratio,
                 target,
                 match (ratio <= target, rss_ok) {
-                    (true, true) => "ok".to_string(),
-                    (false, true) => "SLOW".to_string(),
-                    (true, false) => "RSS over 512 MiB".to_string(),
-                    (false, false) => "SLOW, RSS over 512 MiB".to_string(),
+                    (true, true) => "ok",
+                    (false, true) => "SLOW",
+                    (true, false) => "RSS over 512 MiB",
+                    (false, false) => "SLOW, RSS over 512 MiB",
                 }
             );
-            let _ = fs::remove_dir_all(&out);
         }
     }
-    if args.check && !missed.is_empty() {
-        bail!("targets missed: {}", missed.join(", "));
+    if !missed.is_empty() {
+        println!("missed or failed: {}", missed.join(", "));
+        if args.check {
+            bail!("targets missed: {}", missed.join(", "));
+        }
     }
     Ok(())
 }
