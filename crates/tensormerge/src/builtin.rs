@@ -28,6 +28,7 @@ use tensormerge_method_multislerp as _;
 use tensormerge_method_nearswap as _;
 use tensormerge_method_nuslerp as _;
 use tensormerge_method_passthrough as _;
+use tensormerge_method_sce as _;
 use tensormerge_method_slerp as _;
 use tensormerge_method_task_arithmetic as _;
 use tensormerge_method_ties as _;
@@ -46,6 +47,7 @@ pub const CRATES: &[&str] = &[
     "tensormerge-method-nearswap",
     "tensormerge-method-nuslerp",
     "tensormerge-method-passthrough",
+    "tensormerge-method-sce",
     "tensormerge-method-slerp",
     "tensormerge-method-task-arithmetic",
     "tensormerge-method-ties",
