@@ -225,3 +225,22 @@ fn garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn many_distinct_names_parse_in_linear_time() {
+    // About 10,000 distinct names in the longest accepted text.
+    let mut src = String::from("m0");
+    let mut i = 1;
+    while src.len() + 8 < MAX_LEN {
+        src.push_str(&format!("+m{i}"));
+        i += 1;
+    }
+    let start = std::time::Instant::now();
+    let e = parse(&src).unwrap();
+    assert_eq!(e.models().len(), i);
+    assert_eq!(e.column_of("m1"), Some(4));
+    let ones = vec![[1.0f32]; i];
+    let slices: Vec<&[f32]> = ones.iter().map(|a| &a[..]).collect();
+    assert_eq!(Evaluator::new(&e).eval(&slices, 1).unwrap(), &[i as f32]);
+    assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+}

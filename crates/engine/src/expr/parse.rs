@@ -14,6 +14,8 @@
 //! output is a flat postfix (`Vec<Node>`) rather than a tree of boxes, so
 //! neither evaluating nor dropping a very long expression recurses.
 
+use std::collections::HashMap;
+
 use super::{BinOp, Expr, ExprError, MAX_DEPTH, MAX_LEN, Node};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +162,8 @@ struct Parser<'a> {
     pos: usize,
     nodes: Vec<Node>,
     models: Vec<(String, usize)>,
+    /// Index into `models` by name.
+    index: HashMap<String, usize>,
 }
 
 impl Parser<'_> {
@@ -211,11 +215,13 @@ impl Parser<'_> {
         match t.tok {
             Tok::Num(v) => self.nodes.push(Node::Scalar(v)),
             Tok::Name(name) => {
-                let index = match self.models.iter().position(|(n, _)| *n == name) {
-                    Some(i) => i,
+                let index = match self.index.get(&name) {
+                    Some(&i) => i,
                     None => {
+                        let i = self.models.len();
+                        self.index.insert(name.clone(), i);
                         self.models.push((name, t.column));
-                        self.models.len() - 1
+                        i
                     }
                 };
                 self.nodes.push(Node::Model {
@@ -282,6 +288,7 @@ pub(super) fn parse(src: &str) -> Result<Expr, ExprError> {
         pos: 0,
         nodes: Vec::new(),
         models: Vec::new(),
+        index: HashMap::new(),
     };
     if p.peek().tok == Tok::End {
         return Err(ExprError::syntax(src, 1, "the expression is empty"));
