@@ -239,11 +239,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
 pub struct MethodPlan {
     /// The method.
     pub name: &'static str,
-    /// Bases to try in order (an optional base is tried with, then without).
+    /// Bases to try in order (an optional base is tried without, then with).
     pub base_options: Vec<bool>,
     /// Whether each model gets its Fisher file (a per-model model-reference
     /// parameter such as `fisher`), and under which name.
     pub fisher_param: Option<&'static str>,
+    /// Whether each model must be given `weight: 1` (a required per-model
+    /// `weight`, as multislerp and nuslerp declare).
+    pub weight_required: bool,
     /// The settings to merge with.
     pub settings: Vec<Setting>,
 }
@@ -273,10 +276,14 @@ pub fn plan_method(
     }
     let base_options = match info.base {
         BaseModel::Required => vec![true],
-        BaseModel::Optional => vec![true, false],
+        // Merge the two fine-tunes alone where the base is optional (slerp
+        // between them, Fisher averaging as in the paper); with the base only
+        // if that fails.
+        BaseModel::Optional => vec![false, true],
         BaseModel::Unused => vec![false],
     };
     let mut fisher_param = None;
+    let mut weight_required = false;
     let (mut lambda, mut density, mut t) = (false, false, false);
     for p in info.params {
         let float = matches!(p.kind, ParamKind::Float { .. });
@@ -285,6 +292,9 @@ pub fn plan_method(
             ("density", Scope::PerModel) if float => density = true,
             ("t", Scope::Global) if float => t = true,
             (name, Scope::PerModel) if p.kind == ParamKind::ModelRef => fisher_param = Some(name),
+            ("weight", Scope::PerModel) if float && p.default == ParamDefault::Required => {
+                weight_required = true;
+            }
             (name, _) if p.default == ParamDefault::Required => {
                 return Err(format!(
                     "needs parameter `{name}` ({}), which the demo has no value for",
@@ -324,6 +334,7 @@ pub fn plan_method(
         name: info.name,
         base_options,
         fisher_param,
+        weight_required,
         settings,
     })
 }
@@ -359,6 +370,9 @@ pub fn config_yaml(
     for (model, fisher) in inputs.models.iter().zip(&inputs.fishers) {
         y += &format!("  - model: {}\n", quoted(model));
         let mut params = Vec::new();
+        if plan.weight_required {
+            params.push("weight: 1.0".to_string());
+        }
         if let Some(d) = setting.density {
             params.push(format!("density: {d}"));
         }
@@ -536,7 +550,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
     // Plans for every registered method.
     let mut plans = Vec::new();
     let mut skipped = Vec::new();
-    for method in tensormerge_methods::registry().methods() {
+    for method in tensormerge::builtin::registry().methods() {
         match plan_method(method, sched.lambdas, sched.densities, sched.ts) {
             Ok(p) => plans.push(p),
             Err(why) => skipped.push((method.info().name.to_string(), why)),
@@ -558,9 +572,6 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
                 let job = Job {
                     plan,
                     setting,
-                    with_base,
-                    inputs: &inputs,
-                    seed: opts.seed,
                     yaml: &yaml,
                 };
                 match merge(&job, &scratch) {
@@ -600,9 +611,6 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
                 let job = Job {
                     plan,
                     setting: &point.setting,
-                    with_base: point.with_base,
-                    inputs: &inputs,
-                    seed: opts.seed,
                     yaml: &yaml,
                 };
                 merge(&job, &dir)?;
@@ -801,7 +809,10 @@ mod tests {
     static INTERP: MethodInfo = MethodInfo {
         name: "interp",
         base: BaseModel::Optional,
-        params: &[ParamSpec::global("t", FLOAT, ParamDefault::Required, "")],
+        params: &[
+            ParamSpec::global("t", FLOAT, ParamDefault::Required, ""),
+            ParamSpec::per_model_float("weight", 0.0, 1.0, ParamDefault::Required, ""),
+        ],
         ..DARE_LIKE
     };
 
@@ -817,20 +828,29 @@ mod tests {
         let e = plan_method(&Fake(&NEEDS_K), &[1.0], &[1.0], &[1.0]).unwrap_err();
         assert!(e.contains("`k`"), "{e}");
         let p = plan_method(&Fake(&INTERP), &[1.0], &[1.0], &[0.25, 0.75]).unwrap();
-        assert_eq!(p.base_options, vec![true, false]);
+        assert_eq!(p.base_options, vec![false, true]);
         assert_eq!(p.settings.len(), 2);
         assert_eq!(p.settings[0].to_string(), "t=0.25");
+        assert!(p.weight_required && p.fisher_param.is_none());
+        let y = config_yaml(&p, &p.settings[0], false, &inputs(), 1);
+        assert!(
+            y.contains("    parameters: {weight: 1.0}\n") && y.contains("parameters: {t: 0.25}\n")
+        );
         assert_eq!(Setting::default().to_string(), "defaults");
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            base: "/m/base".into(),
+            models: ["/m/a".into(), "/m/b".into()],
+            fishers: ["/m/fa".into(), "/m/fb".into()],
+        }
     }
 
     #[test]
     fn configs_are_mergekit_yaml() {
         let plan = plan_method(&Fake(&DARE_LIKE), &[0.5], &[0.3], &[]).unwrap();
-        let inputs = Inputs {
-            base: "/m/base".into(),
-            models: ["/m/a".into(), "/m/b".into()],
-            fishers: ["/m/fa".into(), "/m/fb".into()],
-        };
+        let inputs = inputs();
         let y = config_yaml(&plan, &plan.settings[0], true, &inputs, 7);
         assert_eq!(
             y,

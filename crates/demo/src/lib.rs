@@ -15,10 +15,9 @@
 //! 5. Every model is written as a real model directory (safetensors +
 //!    `config.json`, [`modelio`]) and merged like any checkpoint, with every
 //!    registered method that applies, over a sweep of λ / density / t
-//!    ([`experiment::plan_method`]); the mergekit YAML of each method's best
-//!    merge is saved. (Merging currently loads the directories with
-//!    `tensormerge-io` and runs `tensormerge-methods`' in-memory `Merge`;
-//!    see [`merge`].)
+//!    ([`experiment::plan_method`]), each merge a mergekit YAML config run by
+//!    the engine's `run_merge` ([`merge`]), as `tensormerge merge` runs it;
+//!    the config of each method's best merge is saved.
 //! 6. Each result is evaluated on the held-out test split: task A (0-4),
 //!    task B (5-9) and all ten digits.
 //!

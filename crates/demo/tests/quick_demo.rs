@@ -53,14 +53,21 @@ fn quick_demo_writes_everything_and_merging_beats_both_fine_tunes() {
         .collect();
     let skipped: BTreeSet<&str> = report.skipped.iter().map(|s| s.0.as_str()).collect();
     assert!(merged.is_disjoint(&skipped));
-    for method in tensormerge_methods::registry().names() {
+    for method in tensormerge::builtin::registry().names() {
         assert!(
             merged.contains(method) || skipped.contains(method),
             "{method} neither merged nor skipped"
         );
         assert!(table.contains(method), "{method} missing from\n{table}");
     }
-    for must in ["task_arithmetic", "linear"] {
+    for must in [
+        "task_arithmetic",
+        "linear",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "fisher",
+    ] {
         assert!(
             merged.contains(must),
             "{must} not merged: {:?}",
@@ -134,6 +141,16 @@ fn quick_demo_writes_everything_and_merging_beats_both_fine_tunes() {
         best > a.joint.max(b.joint) + 0.2,
         "best merge {best}, fine-tunes {a:?} {b:?}"
     );
+
+    // A saved config, run again by the engine as `tensormerge merge` would,
+    // gives the same bytes.
+    let config =
+        tensormerge_engine::MergeConfig::from_path(&out.join("configs").join("ties.yml")).unwrap();
+    let again = tmp.path().join("ties-again");
+    let opts = tensormerge_engine::RunOptions::default();
+    tensormerge_engine::run_merge(&config, &again, &opts, &tensormerge_engine::NoProgress).unwrap();
+    let file = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(file(&again), file(&report.row("ties").unwrap().model_dir));
 
     // Same seed, same numbers; the output directory is reused.
     let (again, _) = quick(&out, 0);
