@@ -1,0 +1,253 @@
+//! The commands: thin wrappers over the libraries that print results on stdout.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use tensormerge::builtin;
+use tensormerge::core::DType;
+use tensormerge::engine::{EngineError, MergeConfig, RunOptions, plan, run_merge};
+use tensormerge::methods::{BaseModel, MergeMethod, Scope};
+
+use crate::cli::{Command, DemoArgs, EvalArgs, MergeArgs, MethodsArgs, MethodsCommand};
+use crate::printer::{Printer, Usage};
+
+pub fn run(command: Command, p: &Printer) -> Result<()> {
+    match command {
+        Command::Merge(a) => merge(a, p),
+        Command::Eval(a) => eval(a, p),
+        Command::Methods(a) => methods(a),
+        Command::Inspect(a) => crate::inspect::inspect(a, p),
+        Command::Demo(a) => demo(a, p),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
+    let config = MergeConfig::from_path(&a.config)
+        .map_err(EngineError::from)
+        .with_context(|| format!("invalid config `{}`", a.config.display()))?;
+    let opts = RunOptions {
+        seed: a.seed,
+        out_shard_bytes: a.out_shard_size.0,
+        overwrite: a.overwrite,
+        threads: a.jobs,
+        max_memory: a.max_memory.0,
+    };
+    if a.jobs == Some(0) {
+        return Err(Usage::Arg("--jobs must be at least 1".into()).into());
+    }
+    // Make sure every built-in method is linked and registered.
+    let _ = builtin::registry();
+    if a.dry_run {
+        let plan = plan(&config, &opts)
+            .with_context(|| format!("cannot plan the merge of `{}`", a.config.display()))?;
+        for w in &plan.warnings {
+            p.warn(w);
+        }
+        println!("{plan}");
+        return Ok(());
+    }
+    let report = run_merge(&config, &a.output, &opts, p)
+        .with_context(|| format!("merge of `{}` failed", a.config.display()))?;
+    p.info(&format!(
+        "{} threads, chunks of {} elements, {} read",
+        report.threads,
+        report.chunk_len,
+        human(report.bytes_read)
+    ));
+    println!(
+        "merged {} tensors ({} copied) into {}: {} shard(s), {} written in {:.1} s (method {}, seed {})",
+        report.tensors_merged + report.tensors_copied,
+        report.tensors_copied,
+        report.out_dir.display(),
+        report.shards,
+        human(report.bytes_written),
+        report.seconds,
+        config.merge_method,
+        report.seed
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs, p: &Printer) -> Result<()> {
+    use tensormerge::engine::expr::{EvalOptions, run_eval};
+    let mut models = Vec::new();
+    for m in &a.models {
+        let (name, reference) = m
+            .split_once('=')
+            .ok_or_else(|| Usage::Arg(format!("--model `{m}` is not NAME=PATH")))?;
+        models.push((name.trim().to_string(), reference.trim().to_string()));
+    }
+    let out_dtype = match &a.dtype {
+        None => None,
+        Some(s) => {
+            let d: DType = s
+                .parse()
+                .map_err(|_| Usage::Arg(format!("--dtype: unknown dtype `{s}`")))?;
+            if !d.is_float() {
+                return Err(
+                    Usage::Arg(format!("--dtype: `{s}` is not a floating-point dtype")).into(),
+                );
+            }
+            Some(d)
+        }
+    };
+    let opts = EvalOptions {
+        out_dtype,
+        template: a.template.clone(),
+        max_shard_bytes: a.out_shard_size.0,
+        overwrite: a.overwrite,
+        max_memory: a.max_memory.0,
+    };
+    if a.jobs == Some(0) {
+        return Err(Usage::Arg("--jobs must be at least 1".into()).into());
+    }
+    let pool = match a.jobs {
+        Some(n) => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build()?),
+        None => None,
+    };
+    let go = || run_eval(&a.expr, &models, &a.output, &opts, p);
+    let report = match &pool {
+        Some(pool) => pool.install(go),
+        None => go(),
+    }
+    .with_context(|| format!("evaluation of `{}` failed", a.expr))?;
+    println!(
+        "evaluated {} tensors ({} copied) into {}: {} written",
+        report.tensors_evaluated + report.tensors_copied,
+        report.tensors_copied,
+        report.out_dir.display(),
+        human(report.bytes_written)
+    );
+    Ok(())
+}
+
+fn methods(a: MethodsArgs) -> Result<()> {
+    let reg = builtin::registry();
+    match a.command.unwrap_or(MethodsCommand::List) {
+        MethodsCommand::List => {
+            let methods: Vec<&dyn MergeMethod> = reg.methods().collect();
+            let w = methods
+                .iter()
+                .map(|m| m.info().name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            let mut out = format!("{:<w$}  {:<8}  SUMMARY\n", "NAME", "BASE");
+            for m in methods {
+                let i = m.info();
+                writeln!(
+                    out,
+                    "{:<w$}  {:<8}  {}",
+                    i.name,
+                    base_text(i.base),
+                    i.summary
+                )?;
+            }
+            print!("{out}");
+        }
+        MethodsCommand::Show { name } => {
+            let m = reg.get(&name)?;
+            print!("{}", show(m));
+        }
+    }
+    Ok(())
+}
+
+fn base_text(b: BaseModel) -> &'static str {
+    match b {
+        BaseModel::Required => "required",
+        BaseModel::Optional => "optional",
+        BaseModel::Unused => "unused",
+    }
+}
+
+fn show(m: &dyn MergeMethod) -> String {
+    let i = m.info();
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: {}", i.name, i.summary);
+    let _ = writeln!(out, "paper: {}", i.paper);
+    let _ = writeln!(out, "base model: {}", base_text(i.base));
+    let models = match i.max_models {
+        Some(x) if x == i.min_models => format!("exactly {x}"),
+        Some(x) => format!("{} to {x}", i.min_models),
+        None => format!("at least {}", i.min_models),
+    };
+    let _ = writeln!(out, "models: {models}");
+    let _ = writeln!(
+        out,
+        "large tensors: {}",
+        if m.chunkable() {
+            "merged in chunks"
+        } else {
+            "merged whole"
+        }
+    );
+    if i.params.is_empty() {
+        let _ = writeln!(out, "parameters: none");
+        return out;
+    }
+    let _ = writeln!(out, "parameters:");
+    let nw = i
+        .params
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let kinds: Vec<String> = i.params.iter().map(|s| s.kind.to_string()).collect();
+    let kw = kinds
+        .iter()
+        .map(|k| k.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let defaults: Vec<String> = i.params.iter().map(|s| s.default.to_string()).collect();
+    let dw = defaults.iter().map(|d| d.len()).max().unwrap_or(7).max(7);
+    let _ = writeln!(
+        out,
+        "  {:<nw$}  {:<9}  {:<kw$}  {:<dw$}  DESCRIPTION",
+        "NAME", "SCOPE", "TYPE", "DEFAULT"
+    );
+    for ((s, k), d) in i.params.iter().zip(&kinds).zip(&defaults) {
+        let scope = match s.scope {
+            Scope::PerModel => "per model",
+            Scope::Global => "global",
+        };
+        let pad = kw - k.chars().count();
+        let _ = writeln!(
+            out,
+            "  {:<nw$}  {scope:<9}  {k}{}  {d:<dw$}  {}",
+            s.name,
+            " ".repeat(pad),
+            s.doc
+        );
+    }
+    out
+}
+
+fn demo(a: DemoArgs, p: &Printer) -> Result<()> {
+    let opts = tensormerge_demo::DemoOptions {
+        out: a.output.clone(),
+        seed: a.seed,
+        quick: a.quick,
+    };
+    let report = tensormerge_demo::run(&opts, p).context("the demo failed")?;
+    tensormerge::engine::Progress::finish(p);
+    println!("{report}");
+    Ok(())
+}
