@@ -41,9 +41,11 @@ pub fn draw(path: &Path, panels: &[Panel], references: &[(String, f64)]) -> Resu
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let areas = root.split_evenly((1, n));
     for (panel, area) in panels.iter().zip(&areas) {
+        // Flat lines (methods without a sweep) do not set the x range.
         let xs = panel
             .series
             .iter()
+            .filter(|s| s.points.len() > 1)
             .flat_map(|s| s.points.iter().map(|p| p.0));
         let (mut lo, mut hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
             (lo.min(x), hi.max(x))
