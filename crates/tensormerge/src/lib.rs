@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 pub mod builtin;
+pub mod docs;
 
 pub use tensormerge_core as core;
 pub use tensormerge_engine as engine;

@@ -66,7 +66,7 @@ static PARAMS: &[ParamSpec] = &[ParamSpec::global(
 
 static INFO: MethodInfo = MethodInfo {
     name: "slerp",
-    summary: "spherical linear interpolation between two models, linear when they are nearly parallel",
+    summary: "spherical linear interpolation between two models (the base and one model, or two models), linear when nearly parallel",
     paper: "Shoemake 1985 (SIGGRAPH, quaternion slerp); mergekit's slerp",
     base: BaseModel::Optional,
     min_models: 1,
