@@ -51,22 +51,27 @@ pub struct Accuracy {
 pub struct Setting {
     /// Global `lambda` (scale of the merged task vector).
     pub lambda: Option<f64>,
-    /// Per-model `density` (share of each task vector kept).
+    /// Share of each task vector kept: the per-model `density` (TIES, DARE,
+    /// ...), or the global `select_topk` of `sce` (see `density_key`).
     pub density: Option<f64>,
+    /// The parameter `density` stands for: `"density"` (also when empty) or
+    /// `"select_topk"`.
+    pub density_key: &'static str,
     /// Global `t` (interpolation factor).
     pub t: Option<f64>,
 }
 
 impl fmt::Display for Setting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = [
-            ("density", self.density),
-            ("lambda", self.lambda),
-            ("t", self.t),
-        ]
-        .iter()
-        .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
-        .collect();
+        let key = if self.density_key.is_empty() {
+            "density"
+        } else {
+            self.density_key
+        };
+        let parts: Vec<String> = [(key, self.density), ("lambda", self.lambda), ("t", self.t)]
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+            .collect();
         if parts.is_empty() {
             f.write_str("defaults")
         } else {
@@ -284,12 +289,14 @@ pub fn plan_method(
     };
     let mut fisher_param = None;
     let mut weight_required = false;
-    let (mut lambda, mut density, mut t) = (false, false, false);
+    let (mut lambda, mut density, mut t) = (false, None, false);
     for p in info.params {
         let float = matches!(p.kind, ParamKind::Float { .. });
         match (p.name, p.scope) {
             ("lambda", Scope::Global) if float => lambda = true,
-            ("density", Scope::PerModel) if float => density = true,
+            ("density", Scope::PerModel) | ("select_topk", Scope::Global) if float => {
+                density = Some(p.name);
+            }
             ("t", Scope::Global) if float => t = true,
             (name, Scope::PerModel) if p.kind == ParamKind::ModelRef => fisher_param = Some(name),
             ("weight", Scope::PerModel) if float && p.default == ParamDefault::Required => {
@@ -307,12 +314,13 @@ pub fn plan_method(
     let opt = |v: &[f64]| -> Vec<Option<f64>> { v.iter().map(|&x| Some(x)).collect() };
     let lambda_values = if lambda { opt(lambdas) } else { vec![None] };
     let mut settings = Vec::new();
-    if density {
+    if let Some(key) = density {
         for &d in densities {
             for &l in &lambda_values {
                 settings.push(Setting {
                     lambda: l,
                     density: Some(d),
+                    density_key: key,
                     t: None,
                 });
             }
@@ -373,7 +381,10 @@ pub fn config_yaml(
         if plan.weight_required {
             params.push("weight: 1.0".to_string());
         }
-        if let Some(d) = setting.density {
+        if let Some(d) = setting
+            .density
+            .filter(|_| setting.density_key != "select_topk")
+        {
             params.push(format!("density: {d}"));
         }
         if let Some(name) = plan.fisher_param {
@@ -384,6 +395,12 @@ pub fn config_yaml(
         }
     }
     let mut global = Vec::new();
+    if let Some(d) = setting
+        .density
+        .filter(|_| setting.density_key == "select_topk")
+    {
+        global.push(format!("select_topk: {d}"));
+    }
     if let Some(l) = setting.lambda {
         global.push(format!("lambda: {l}"));
     }
@@ -708,11 +725,13 @@ fn panels(plans: &[MethodPlan], sweep: &[SweepPoint]) -> Vec<Panel> {
                     None => xy.push((d, p.accuracy.joint)),
                 }
             }
-            let label = if first.lambda.is_some() {
-                format!("{} (best λ)", plan.name)
-            } else {
-                plan.name.to_string()
-            };
+            let mut label = plan.name.to_string();
+            if first.density_key == "select_topk" {
+                label += " (select_topk)";
+            }
+            if first.lambda.is_some() {
+                label += " (best λ)";
+            }
             (&mut by_density, label)
         } else if first.lambda.is_some() {
             xy = points
@@ -806,6 +825,16 @@ mod tests {
         params: &[ParamSpec::global("k", FLOAT, ParamDefault::Required, "")],
         ..DARE_LIKE
     };
+    static SCE_LIKE: MethodInfo = MethodInfo {
+        name: "sce_like",
+        params: &[ParamSpec::global(
+            "select_topk",
+            FLOAT,
+            ParamDefault::Float(1.0),
+            "",
+        )],
+        ..DARE_LIKE
+    };
     static INTERP: MethodInfo = MethodInfo {
         name: "interp",
         base: BaseModel::Optional,
@@ -837,6 +866,14 @@ mod tests {
             y.contains("    parameters: {weight: 1.0}\n") && y.contains("parameters: {t: 0.25}\n")
         );
         assert_eq!(Setting::default().to_string(), "defaults");
+        let p = plan_method(&Fake(&SCE_LIKE), &[1.0], &[0.2, 0.4], &[]).unwrap();
+        assert_eq!(p.settings.len(), 2);
+        assert_eq!(p.settings[1].to_string(), "select_topk=0.4");
+        let y = config_yaml(&p, &p.settings[1], true, &inputs(), 1);
+        assert!(
+            y.contains("\nparameters: {select_topk: 0.4}\n") && !y.contains("density"),
+            "{y}"
+        );
     }
 
     fn inputs() -> Inputs {

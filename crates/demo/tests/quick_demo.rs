@@ -157,3 +157,18 @@ fn quick_demo_writes_everything_and_merging_beats_both_fine_tunes() {
     assert_eq!(again.rows, report.rows);
     assert_eq!(again.sweep, report.sweep);
 }
+
+#[test]
+fn an_unusable_output_directory_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let opts = DemoOptions {
+        out: file.join("demo"),
+        seed: 0,
+        quick: true,
+    };
+    let e = run(&opts, &tensormerge_demo::NoProgress).unwrap_err();
+    assert!(matches!(e, tensormerge_demo::DemoError::Io { .. }), "{e:?}");
+    assert!(e.to_string().contains("plain-file"), "{e}");
+}
