@@ -337,3 +337,60 @@ fn density_one_equals_the_non_dropping_counterparts_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn same_seed_same_output_on_one_and_four_threads() {
+    let sizes = [1000, 777, 1500, 64];
+    let infos = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| TensorInfo::new(format!("t{i}"), vec![n], DType::F32))
+        .collect();
+    let layout = Arc::new(Layout::new(infos).unwrap());
+    let total: usize = sizes.iter().sum();
+    let v = |k: f32| {
+        ParamVector::from_vec(
+            layout.clone(),
+            (0..total).map(|i| (i as f32 * 0.37 + k).sin()).collect(),
+        )
+        .unwrap()
+    };
+    let (base, a, b) = (v(0.0), v(1.0), v(2.0));
+    for method in [&DareLinear as &dyn MergeMethod, &DareTies] {
+        let merge = Merge::new(method, vec![], vec![vec![("density", 0.4.into())]; 2])
+            .unwrap()
+            .seed(99)
+            .chunk_len(100);
+        let aux = [None, None];
+        let one = tensormerge_methods::testkit::run_parallel(
+            &merge,
+            1,
+            None,
+            Some(&base),
+            &[&a, &b],
+            &aux,
+        )
+        .unwrap();
+        let four = tensormerge_methods::testkit::run_parallel(
+            &merge,
+            4,
+            None,
+            Some(&base),
+            &[&a, &b],
+            &aux,
+        )
+        .unwrap();
+        let seq = merge.run(Some(&base), &[&a, &b]).unwrap();
+        let bits = |v: &ParamVector| {
+            v.values()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&one), bits(&four));
+        assert_eq!(bits(&one), bits(&seq));
+        let other = merge.clone().seed(100).run(Some(&base), &[&a, &b]).unwrap();
+        assert_ne!(bits(&one), bits(&other));
+    }
+}

@@ -17,6 +17,11 @@
 //!    `normalize` (default true; a zero divisor leaves the entry at 0).
 //! 4. `out = b + λ · merged`.
 //!
+//! With one model, density 1, weight 1 and `normalize`, `ties` returns that
+//! model exactly whenever `x − b` is exact in `f64` (magnitudes of `x` and
+//! `b` within a factor 2²⁹, or either zero); otherwise to `f32` rounding of
+//! `b`.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
