@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -50,6 +51,10 @@ pub struct MergeReport {
     pub threads: usize,
     /// Chunk length in elements.
     pub chunk_len: usize,
+    /// The most memory reserved at once by tensors in flight (working sets
+    /// and buffered results), in bytes: at most the budget, unless a single
+    /// tensor needs more (it then runs alone).
+    pub peak_reserved: u64,
     /// Wall time in seconds.
     pub seconds: f64,
     /// Warnings given along the way.
@@ -134,31 +139,50 @@ fn fetch(
 }
 
 /// In-order admission of tensors under a memory budget.
-struct Scheduler {
+///
+/// A tensor reserves its working set (one chunk of every input, decoded, and
+/// of the result) and, unless it is the next tensor to be written when it
+/// starts (then it streams straight into the writer), room for its encoded
+/// result in the reorder buffer. It is admitted when the reservations fit the
+/// budget, or when nothing else is in flight.
+struct Scheduler<'a> {
     state: Mutex<SchedState>,
     cv: Condvar,
     budget: u64,
-    cost: Vec<u64>,
+    working: &'a [u64],
+    out: &'a [u64],
+    /// The next tensor to be written (owned by [`Output`]).
+    head: &'a AtomicUsize,
+    /// Reorder-buffer bytes reserved by each admitted tensor.
+    reserved_out: Vec<AtomicU64>,
 }
 
 struct SchedState {
     next: usize,
     reserved: u64,
+    peak: u64,
     failed: bool,
 }
 
-impl Scheduler {
+impl Scheduler<'_> {
     fn acquire(&self) -> Option<usize> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if st.failed || st.next >= self.cost.len() {
+            if st.failed || st.next >= self.working.len() {
                 return None;
             }
-            let c = self.cost[st.next];
+            let i = st.next;
+            let out = if self.head.load(Ordering::Acquire) == i {
+                0
+            } else {
+                self.out[i]
+            };
+            let c = self.working[i] + out;
             if st.reserved == 0 || st.reserved.saturating_add(c) <= self.budget {
-                let i = st.next;
                 st.next += 1;
                 st.reserved += c;
+                st.peak = st.peak.max(st.reserved);
+                self.reserved_out[i].store(out, Ordering::Relaxed);
                 return Some(i);
             }
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -172,6 +196,11 @@ impl Scheduler {
         self.cv.notify_all();
     }
 
+    /// Tensor `i` left the reorder buffer.
+    fn written(&self, i: usize) {
+        self.release(self.reserved_out[i].load(Ordering::Relaxed));
+    }
+
     fn fail(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
         self.cv.notify_all();
@@ -182,6 +211,8 @@ impl Scheduler {
 struct Output<'p> {
     plan: &'p Plan,
     state: Mutex<OutState>,
+    /// Mirror of `OutState::next` for the scheduler.
+    head: &'p AtomicUsize,
 }
 
 struct OutState {
@@ -234,6 +265,7 @@ impl Output<'_> {
         st.pending.remove(&idx);
         let mut written = vec![idx];
         st.next += 1;
+        self.head.store(st.next, Ordering::Release);
         loop {
             let n = st.next;
             let Some(p) = st.pending.get_mut(&n) else {
@@ -250,6 +282,7 @@ impl Output<'_> {
             st.pending.remove(&n);
             written.push(n);
             st.next += 1;
+            self.head.store(st.next, Ordering::Release);
         }
         Ok(written)
     }
@@ -342,18 +375,24 @@ pub fn execute(
         working.push(w);
         out_bytes.push(t.out.checked_byte_len().unwrap_or(0) as u64);
     }
+    let head = AtomicUsize::new(0);
     let sched = Scheduler {
         state: Mutex::new(SchedState {
             next: 0,
             reserved: 0,
+            peak: 0,
             failed: false,
         }),
         cv: Condvar::new(),
         budget: opts.max_memory,
-        cost: working.iter().zip(&out_bytes).map(|(a, b)| a + b).collect(),
+        working: &working,
+        out: &out_bytes,
+        head: &head,
+        reserved_out: (0..n).map(|_| AtomicU64::new(0)).collect(),
     };
     let output = Output {
         plan,
+        head: &head,
         state: Mutex::new(OutState {
             writer: Some(writer),
             next: 0,
@@ -384,7 +423,7 @@ pub fn execute(
                     match r {
                         Ok(done) => {
                             for d in done {
-                                sched.release(out_bytes[d]);
+                                sched.written(d);
                             }
                             progress.advance(0, 1);
                         }
@@ -402,6 +441,7 @@ pub fn execute(
         }
     });
     progress.finish();
+    let peak_reserved = sched.state.lock().unwrap_or_else(|e| e.into_inner()).peak;
     let mut errors = errors.into_inner().unwrap_or_else(|e| e.into_inner());
     if !errors.is_empty() {
         errors.sort_by_key(|(i, _)| *i);
@@ -442,6 +482,7 @@ pub fn execute(
         seed: plan.seed,
         threads,
         chunk_len,
+        peak_reserved,
         seconds: start.elapsed().as_secs_f64(),
         warnings: plan.warnings.clone(),
     })
