@@ -186,6 +186,18 @@ impl Opener {
     }
 }
 
+/// Whether two references name the same model: equal strings, or paths
+/// that resolve to the same place (`./base` and `base/`).
+fn same_model(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 /// The model-reference parameters of a model entry (Fisher files).
 fn model_refs(method: &dyn MergeMethod, params: &ParamMap) -> Vec<(String, ModelRef)> {
     let mut out = Vec::new();
@@ -264,7 +276,7 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
             && config
                 .base_model
                 .as_ref()
-                .is_some_and(|b| b.reference == e.model.reference);
+                .is_some_and(|b| same_model(&b.reference, &e.model.reference));
         if is_base {
             base_aux_ref = one_aux(method, &e.parameters, &ParamMap::new())?;
             let ignored: Vec<&str> = e

@@ -744,11 +744,12 @@ fn output_paths_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let base = write_model(&tmp.path().join("base"), &layout(DType::F32), 1, u64::MAX);
     let yaml = format!(
-        "merge_method: engine_test_wsum\nbase_model: {}\nmodels:\n  - model: {}\n",
+        "merge_method: engine_test_wsum\nbase_model: {}\nmodels:\n  - model: {}/\n",
         base.display(),
         base.display()
     );
-    // The base listed as a model is not merged as one: nothing left to merge.
+    // The base listed as a model (spelled differently) is not merged as one:
+    // nothing left to merge.
     let e = merge(&yaml, &tmp.path().join("x"), &opts(1, 1 << 20)).unwrap_err();
     assert!(
         e.to_string().contains("needs at least 1 models, got 0"),
