@@ -578,6 +578,51 @@ fn bad_inputs_have_messages_and_exit_codes() {
 }
 
 #[test]
+fn warnings_quiet_and_color() {
+    let f = fixture();
+    // ties with the default density trims nothing: the method warns.
+    let cfg = f.config(
+        "w.yml",
+        "merge_method: ties\nbase_model: $BASE\nmodels: [{model: $A}, {model: $B}]\n",
+    );
+    let out = f.root.join("out");
+    let o = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("warning: "), "{}", text(&o.stderr));
+    let o = run(&[
+        "-q",
+        "merge",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(o.status.success());
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    let o = run(&[
+        "merge",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-v",
+        "--overwrite",
+    ]);
+    assert!(
+        text(&o.stderr).contains("threads, chunks of"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run(&["methods", "show", "nope", "--color", "always"]);
+    assert!(
+        text(&o.stderr).starts_with("\x1b[1;31merror:\x1b[0m"),
+        "{:?}",
+        text(&o.stderr)
+    );
+    let o = run(&["methods", "show", "nope"]);
+    assert!(text(&o.stderr).starts_with("error: "));
+}
+
+#[test]
 fn help_snapshots() {
     for (name, args) in [
         ("help", vec!["--help"]),
