@@ -1,22 +1,71 @@
 //! # tensormerge-engine
 //!
-//! Mergekit-compatible configs ([`MergeConfig`]), the planner, the streaming
-//! executor and the expression language ([`expr`]).
+//! Mergekit-compatible configs ([`MergeConfig`]), the planner ([`plan`]),
+//! the streaming executor ([`run_merge`], [`execute`]) and the expression
+//! language ([`expr`]). A whole merge, on models written by the example:
 //!
 //! ```
-//! use tensormerge_engine::MergeConfig;
+//! use tensormerge_core::{convert, DType, TensorInfo};
+//! use tensormerge_engine::{run_merge, MergeConfig, NoProgress, RunOptions};
+//! use tensormerge_io::{Model, ModelWriter, WriterOptions};
+//! use tensormerge_methods::*;
 //!
-//! let config = MergeConfig::from_yaml_str(
-//!     "merge_method: task_arithmetic\n\
-//!      base_model: ./base\n\
-//!      models:\n  - model: ./legal\n    parameters: {weight: [0.5, 1.0]}\n  - model: ./recipe\n\
-//!      parameters: {weight: 0.3}\n\
-//!      dtype: bfloat16\n",
-//! )
+//! // A method (built-in ones come from the `tensormerge` facade): base + Σ w·τ.
+//! struct Sum;
+//! static INFO: MethodInfo = MethodInfo {
+//!     name: "doc_sum", summary: "", paper: "", base: BaseModel::Required,
+//!     min_models: 1, max_models: None,
+//!     params: &[ParamSpec::per_model_float("weight", -9.0, 9.0, Default::Float(1.0), "w")],
+//! };
+//! impl MergeMethod for Sum {
+//!     fn info(&self) -> &'static MethodInfo { &INFO }
+//!     fn merge(&self, c: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+//!         let b = c.base.unwrap();
+//!         for (i, o) in out.iter_mut().enumerate() {
+//!             *o = b[i];
+//!             for (m, p) in c.models.iter().zip(c.tensor.models) {
+//!                 *o += p.f32("weight")? * (m[i] - b[i]);
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! register_method!(Sum);
+//!
+//! let tmp = tempfile::tempdir().unwrap();
+//! let write = |name: &str, w: [f32; 2]| {
+//!     let dir = tmp.path().join(name);
+//!     let t = vec![TensorInfo::new("model.layers.0.w", vec![2], DType::F32)];
+//!     let mut wr = ModelWriter::create(&dir, t, WriterOptions::default()).unwrap();
+//!     wr.write("model.layers.0.w", &convert::encode_f32_vec(DType::F32, &w).unwrap()).unwrap();
+//!     wr.finish().unwrap();
+//!     dir.display().to_string()
+//! };
+//! let (base, legal) = (write("base", [1.0, 1.0]), write("legal", [3.0, 0.0]));
+//! let config = MergeConfig::from_yaml_str(&format!(
+//!     "merge_method: doc_sum\nbase_model: {base}\nmodels:\n  - model: {legal}\n    parameters: {{weight: 0.5}}\ndtype: bfloat16\n"
+//! ))
 //! .unwrap();
-//! assert_eq!(config.models.len(), 2);
-//! assert_eq!(config.output_dtype(), Some(tensormerge_core::DType::BF16));
+//! let out = tmp.path().join("merged");
+//! let report = run_merge(&config, &out, &RunOptions::default(), &NoProgress).unwrap();
+//! assert_eq!(report.tensors_merged, 1);
+//! let merged = Model::open_path(&out).unwrap();
+//! assert_eq!(merged.tensor_info("model.layers.0.w").unwrap().dtype, DType::BF16);
+//! assert_eq!(merged.read_f32_vec("model.layers.0.w").unwrap(), vec![2.0, 0.5]);
 //! ```
+//!
+//! * [`config`]: the YAML format and where it differs from mergekit.
+//! * [`plan`] opens every input (headers only), reports every tensor whose
+//!   name or shape differs between inputs at once, resolves each tensor's
+//!   parameters (gradients over the layer index, filters) and lays out the
+//!   output shards; its `Display` is `tensormerge merge --dry-run`.
+//! * [`execute`] streams: a method's whole-model pass first, then tensors in
+//!   parallel under a memory budget, chunk by chunk, through the same pass
+//!   protocol as the in-memory `Merge` (bit-identical results on any number
+//!   of threads), into a writer that renames the output into place only when
+//!   it is complete.
+//! * Libraries report progress through [`Progress`]; the command line draws
+//!   it.
 #![deny(missing_docs)]
 
 pub mod config;
