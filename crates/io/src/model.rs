@@ -85,6 +85,12 @@ impl Model {
         if meta.is_dir() {
             return Self::open_dir(path);
         }
+        if !meta.is_file() {
+            // A FIFO would block `open` forever; devices and sockets are no models.
+            return Err(IoError::NotRegularFile {
+                path: path.to_path_buf(),
+            });
+        }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
