@@ -63,6 +63,13 @@ pub enum IoError {
         /// The model directory (for the conversion command).
         dir: PathBuf,
     },
+    /// A path that is neither a directory nor a regular file (a pipe, socket or
+    /// device), refused before it is opened (opening a pipe would block).
+    #[error("{}: not a regular file (a pipe, socket or device); refusing to read it", path.display())]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// A file given directly that is not a `.safetensors` file or an index.
     #[error("{}: not a .safetensors file or a model.safetensors.index.json", path.display())]
     UnsupportedFile {

@@ -45,8 +45,20 @@
 //! that name the file, and the tensor where there is one. Pickle checkpoints
 //! are refused with instructions for converting them.
 //!
-//! With the cargo feature `hub`, [`Model::open`] also accepts hub ids
-//! `org/name[@revision]`.
+//! Headers are parsed here rather than through the `safetensors` crate, so
+//! that each malformed input gets its own error variant naming the file and
+//! the tensor, and so that tensors come out in data-offset order (the crate
+//! returns hash order); the tests read our files back with the `safetensors`
+//! crate as an independent check, and read files it wrote.
+//!
+//! ## Hub
+//!
+//! [`Model::open`] also accepts hub ids `org/name[@revision]` when no such
+//! path exists. Options come from the environment ([`HubOptions::from_env`]:
+//! `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`);
+//! [`Model::open_hub`] takes them explicitly. Cached models open offline in
+//! every build; downloading needs the cargo feature `hub` (hf-hub 0.5 with
+//! its blocking `ureq` client and rustls).
 #![deny(missing_docs)]
 
 mod error;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tensormerge_core::{DType, Layout, TensorInfo};
 
@@ -75,7 +76,7 @@ struct ShardPlan {
 /// time. Memory holds no more than a write buffer.
 ///
 /// Output goes to a temporary sibling directory
-/// (`.<name>.tensormerge-tmp-<pid>`); [`finish`](ModelWriter::finish) renames
+/// (`.<name>.tensormerge-tmp-<pid>-<n>`); [`finish`](ModelWriter::finish) renames
 /// it into place. Dropping the writer without `finish` (an error, a panic, an
 /// interrupt that unwinds) removes the temporary directory, so nothing that
 /// looks like a finished model is ever left behind.
@@ -151,7 +152,12 @@ impl ModelWriter {
             _ => {}
         }
         std::fs::create_dir_all(&parent).map_err(|e| IoError::io(&parent, e))?;
-        let tmp = parent.join(format!(".{name}.tensormerge-tmp-{}", std::process::id()));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = parent.join(format!(
+            ".{name}.tensormerge-tmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         if tmp.symlink_metadata().is_ok() {
             // A leftover of a crashed run of a process with our id: ours by name.
             remove_path(&tmp).map_err(|e| IoError::io(&tmp, e))?;
@@ -362,9 +368,11 @@ impl ModelWriter {
             // overwrite was checked at create; move the old output aside first
             // so that a failure leaves either the old or the new model.
             let name = self.out.file_name().expect("checked").to_string_lossy();
+            let tmp_name = self.tmp.file_name().expect("named").to_string_lossy();
+            let suffix = tmp_name.rsplit_once("-tmp-").map_or("0", |(_, id)| id);
             let old = self
                 .tmp
-                .with_file_name(format!(".{name}.tensormerge-old-{}", std::process::id()));
+                .with_file_name(format!(".{name}.tensormerge-old-{suffix}"));
             if !self.opts.overwrite {
                 return Err(IoError::OutputExists {
                     path: self.out.clone(),
@@ -538,8 +546,7 @@ fn check_protected(
     if protected.is_empty() {
         return Ok(());
     }
-    let out_abs = resolve_nonexistent(parent).join(name);
-    let out_abs = out_abs.canonicalize().unwrap_or(out_abs);
+    let out_abs = resolve_nonexistent(&parent.join(name));
     for p in protected {
         let p_abs = p.canonicalize().unwrap_or_else(|_| resolve_nonexistent(p));
         if out_abs.starts_with(&p_abs) || p_abs.starts_with(&out_abs) {
@@ -552,29 +559,31 @@ fn check_protected(
     Ok(())
 }
 
-/// Canonicalizes the longest existing ancestor of `p` and appends the rest.
+/// Canonicalizes the longest existing prefix of `p` and applies the rest of
+/// its components lexically (they do not exist yet, so `..` after them can
+/// only undo them).
 fn resolve_nonexistent(p: &Path) -> PathBuf {
+    use std::path::Component;
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {
         std::env::current_dir().unwrap_or_default().join(p)
     };
-    let mut rest = Vec::new();
-    let mut cur = abs.as_path();
-    loop {
-        if let Ok(c) = cur.canonicalize() {
-            let mut out = c;
-            for r in rest.iter().rev() {
-                out.push(r);
+    let comps: Vec<Component<'_>> = abs.components().collect();
+    for k in (1..=comps.len()).rev() {
+        let prefix: PathBuf = comps[..k].iter().collect();
+        if let Ok(mut c) = prefix.canonicalize() {
+            for comp in &comps[k..] {
+                match comp {
+                    Component::ParentDir => {
+                        c.pop();
+                    }
+                    Component::Normal(n) => c.push(n),
+                    _ => {}
+                }
             }
-            return out;
-        }
-        match (cur.parent(), cur.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                cur = parent;
-            }
-            _ => return abs,
+            return c;
         }
     }
+    abs
 }

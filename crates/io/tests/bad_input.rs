@@ -443,3 +443,79 @@ fn pickle_checkpoints_are_refused_with_a_conversion_hint() {
         IoError::AmbiguousWeights { .. }
     ));
 }
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+    use tensormerge_core::TensorSource;
+
+    fn valid_file() -> Vec<u8> {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        write_model(
+            &dir,
+            &[
+                ("a", vec![2, 3], DType::BF16, vec![1.0; 6]),
+                ("b", vec![3], DType::F32, vec![2.0; 3]),
+                ("c", vec![1], DType::I64, vec![3.0]),
+            ],
+            WriterOptions::default(),
+        );
+        std::fs::read(dir.join("model.safetensors")).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Flipped bytes and truncation never panic: either a typed error
+        /// naming the file, or a model whose every tensor reads back.
+        #[test]
+        fn corrupted_files_fail_cleanly(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            do_cut in any::<bool>(),
+        ) {
+            let mut bytes = valid_file();
+            for (i, v) in &flips {
+                let i = i.index(bytes.len());
+                bytes[i] = *v;
+            }
+            if do_cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("fuzz.safetensors");
+            std::fs::write(&p, &bytes).unwrap();
+            match Model::open_path(&p) {
+                Err(e) => prop_assert!(e.to_string().contains("fuzz.safetensors"), "{}", e),
+                Ok(m) => {
+                    for t in m.layout().tensors() {
+                        let b = m.read_bytes(&t.name).unwrap();
+                        prop_assert_eq!(b.len(), t.checked_byte_len().unwrap());
+                        if t.dtype.is_float() {
+                            m.read_f32_vec(&t.name).unwrap();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn pipes_are_refused_without_opening_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("p.safetensors");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        // mkfifo is part of every POSIX system; without it there is no pipe to test.
+        return;
+    }
+    let e = Model::open_path(&fifo).unwrap_err();
+    assert!(matches!(e, IoError::NotRegularFile { .. }), "{e}");
+}

@@ -392,17 +392,37 @@ fn existing_output_and_protected_inputs() {
         );
     }
     // A relative spelling of the same directory is caught too.
-    let sneaky = tmp.path().join("base/../base/sub");
-    let e = ModelWriter::create(
-        &sneaky,
-        infos.clone(),
-        WriterOptions {
-            protected: vec![base.clone()],
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
-    assert!(matches!(e, IoError::OutputIsInput { .. }), "{e}");
+    for sneaky in [
+        "base/../base/sub",
+        "new/../base/sub",
+        "new/deeper/../../base",
+    ] {
+        let e = ModelWriter::create(
+            &tmp.path().join(sneaky),
+            infos.clone(),
+            WriterOptions {
+                protected: vec![base.clone()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, IoError::OutputIsInput { .. }), "{sneaky}: {e}");
+    }
+    #[cfg(unix)]
+    {
+        // Through a symbolic link to the input.
+        std::os::unix::fs::symlink(&base, tmp.path().join("alias")).unwrap();
+        let e = ModelWriter::create(
+            &tmp.path().join("alias/sub"),
+            infos.clone(),
+            WriterOptions {
+                protected: vec![base.clone()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, IoError::OutputIsInput { .. }), "{e}");
+    }
 
     // Overwrite replaces the old directory only at finish.
     let out = tmp.path().join("out");
@@ -569,4 +589,35 @@ fn models_with_different_layouts_do_not_map() {
     );
     let e = mapper.load(c.to_str().unwrap()).unwrap_err();
     assert!(e.to_string().contains("`v`"), "{e}");
+}
+
+#[test]
+fn models_are_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Model>();
+    assert_send_sync::<IoError>();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let tensors: Vec<_> = (0..8)
+        .map(|i| (format!("t{i}"), vec![i as f32; 16]))
+        .collect();
+    let specs: Vec<_> = tensors
+        .iter()
+        .map(|(n, v)| (n.as_str(), vec![16], DType::F16, v.clone()))
+        .collect();
+    write_model(
+        &dir,
+        &specs,
+        WriterOptions {
+            max_shard_bytes: 64,
+            ..Default::default()
+        },
+    );
+    let m = Model::open_path(&dir).unwrap();
+    std::thread::scope(|s| {
+        for (n, v) in &tensors {
+            let m = &m;
+            s.spawn(move || assert_eq!(&m.read_f32_vec(n).unwrap(), v));
+        }
+    });
 }
