@@ -87,8 +87,8 @@ pub struct SweepPoint {
     pub method: String,
     /// The setting merged with.
     pub setting: Setting,
-    /// Whether the base model was passed to the method.
-    pub with_base: bool,
+    /// Which models the method was given.
+    pub arrangement: Arrangement,
     /// Accuracy of the merged model.
     pub accuracy: Accuracy,
 }
@@ -239,13 +239,37 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DemoError + '_ {
     }
 }
 
+/// Which models a merge is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrangement {
+    /// `base_model`: the base; `models`: fine-tunes A and B.
+    BaseAndBoth,
+    /// `models`: fine-tunes A and B, no base.
+    BothOnly,
+    /// `base_model`: fine-tune A; `models`: fine-tune B (methods between two
+    /// endpoints, such as slerp: `t = 0` is A, `t = 1` is B).
+    AToB,
+}
+
+impl Arrangement {
+    /// Short name for the CSV: `base+A+B`, `A+B` or `A->B`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arrangement::BaseAndBoth => "base+A+B",
+            Arrangement::BothOnly => "A+B",
+            Arrangement::AToB => "A->B",
+        }
+    }
+}
+
 /// How one registered method is run in this experiment.
 #[derive(Debug, Clone)]
 pub struct MethodPlan {
     /// The method.
     pub name: &'static str,
-    /// Bases to try in order (an optional base is tried without, then with).
-    pub base_options: Vec<bool>,
+    /// Arrangements to try in order (an optional base is tried without,
+    /// then with).
+    pub arrangements: Vec<Arrangement>,
     /// Whether each model gets its Fisher file (a per-model model-reference
     /// parameter such as `fisher`), and under which name.
     pub fisher_param: Option<&'static str>,
@@ -267,7 +291,11 @@ pub fn plan_method(
     ts: &[f64],
 ) -> Result<MethodPlan, String> {
     let info = method.info();
-    if info.max_models.is_some_and(|m| m < 2) {
+    // A method of a base and one model interpolates between two endpoints:
+    // it gets fine-tune A as its base and B as its model.
+    let two_endpoints =
+        info.max_models == Some(1) && info.min_models <= 1 && info.base != BaseModel::Unused;
+    if info.max_models.is_some_and(|m| m < 2) && !two_endpoints {
         return Err(format!(
             "takes at most {} model(s); the demo merges two fine-tunes",
             info.max_models.unwrap_or(0)
@@ -279,13 +307,15 @@ pub fn plan_method(
             info.min_models
         ));
     }
-    let base_options = match info.base {
-        BaseModel::Required => vec![true],
+    use Arrangement::*;
+    let arrangements = match info.base {
+        _ if two_endpoints => vec![AToB],
+        BaseModel::Required => vec![BaseAndBoth],
         // Merge the two fine-tunes alone where the base is optional (slerp
         // between them, Fisher averaging as in the paper); with the base only
         // if that fails.
-        BaseModel::Optional => vec![false, true],
-        BaseModel::Unused => vec![false],
+        BaseModel::Optional => vec![BothOnly, BaseAndBoth],
+        BaseModel::Unused => vec![BothOnly],
     };
     let mut fisher_param = None;
     let mut weight_required = false;
@@ -340,7 +370,7 @@ pub fn plan_method(
     }
     Ok(MethodPlan {
         name: info.name,
-        base_options,
+        arrangements,
         fisher_param,
         weight_required,
         settings,
@@ -366,16 +396,24 @@ fn quoted(p: &Path) -> String {
 pub fn config_yaml(
     plan: &MethodPlan,
     setting: &Setting,
-    with_base: bool,
+    arrangement: Arrangement,
     inputs: &Inputs,
     seed: u64,
 ) -> String {
     let mut y = format!("merge_method: {}\n", plan.name);
-    if with_base {
-        y += &format!("base_model: {}\n", quoted(&inputs.base));
-    }
+    let skip = match arrangement {
+        Arrangement::BaseAndBoth => {
+            y += &format!("base_model: {}\n", quoted(&inputs.base));
+            0
+        }
+        Arrangement::BothOnly => 0,
+        Arrangement::AToB => {
+            y += &format!("base_model: {}\n", quoted(&inputs.models[0]));
+            1
+        }
+    };
     y += "models:\n";
-    for (model, fisher) in inputs.models.iter().zip(&inputs.fishers) {
+    for (model, fisher) in inputs.models.iter().zip(&inputs.fishers).skip(skip) {
         y += &format!("  - model: {}\n", quoted(model));
         let mut params = Vec::new();
         if plan.weight_required {
@@ -584,8 +622,8 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
         let mut failure = None;
         for setting in &plan.settings {
             let mut done = None;
-            for &with_base in &plan.base_options {
-                let yaml = config_yaml(plan, setting, with_base, &inputs, opts.seed);
+            for &arrangement in &plan.arrangements {
+                let yaml = config_yaml(plan, setting, arrangement, &inputs, opts.seed);
                 let job = Job {
                     plan,
                     setting,
@@ -593,20 +631,20 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
                 };
                 match merge(&job, &scratch) {
                     Ok(()) => {
-                        done = Some((with_base, yaml));
+                        done = Some((arrangement, yaml));
                         break;
                     }
                     Err(e) => failure = Some(e),
                 }
             }
             progress.advance(1);
-            let Some((with_base, yaml)) = done else {
+            let Some((arrangement, yaml)) = done else {
                 continue;
             };
             let point = SweepPoint {
                 method: plan.name.to_string(),
                 setting: *setting,
-                with_base,
+                arrangement,
                 accuracy: tests.evaluate(&read_model(&scratch, &LAYER_SIZES)?),
             };
             if best
@@ -670,7 +708,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
 }
 
 /// Header of the CSV.
-pub const CSV_HEADER: &str = "model,with_base,density,lambda,t,task_a,task_b,joint,best";
+pub const CSV_HEADER: &str = "model,inputs,density,lambda,t,task_a,task_b,joint,best";
 
 fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
@@ -690,7 +728,7 @@ fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
         s += &format!(
             "{},{},{},{},{},{:.4},{:.4},{:.4},{}\n",
             p.method,
-            p.with_base,
+            p.arrangement.as_str(),
             f(p.setting.density),
             f(p.setting.lambda),
             f(p.setting.t),
@@ -816,7 +854,14 @@ mod tests {
     };
     static ONE_MODEL: MethodInfo = MethodInfo {
         name: "one_model",
+        base: BaseModel::Unused,
         max_models: Some(1),
+        ..DARE_LIKE
+    };
+    static ENDPOINTS: MethodInfo = MethodInfo {
+        name: "endpoints",
+        max_models: Some(1),
+        params: &[ParamSpec::global("t", FLOAT, ParamDefault::Required, "")],
         ..DARE_LIKE
     };
     static NEEDS_K: MethodInfo = MethodInfo {
@@ -850,18 +895,28 @@ mod tests {
         let p = plan_method(&Fake(&DARE_LIKE), &[0.5, 1.0], &[0.1, 0.2, 0.3], &[0.5]).unwrap();
         assert_eq!(p.settings.len(), 6);
         assert_eq!(p.settings[1].to_string(), "density=0.1 lambda=1");
-        assert_eq!(p.base_options, vec![true]);
+        assert_eq!(p.arrangements, vec![Arrangement::BaseAndBoth]);
         assert_eq!(p.fisher_param, Some("fisher"));
         let e = plan_method(&Fake(&ONE_MODEL), &[1.0], &[1.0], &[1.0]).unwrap_err();
         assert!(e.contains("at most 1"), "{e}");
+        let p = plan_method(&Fake(&ENDPOINTS), &[1.0], &[1.0], &[0.5]).unwrap();
+        assert_eq!(p.arrangements, vec![Arrangement::AToB]);
+        let y = config_yaml(&p, &p.settings[0], Arrangement::AToB, &inputs(), 1);
+        assert_eq!(
+            y,
+            "merge_method: endpoints\nbase_model: \"/m/a\"\nmodels:\n  - model: \"/m/b\"\nparameters: {t: 0.5}\ndtype: float32\nseed: 1\n"
+        );
         let e = plan_method(&Fake(&NEEDS_K), &[1.0], &[1.0], &[1.0]).unwrap_err();
         assert!(e.contains("`k`"), "{e}");
         let p = plan_method(&Fake(&INTERP), &[1.0], &[1.0], &[0.25, 0.75]).unwrap();
-        assert_eq!(p.base_options, vec![false, true]);
+        assert_eq!(
+            p.arrangements,
+            vec![Arrangement::BothOnly, Arrangement::BaseAndBoth]
+        );
         assert_eq!(p.settings.len(), 2);
         assert_eq!(p.settings[0].to_string(), "t=0.25");
         assert!(p.weight_required && p.fisher_param.is_none());
-        let y = config_yaml(&p, &p.settings[0], false, &inputs(), 1);
+        let y = config_yaml(&p, &p.settings[0], Arrangement::BothOnly, &inputs(), 1);
         assert!(
             y.contains("    parameters: {weight: 1.0}\n") && y.contains("parameters: {t: 0.25}\n")
         );
@@ -869,7 +924,7 @@ mod tests {
         let p = plan_method(&Fake(&SCE_LIKE), &[1.0], &[0.2, 0.4], &[]).unwrap();
         assert_eq!(p.settings.len(), 2);
         assert_eq!(p.settings[1].to_string(), "select_topk=0.4");
-        let y = config_yaml(&p, &p.settings[1], true, &inputs(), 1);
+        let y = config_yaml(&p, &p.settings[1], Arrangement::BaseAndBoth, &inputs(), 1);
         assert!(
             y.contains("\nparameters: {select_topk: 0.4}\n") && !y.contains("density"),
             "{y}"
@@ -888,12 +943,24 @@ mod tests {
     fn configs_are_mergekit_yaml() {
         let plan = plan_method(&Fake(&DARE_LIKE), &[0.5], &[0.3], &[]).unwrap();
         let inputs = inputs();
-        let y = config_yaml(&plan, &plan.settings[0], true, &inputs, 7);
+        let y = config_yaml(
+            &plan,
+            &plan.settings[0],
+            Arrangement::BaseAndBoth,
+            &inputs,
+            7,
+        );
         assert_eq!(
             y,
             "merge_method: dare_like\nbase_model: \"/m/base\"\nmodels:\n  - model: \"/m/a\"\n    parameters: {density: 0.3, fisher: \"/m/fa\"}\n  - model: \"/m/b\"\n    parameters: {density: 0.3, fisher: \"/m/fb\"}\nparameters: {lambda: 0.5}\ndtype: float32\nseed: 7\n"
         );
-        let y = config_yaml(&plan, &Setting::default(), false, &inputs, 0);
+        let y = config_yaml(
+            &plan,
+            &Setting::default(),
+            Arrangement::BothOnly,
+            &inputs,
+            0,
+        );
         assert!(!y.contains("base_model") && !y.contains("\nparameters"));
     }
 }
