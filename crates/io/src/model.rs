@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
 use serde::Deserialize;
-use tensormerge_core::{CoreError, Layout, TensorInfo, TensorSource, convert};
+use tensormerge_core::{CoreError, DType, Layout, TensorInfo, TensorSource, convert};
 
 use crate::IoError;
 use crate::header::{self, OrderedObject};
@@ -22,6 +22,8 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
+    /// Kept open to notice a file cut short while mapped (see `Model::raw`).
+    file: File,
     map: Mmap,
     metadata: BTreeMap<String, String>,
 }
@@ -234,6 +236,7 @@ impl Model {
             }
             shards.push(Shard {
                 path,
+                file,
                 map,
                 metadata: header.metadata,
             });
@@ -320,10 +323,25 @@ impl Model {
             .position(name)
             .ok_or_else(|| self.unknown(name))?;
         let loc = &self.located[i];
-        Ok((
-            &self.layout.tensors()[i],
-            &self.shards[loc.shard].map[loc.bytes.clone()],
-        ))
+        let shard = &self.shards[loc.shard];
+        // Touching mapped pages past the end of a file that another program
+        // truncated kills the process with SIGBUS: check the length first.
+        // (A truncation racing with the copy itself cannot be caught here.)
+        let len = shard
+            .file
+            .metadata()
+            .map_err(|e| IoError::io(&shard.path, e))?
+            .len();
+        if len < shard.map.len() as u64 {
+            return Err(IoError::io(
+                &shard.path,
+                std::io::Error::other(format!(
+                    "the file shrank from {} to {len} bytes while open (modified by another program?)",
+                    shard.map.len()
+                )),
+            ));
+        }
+        Ok((&self.layout.tensors()[i], &shard.map[loc.bytes.clone()]))
     }
 
     /// The stored little-endian bytes of one tensor (any dtype), borrowed from
@@ -378,6 +396,20 @@ impl Model {
             context: format!("{}: tensor `{name}`", self.name),
             source,
         })
+    }
+
+    /// The values of a floating-point tensor as `f32`: borrowed straight from
+    /// the memory map when the tensor is stored as F32 at a 4-byte-aligned
+    /// address (zero copy), decoded into a new vector otherwise (other float
+    /// dtypes, or misaligned data).
+    pub fn tensor_f32(&self, name: &str) -> Result<Cow<'_, [f32]>, IoError> {
+        let (info, bytes) = self.raw(name)?;
+        if info.dtype == DType::F32 && cfg!(target_endian = "little") {
+            if let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                return Ok(Cow::Borrowed(values));
+            }
+        }
+        self.read_f32_vec(name).map(Cow::Owned)
     }
 
     /// Decodes a whole floating-point tensor to a new vector.

@@ -145,6 +145,10 @@ fn misaligned_data_decodes() {
     std::fs::write(&path, raw_file(&header, &data)).unwrap();
     let m = Model::open_path(&path).unwrap();
     assert_eq!(m.read_f32_vec("x").unwrap(), vec![1.25, -2.5]);
+    // F32 at an odd address: decoded into a copy rather than borrowed.
+    let y = m.tensor_f32("y").unwrap();
+    assert!(matches!(y, std::borrow::Cow::Owned(_)));
+    assert_eq!(&*y, &[7.5]);
     let mut one = [0f32];
     m.read_f32_range("x", 1..2, &mut one).unwrap();
     assert_eq!(one, [-2.5]);
@@ -157,6 +161,12 @@ fn read_f32_range_checks_bounds_and_dtype() {
     let dir = tmp.path().join("m");
     write_model(&dir, &small_model(), WriterOptions::default());
     let m = Model::open(dir.to_str().unwrap()).unwrap();
+    // Our writer aligns the data section: F32 is borrowed from the map.
+    let bias = m.tensor_f32("a.bias").unwrap();
+    assert!(matches!(bias, std::borrow::Cow::Borrowed(_)));
+    assert_eq!(&*bias, &[0.1, 0.2, 0.3]);
+    assert_eq!(&*m.tensor_f32("b.half").unwrap(), &[1.5, -3.0]);
+    assert!(m.tensor_f32("m.ids").is_err());
     let mut out = [0f32; 2];
     m.read_f32_range("z.embed", 2..4, &mut out).unwrap();
     assert_eq!(out, [0.5, 0.25]);
