@@ -404,10 +404,11 @@ impl Model {
     /// dtypes, or misaligned data).
     pub fn tensor_f32(&self, name: &str) -> Result<Cow<'_, [f32]>, IoError> {
         let (info, bytes) = self.raw(name)?;
-        if info.dtype == DType::F32 && cfg!(target_endian = "little") {
-            if let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
-                return Ok(Cow::Borrowed(values));
-            }
+        if info.dtype == DType::F32
+            && cfg!(target_endian = "little")
+            && let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes)
+        {
+            return Ok(Cow::Borrowed(values));
         }
         self.read_f32_vec(name).map(Cow::Owned)
     }
