@@ -281,8 +281,8 @@ fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<(Duration
 }
 
 /// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
-/// RSS in bytes).
-fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64)> {
+/// RSS in bytes, CPU time user + system).
+fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
     let t = Instant::now();
     let child = cmd.spawn().context("starting tensormerge")?;
     let pid = child.id() as libc::pid_t;
@@ -301,8 +301,10 @@ fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64)> {
     } else {
         -1
     };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
     // Linux reports ru_maxrss in KiB.
-    Ok((wall, code, usage.ru_maxrss as u64 * 1024))
+    Ok((wall, code, usage.ru_maxrss as u64 * 1024, cpu))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -457,6 +459,16 @@ pub fn run(args: &[String]) -> Result<()> {
         shape.vocab, shape.ctx, shape.d, shape.layers, params
     );
     println!("binary: {}", bin.display());
+    let load = |when: &str| {
+        if let Ok(l) = fs::read_to_string("/proc/loadavg") {
+            println!(
+                "load average {when}: {} ({} cores)",
+                l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+        }
+    };
+    load("before");
     println!(
         "{:<5} {:<16} {:>9} {:>11} {:>10} {:>9} {:>7} {:>7}  verdict",
         "dtype", "method", "wall", "input/s", "peak RSS", "floor", "ratio", "target"
@@ -536,7 +548,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 .stdin(Stdio::null())
                 .stdout(File::create(dir.join(format!("{method}.log")))?)
                 .stderr(File::create(&err_path)?);
-            let (wall, code, rss) = run_measured(&mut cmd)?;
+            let (wall, code, rss, cpu) = run_measured(&mut cmd)?;
             let written = dir_bytes(&out);
             let _ = fs::remove_dir_all(&out);
             let label = format!("{} {method}", dt.label());
@@ -557,7 +569,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 missed.push(label);
             }
             println!(
-                "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>6.0} MiB {:>8.3}s {:>6.2}x {:>6.1}x  {}",
+                "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>6.0} MiB {:>8.3}s {:>6.2}x {:>6.1}x  {} (cpu {:.2} s)",
                 dt.label(),
                 method,
                 wall.as_secs_f64(),
@@ -571,10 +583,12 @@ pub fn run(args: &[String]) -> Result<()> {
                     (false, true) => "SLOW",
                     (true, false) => "RSS over 512 MiB",
                     (false, false) => "SLOW, RSS over 512 MiB",
-                }
+                },
+                cpu.as_secs_f64()
             );
         }
     }
+    load("after");
     if !missed.is_empty() {
         println!("missed or failed: {}", missed.join(", "));
         if args.check {
