@@ -93,6 +93,17 @@ pub struct SweepPoint {
     pub accuracy: Accuracy,
 }
 
+impl SweepPoint {
+    /// The setting, and the inputs when they are not the base and both
+    /// fine-tunes: `density=0.3 lambda=1`, `defaults (A+B)`, `t=0.5 (A->B)`.
+    pub fn label(&self) -> String {
+        match self.arrangement {
+            Arrangement::BaseAndBoth => self.setting.to_string(),
+            other => format!("{} ({})", self.setting, other.as_str()),
+        }
+    }
+}
+
 /// One row of the report table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReportRow {
@@ -673,7 +684,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
                 std::fs::write(&config, &yaml).map_err(io_err(&config))?;
                 rows.push(ReportRow {
                     name: plan.name.to_string(),
-                    setting: point.setting.to_string(),
+                    setting: point.label(),
                     accuracy: point.accuracy,
                     model_dir: dir,
                 });
@@ -723,7 +734,7 @@ fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
     for p in sweep {
         let best = rows
             .iter()
-            .any(|r| r.name == p.method && r.setting == p.setting.to_string());
+            .any(|r| r.name == p.method && r.setting == p.label());
         let a = p.accuracy;
         s += &format!(
             "{},{},{},{},{},{:.4},{:.4},{:.4},{}\n",
