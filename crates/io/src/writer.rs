@@ -383,9 +383,17 @@ impl ModelWriter {
                 let _ = std::fs::rename(&old, &self.out);
                 return Err(IoError::io(&self.out, e));
             }
-            remove_path(&old).map_err(|e| IoError::io(&old, e))?;
+            // The new model is in place; failing to delete the old one (hidden
+            // name) must not turn a finished write into an error.
+            let _ = remove_path(&old);
         } else {
             std::fs::rename(&self.tmp, &self.out).map_err(|e| IoError::io(&self.out, e))?;
+        }
+        // Make the rename itself durable.
+        if let Some(parent) = self.tmp.parent()
+            && let Ok(d) = File::open(parent)
+        {
+            let _ = d.sync_all();
         }
         self.finished = true;
         Ok(self.out.clone())
