@@ -24,6 +24,11 @@ pub const LAYER_SIZES: [usize; 4] = [64, 128, 128, 10];
 /// Share of the data held out for testing.
 pub const TEST_FRACTION: f64 = 0.25;
 
+/// Share of the remaining (training) data held out to choose each method's
+/// setting, so that the test accuracies in the table are not tuned on the
+/// test split.
+pub const VALIDATION_FRACTION: f64 = 0.15;
+
 /// Options of one run of the demo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoOptions {
@@ -89,8 +94,10 @@ pub struct SweepPoint {
     pub setting: Setting,
     /// Which models the method was given.
     pub arrangement: Arrangement,
-    /// Accuracy of the merged model.
+    /// Accuracy of the merged model on the test split.
     pub accuracy: Accuracy,
+    /// Joint accuracy on the validation split (chooses the best setting).
+    pub validation_joint: f64,
 }
 
 impl SweepPoint {
@@ -111,8 +118,10 @@ pub struct ReportRow {
     pub name: String,
     /// What the model is, or the method's best setting.
     pub setting: String,
-    /// Its accuracy.
+    /// Its accuracy on the test split.
     pub accuracy: Accuracy,
+    /// Its joint accuracy on the validation split.
+    pub validation_joint: f64,
     /// The model directory holding it.
     pub model_dir: PathBuf,
 }
@@ -121,7 +130,7 @@ pub struct ReportRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoReport {
     /// Base, fine-tune A, fine-tune B, then each merge method at its best
-    /// setting (by joint accuracy), in registry order.
+    /// setting (by joint accuracy on the validation split), in registry order.
     pub rows: Vec<ReportRow>,
     /// Every merge of the sweep.
     pub sweep: Vec<SweepPoint>,
@@ -133,8 +142,8 @@ pub struct DemoReport {
     pub csv_path: PathBuf,
     /// The plot of joint accuracy against each method's setting.
     pub svg_path: PathBuf,
-    /// Examples in the train and test splits.
-    pub split_sizes: (usize, usize),
+    /// Examples in the train, validation and test splits.
+    pub split_sizes: (usize, usize, usize),
     /// Wall time of the run.
     pub elapsed: Duration,
 }
@@ -169,10 +178,11 @@ impl DemoReport {
 
 impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (train, validation, test) = self.split_sizes;
         writeln!(
             f,
-            "Accuracy on the held-out test split ({} examples; trained on {}):\n",
-            self.split_sizes.1, self.split_sizes.0
+            "Accuracy on the held-out test split ({test} digits). Models trained on {train};\n\
+             each method's setting chosen by joint accuracy on {validation} validation digits.\n"
         )?;
         f.write_str(&self.table())?;
         for (name, why) in &self.skipped {
@@ -495,7 +505,8 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
 
     // Data and split.
     let data = Dataset::digits()?;
-    let (train_set, test_set) = data.split(TEST_FRACTION, &mut rng(opts.seed, 0));
+    let (train_all, test_set) = data.split(TEST_FRACTION, &mut rng(opts.seed, 0));
+    let (train_set, validation_set) = train_all.split(VALIDATION_FRACTION, &mut rng(opts.seed, 5));
     let tests = TestSets {
         a: test_set.filter_classes(|c| c < 5),
         b: test_set.filter_classes(|c| c >= 5),
@@ -605,10 +616,12 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
             &inputs.models[1],
         ),
     ] {
+        let model = read_model(dir, &LAYER_SIZES)?;
         rows.push(ReportRow {
             name: name.to_string(),
             setting,
-            accuracy: tests.evaluate(&read_model(dir, &LAYER_SIZES)?),
+            accuracy: tests.evaluate(&model),
+            validation_joint: model.accuracy(&validation_set),
             model_dir: dir.clone(),
         });
     }
@@ -652,15 +665,17 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
             let Some((arrangement, yaml)) = done else {
                 continue;
             };
+            let merged = read_model(&scratch, &LAYER_SIZES)?;
             let point = SweepPoint {
                 method: plan.name.to_string(),
                 setting: *setting,
                 arrangement,
-                accuracy: tests.evaluate(&read_model(&scratch, &LAYER_SIZES)?),
+                accuracy: tests.evaluate(&merged),
+                validation_joint: merged.accuracy(&validation_set),
             };
             if best
                 .as_ref()
-                .is_none_or(|(b, _)| point.accuracy.joint > b.accuracy.joint)
+                .is_none_or(|(b, _)| point.validation_joint > b.validation_joint)
             {
                 best = Some((point.clone(), yaml));
             }
@@ -686,6 +701,7 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
                     name: plan.name.to_string(),
                     setting: point.label(),
                     accuracy: point.accuracy,
+                    validation_joint: point.validation_joint,
                     model_dir: dir,
                 });
             }
@@ -713,13 +729,14 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
         out_dir: out.clone(),
         csv_path,
         svg_path,
-        split_sizes: (train_set.len(), test_set.len()),
+        split_sizes: (train_set.len(), validation_set.len(), test_set.len()),
         elapsed: started.elapsed(),
     })
 }
 
 /// Header of the CSV.
-pub const CSV_HEADER: &str = "model,inputs,density,lambda,t,task_a,task_b,joint,best";
+pub const CSV_HEADER: &str =
+    "model,inputs,density,lambda,t,task_a,task_b,joint,validation_joint,best";
 
 fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
@@ -727,8 +744,8 @@ fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
     for r in &rows[..3.min(rows.len())] {
         let a = r.accuracy;
         s += &format!(
-            "{},,,,,{:.4},{:.4},{:.4},\n",
-            r.name, a.task_a, a.task_b, a.joint
+            "{},,,,,{:.4},{:.4},{:.4},{:.4},\n",
+            r.name, a.task_a, a.task_b, a.joint, r.validation_joint
         );
     }
     for p in sweep {
@@ -737,7 +754,7 @@ fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
             .any(|r| r.name == p.method && r.setting == p.label());
         let a = p.accuracy;
         s += &format!(
-            "{},{},{},{},{},{:.4},{:.4},{:.4},{}\n",
+            "{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{}\n",
             p.method,
             p.arrangement.as_str(),
             f(p.setting.density),
@@ -746,6 +763,7 @@ fn csv(rows: &[ReportRow], sweep: &[SweepPoint]) -> String {
             a.task_a,
             a.task_b,
             a.joint,
+            p.validation_joint,
             best
         );
     }
@@ -767,19 +785,24 @@ fn panels(plans: &[MethodPlan], sweep: &[SweepPoint]) -> Vec<Panel> {
         let first = points[0].setting;
         let mut xy: Vec<(f64, f64)> = Vec::new();
         let (target, label) = if first.density.is_some() {
+            // At each density, the λ chosen on the validation split.
+            let mut chosen: Vec<(f64, f64, f64)> = Vec::new();
             for p in &points {
                 let d = p.setting.density.unwrap_or(1.0);
-                match xy.iter_mut().find(|(x, _)| *x == d) {
-                    Some(e) => e.1 = e.1.max(p.accuracy.joint),
-                    None => xy.push((d, p.accuracy.joint)),
+                let (v, j) = (p.validation_joint, p.accuracy.joint);
+                match chosen.iter_mut().find(|(x, _, _)| *x == d) {
+                    Some(e) if v > e.1 => *e = (d, v, j),
+                    Some(_) => {}
+                    None => chosen.push((d, v, j)),
                 }
             }
+            xy = chosen.into_iter().map(|(d, _, j)| (d, j)).collect();
             let mut label = plan.name.to_string();
             if first.density_key == "select_topk" {
                 label += " (select_topk)";
             }
             if first.lambda.is_some() {
-                label += " (best λ)";
+                label += " (λ by validation)";
             }
             (&mut by_density, label)
         } else if first.lambda.is_some() {

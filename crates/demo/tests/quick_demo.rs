@@ -102,8 +102,8 @@ fn quick_demo_writes_everything_and_merging_beats_both_fine_tunes() {
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 3 + report.sweep.len());
     for row in &rows {
-        assert_eq!(row.len(), 9, "{row:?}");
-        for acc in &row[5..8] {
+        assert_eq!(row.len(), 10, "{row:?}");
+        for acc in &row[5..9] {
             let v: f64 = acc.parse().unwrap();
             assert!((0.0..=1.0).contains(&v), "{row:?}");
         }
@@ -111,18 +111,21 @@ fn quick_demo_writes_everything_and_merging_beats_both_fine_tunes() {
     for r in report.merged_rows() {
         let best: Vec<&Vec<&str>> = rows
             .iter()
-            .filter(|row| row[0] == r.name && row[8] == "true")
+            .filter(|row| row[0] == r.name && row[9] == "true")
             .collect();
         assert_eq!(best.len(), 1, "{}", r.name);
         let joint: f64 = best[0][7].parse().unwrap();
         assert!((joint - r.accuracy.joint).abs() < 1e-4);
-        // The best row is the maximum of that method's sweep.
+        // The best row is the maximum of that method's sweep on the
+        // validation split.
+        let validation: f64 = best[0][8].parse().unwrap();
+        assert!((validation - r.validation_joint).abs() < 1e-4);
         assert!(
             report
                 .sweep
                 .iter()
                 .filter(|p| p.method == r.name)
-                .all(|p| p.accuracy.joint <= r.accuracy.joint)
+                .all(|p| p.validation_joint <= r.validation_joint)
         );
     }
 
