@@ -49,17 +49,110 @@ pub const BLOCK: usize = 1024;
 // Exact summation
 // ---------------------------------------------------------------------------
 
-const LIMBS: usize = 70;
+const LIMBS: usize = 72;
 /// Exponent of the lowest limb's lowest bit (below the smallest f64 subnormal).
 const E0: i32 = -1088;
 /// Additions between carry normalisations (each limb grows by < 2³² per add).
 const NORMALIZE_EVERY: u32 = 1 << 30;
+
+/// An exact fixed-point integer: `Σ limbs[j] · 2^(32 j + E0)`, limbs of 32
+/// bits held in `i64` so that carries can wait.
+#[derive(Clone)]
+struct Limbs {
+    limbs: [i64; LIMBS],
+    pending: u32,
+}
+
+impl Limbs {
+    fn new() -> Self {
+        Limbs {
+            limbs: [0; LIMBS],
+            pending: 0,
+        }
+    }
+
+    /// Adds `±mag · 2^(p + E0)`.
+    fn add_int(&mut self, mag: u128, negative: bool, p: u32) {
+        let j = (p / 32) as usize;
+        let sh = p % 32;
+        for k in 0..4 {
+            let part = ((mag >> (32 * k)) & 0xffff_ffff) as u64;
+            if part == 0 {
+                continue;
+            }
+            let x = part << sh; // < 2^63
+            let (lo, hi) = ((x & 0xffff_ffff) as i64, (x >> 32) as i64);
+            if negative {
+                self.limbs[j + k] -= lo;
+                self.limbs[j + k + 1] -= hi;
+            } else {
+                self.limbs[j + k] += lo;
+                self.limbs[j + k + 1] += hi;
+            }
+        }
+        self.pending += 1;
+        if self.pending >= NORMALIZE_EVERY {
+            self.normalize();
+        }
+    }
+
+    /// Adds a finite, non-zero `v`.
+    fn add_f64(&mut self, v: f64) {
+        let (m, exp) = split(v);
+        self.add_int(m as u128, v < 0.0, (exp.max(1) - 1075 - E0) as u32);
+    }
+
+    fn normalize(&mut self) {
+        for j in 0..LIMBS - 1 {
+            let carry = self.limbs[j] >> 32;
+            self.limbs[j] -= carry << 32;
+            self.limbs[j + 1] += carry;
+        }
+        self.pending = 0;
+    }
+
+    /// Correctly rounded to `f64` (in the normal range).
+    fn value(&self) -> f64 {
+        let mut s = self.clone();
+        s.normalize();
+        let negative = s.limbs[LIMBS - 1] < 0;
+        if negative {
+            s.limbs.iter_mut().for_each(|l| *l = -*l);
+            s.normalize();
+        }
+        let Some(h) = (0..LIMBS).rev().find(|&j| s.limbs[j] != 0) else {
+            return 0.0;
+        };
+        let limb = |j: usize| if j <= h { s.limbs[j] as u128 } else { 0 };
+        let low = h.saturating_sub(2);
+        let mut x = (limb(low + 2) << 64) | (limb(low + 1) << 32) | limb(low);
+        if s.limbs[..low].iter().any(|&l| l != 0) {
+            x |= 1; // sticky bit: x has more than 64 significant bits here
+        }
+        let v = x as f64 * pow2(32 * low as i32 + E0);
+        if negative { -v } else { v }
+    }
+}
+
+/// The integer mantissa and the raw exponent field of a finite `f64`:
+/// `|v| = m · 2^(max(exp, 1) − 1075)`.
+#[inline]
+fn split(v: f64) -> (u64, i32) {
+    let bits = v.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    let frac = bits & ((1u64 << 52) - 1);
+    let m = if exp == 0 { frac } else { frac | (1u64 << 52) };
+    (m, exp)
+}
 
 /// An exact accumulator of finite `f64` values: the sum is held as a
 /// fixed-point integer wide enough for every `f64`, so the result does not
 /// depend on the order of the additions or on how they were grouped (chunks,
 /// threads). Non-finite inputs are summed separately (the result is then
 /// that non-finite sum, which is also order independent).
+///
+/// Adding is cheap (one integer addition into a per-exponent bucket); the
+/// buckets are folded into one wide integer only when the value is read.
 ///
 /// ```
 /// use tensormerge_methods::ops::ExactSum;
@@ -69,8 +162,8 @@ const NORMALIZE_EVERY: u32 = 1 << 30;
 /// ```
 #[derive(Clone)]
 pub struct ExactSum {
-    limbs: Box<[i64; LIMBS]>,
-    pending: u32,
+    /// `Σ ±mantissa` per raw exponent field (never overflows: 2⁷⁴ additions).
+    buckets: Box<[i128; 2048]>,
     special: f64,
 }
 
@@ -90,8 +183,7 @@ impl ExactSum {
     /// Zero.
     pub fn new() -> Self {
         ExactSum {
-            limbs: Box::new([0; LIMBS]),
-            pending: 0,
+            buckets: Box::new([0; 2048]),
             special: 0.0,
         }
     }
@@ -99,63 +191,21 @@ impl ExactSum {
     /// Adds `v` exactly.
     #[inline]
     pub fn add(&mut self, v: f64) {
-        if v == 0.0 {
-            return;
-        }
         if !v.is_finite() {
             self.special += v;
             return;
         }
-        let bits = v.to_bits();
-        let exp = ((bits >> 52) & 0x7ff) as i32;
-        let frac = bits & ((1u64 << 52) - 1);
-        let (m, e) = if exp == 0 {
-            (frac, -1074)
-        } else {
-            (frac | (1u64 << 52), exp - 1075)
-        };
-        let p = (e - E0) as u32;
-        let j = (p / 32) as usize;
-        let x = (m as u128) << (p % 32);
-        let parts = [
-            (x & 0xffff_ffff) as i64,
-            ((x >> 32) & 0xffff_ffff) as i64,
-            (x >> 64) as i64,
-        ];
-        if v < 0.0 {
-            for (k, part) in parts.iter().enumerate() {
-                self.limbs[j + k] -= part;
-            }
-        } else {
-            for (k, part) in parts.iter().enumerate() {
-                self.limbs[j + k] += part;
-            }
-        }
-        self.pending += 1;
-        if self.pending >= NORMALIZE_EVERY {
-            self.normalize();
-        }
+        let (m, exp) = split(v);
+        let m = m as i128;
+        self.buckets[exp as usize] += if v < 0.0 { -m } else { m };
     }
 
     /// Adds everything `other` holds.
     pub fn merge(&mut self, other: &ExactSum) {
-        self.normalize();
-        let mut o = other.clone();
-        o.normalize();
-        for (a, b) in self.limbs.iter_mut().zip(o.limbs.iter()) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             *a += b;
         }
         self.special += other.special;
-        self.normalize();
-    }
-
-    fn normalize(&mut self) {
-        for j in 0..LIMBS - 1 {
-            let carry = self.limbs[j] >> 32;
-            self.limbs[j] -= carry << 32;
-            self.limbs[j + 1] += carry;
-        }
-        self.pending = 0;
     }
 
     /// The sum, correctly rounded to `f64` (in the normal range; the same
@@ -164,24 +214,14 @@ impl ExactSum {
         if self.special != 0.0 || self.special.is_nan() {
             return self.special;
         }
-        let mut s = self.clone();
-        s.normalize();
-        let negative = s.limbs[LIMBS - 1] < 0;
-        if negative {
-            s.limbs.iter_mut().for_each(|l| *l = -*l);
-            s.normalize();
+        let mut limbs = Limbs::new();
+        for (exp, &b) in self.buckets.iter().enumerate() {
+            if b != 0 {
+                let p = ((exp as i32).max(1) - 1075 - E0) as u32;
+                limbs.add_int(b.unsigned_abs(), b < 0, p);
+            }
         }
-        let Some(h) = (0..LIMBS).rev().find(|&j| s.limbs[j] != 0) else {
-            return 0.0;
-        };
-        let limb = |j: usize| if j <= h { s.limbs[j] as u128 } else { 0 };
-        let low = h.saturating_sub(2);
-        let mut x = (limb(low + 2) << 64) | (limb(low + 1) << 32) | limb(low);
-        if s.limbs[..low].iter().any(|&l| l != 0) {
-            x |= 1; // sticky bit: x has more than 64 significant bits here
-        }
-        let v = x as f64 * pow2(32 * low as i32 + E0);
-        if negative { -v } else { v }
+        limbs.value()
     }
 }
 
@@ -677,15 +717,23 @@ impl Combine {
     /// block, model-major (`deltas[i * len + e]`, `len = out.len()`), as
     /// `f64`; `base` is the block of the base (or `None`).
     pub fn apply(&self, base: Option<&[f32]>, deltas: &[f64], out: &mut [f32]) {
-        let len = out.len();
-        let m = self.weights.len();
-        debug_assert_eq!(deltas.len(), m * len);
-        let inv = if self.normalize && self.rule == Rule::Linear {
+        self.apply_with(self.inverse_weight_sum(), base, deltas, out)
+    }
+
+    /// `1 / Σ w_i` for a normalised linear rule, else 1.
+    fn inverse_weight_sum(&self) -> f64 {
+        if self.normalize && self.rule == Rule::Linear {
             1.0 / weight_sum(&self.weights)
         } else {
             1.0
-        };
+        }
+    }
+
+    fn apply_with(&self, inv: f64, base: Option<&[f32]>, deltas: &[f64], out: &mut [f32]) {
+        let len = out.len();
+        debug_assert_eq!(deltas.len(), self.weights.len() * len);
         let mut merged = [0.0f64; BLOCK];
+        let (mut vote, mut div) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
         for start in (0..len).step_by(BLOCK) {
             let bl = BLOCK.min(len - start);
             let merged = &mut merged[..bl];
@@ -703,32 +751,44 @@ impl Combine {
                     }
                 }
                 Rule::Ties(consensus) => {
-                    for (e, slot) in merged.iter_mut().enumerate() {
-                        let at = |i: usize| self.weights[i] * deltas[i * len + start + e];
-                        let mut vote = 0.0f64;
-                        for i in 0..m {
-                            let d = at(i);
-                            vote += match consensus {
-                                Consensus::Sum => d,
-                                Consensus::Count => sign(d),
-                            };
-                        }
-                        let positive = vote >= 0.0;
-                        let (mut sum, mut div) = (0.0f64, 0.0f64);
-                        for i in 0..m {
-                            let d = at(i);
-                            if d != 0.0 && (d > 0.0) == positive {
-                                sum += d;
-                                div += self.weights[i];
+                    // Loops over models outside and elements inside, without
+                    // branches, so that they vectorise; the sums are still
+                    // taken in model order per element.
+                    let vote = &mut vote[..bl];
+                    let div = &mut div[..bl];
+                    vote.iter_mut().for_each(|v| *v = 0.0);
+                    merged.iter_mut().for_each(|v| *v = 0.0);
+                    div.iter_mut().for_each(|v| *v = 0.0);
+                    for (i, &w) in self.weights.iter().enumerate() {
+                        let d = &deltas[i * len + start..i * len + start + bl];
+                        match consensus {
+                            Consensus::Sum => {
+                                vote.iter_mut().zip(d).for_each(|(v, &x)| *v += w * x)
+                            }
+                            Consensus::Count => {
+                                vote.iter_mut().zip(d).for_each(|(v, &x)| *v += sign(w * x))
                             }
                         }
-                        *slot = if !self.normalize {
-                            sum
-                        } else if div == 0.0 {
-                            0.0
-                        } else {
-                            sum / div
-                        };
+                    }
+                    for (i, &w) in self.weights.iter().enumerate() {
+                        let d = &deltas[i * len + start..i * len + start + bl];
+                        for (((acc, dv), &v), &x) in merged
+                            .iter_mut()
+                            .zip(div.iter_mut())
+                            .zip(vote.iter())
+                            .zip(d)
+                        {
+                            let d = w * x;
+                            // agrees with the elected sign (a zero vote elects +) and is not 0
+                            let agree = if v >= 0.0 { d > 0.0 } else { d < 0.0 };
+                            *acc += if agree { d } else { 0.0 };
+                            *dv += if agree { w } else { 0.0 };
+                        }
+                    }
+                    if self.normalize {
+                        for (acc, &dv) in merged.iter_mut().zip(div.iter()) {
+                            *acc = if dv == 0.0 { 0.0 } else { *acc / dv };
+                        }
                     }
                 }
             }
@@ -762,6 +822,7 @@ pub fn combine_blocks(
     mut fill: impl FnMut(usize, usize, &mut [f64]),
 ) {
     let m = combine.weights.len();
+    let inv = combine.inverse_weight_sum();
     let mut buf = vec![0.0f64; m * BLOCK.min(out.len())];
     for start in (0..out.len()).step_by(BLOCK) {
         let bl = BLOCK.min(out.len() - start);
@@ -769,7 +830,8 @@ pub fn combine_blocks(
         for (i, part) in buf.chunks_exact_mut(bl).enumerate() {
             fill(i, start, part);
         }
-        combine.apply(
+        combine.apply_with(
+            inv,
             base.map(|b| &b[start..start + bl]),
             buf,
             &mut out[start..start + bl],
@@ -794,9 +856,20 @@ pub fn weights(tensor: &TensorContext<'_>, name: &str) -> Result<Vec<f64>, Metho
 
 /// `Σ w_i`, summed exactly (so that weights cancelling to zero are detected).
 pub fn weight_sum(weights: &[f64]) -> f64 {
-    let mut s = ExactSum::new();
-    weights.iter().for_each(|&w| s.add(w));
-    s.value()
+    let mut s = Limbs::new();
+    let mut special = 0.0;
+    for &w in weights {
+        if !w.is_finite() {
+            special += w;
+        } else if w != 0.0 {
+            s.add_f64(w);
+        }
+    }
+    if special != 0.0 || special.is_nan() {
+        special
+    } else {
+        s.value()
+    }
 }
 
 #[cfg(test)]
