@@ -71,6 +71,43 @@ pub struct EvalReport {
 const MAX_CHUNK: usize = 1 << 20;
 /// Smallest chunk, in elements, whatever the budget.
 const MIN_CHUNK: usize = 4 << 10;
+/// Input bytes read through one set of memory maps before the inputs are
+/// mapped afresh.
+///
+/// Pages of a memory-mapped file that have been read stay in the process's
+/// resident set until the mapping goes away, so reading a whole model
+/// through one mapping makes the resident set as large as the model (the
+/// pages are clean page cache and reclaimable, but `ru_maxrss`, `top` and
+/// container limits count them). Dropping and reopening the models every
+/// `REMAP_BYTES` bounds that part of the resident set. Reopening validates
+/// the headers again (microseconds for a typical header) and checks that the
+/// layout did not change.
+const REMAP_BYTES: u64 = 64 << 20;
+
+/// Opens `m` again from the paths it was read from (never the network: a hub
+/// model is reopened from its local snapshot), and checks that its tensors did
+/// not change in the meantime.
+fn reopen(m: &Model) -> Result<Model, EngineError> {
+    let paths = m.protected_paths();
+    let path = match paths.as_slice() {
+        [one] => one.clone(),
+        // Shards of an index file that was given directly: the index.
+        _ => PathBuf::from(m.name()),
+    };
+    let fresh =
+        Model::open_path(&path).map_err(io_error(format!("cannot reopen model `{}`", m.name())))?;
+    if fresh.layout() != m.layout() {
+        return Err(io_error(format!("cannot reopen model `{}`", m.name()))(
+            IoError::Io {
+                path,
+                source: std::io::Error::other(
+                    "the model's tensors changed while it was being read",
+                ),
+            },
+        ));
+    }
+    Ok(fresh)
+}
 
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
     EngineError::Other(Box::new(e))
@@ -99,7 +136,7 @@ struct Worker {
 impl Worker {
     fn run(
         &mut self,
-        models: &[&Model],
+        models: &[Model],
         name: &str,
         range: Range<usize>,
         dtype: DType,
@@ -163,6 +200,18 @@ pub fn run_eval(
     opts: &EvalOptions,
     progress: &dyn Progress,
 ) -> Result<EvalReport, EngineError> {
+    run_eval_remapping(expr, models, out, opts, progress, REMAP_BYTES)
+}
+
+/// [`run_eval`], remapping the inputs every `remap_bytes` bytes read.
+fn run_eval_remapping(
+    expr: &str,
+    models: &[(String, String)],
+    out: &Path,
+    opts: &EvalOptions,
+    progress: &dyn Progress,
+    remap_bytes: u64,
+) -> Result<EvalReport, EngineError> {
     let expr = Expr::parse(expr).map_err(other)?;
     let mut seen = HashSet::new();
     for (name, reference) in models {
@@ -224,15 +273,15 @@ pub fn run_eval(
             "cannot open model `{name}` = {reference}"
         )))?);
     }
-    let template_owned;
-    let template: &Model = match used.iter().position(|(n, _)| *n == template_name) {
-        Some(i) => &opened[i],
+    // The template is opened on its own (again, if the expression uses it),
+    // so that the inputs can be remapped while the template stays.
+    let template = match used.iter().position(|(n, _)| *n == template_name) {
+        Some(i) => reopen(&opened[i])?,
         None => {
             let r = reference_of(&template_name).expect("checked above");
-            template_owned = Model::open(r).map_err(io_error(format!(
+            Model::open(r).map_err(io_error(format!(
                 "cannot open model `{template_name}` = {r}"
-            )))?;
-            &template_owned
+            )))?
         }
     };
 
@@ -278,7 +327,7 @@ pub fn run_eval(
         ));
     }
     let mut protected = Vec::new();
-    for m in opened.iter().chain(std::iter::once(template)) {
+    for m in opened.iter().chain(std::iter::once(&template)) {
         protected.extend(m.protected_paths());
     }
     let mut metadata = BTreeMap::new();
@@ -319,7 +368,6 @@ pub fn run_eval(
             out: Vec::new(),
         })
         .collect();
-    let model_refs: Vec<&Model> = opened.iter().collect();
     let write_ctx = || format!("cannot write output `{}`", out.display());
 
     let mut report = EvalReport {
@@ -350,6 +398,8 @@ pub fn run_eval(
         })
         .sum();
     progress.start("evaluating", total_read, out_tensors.len() as u64);
+    // Input bytes read through the current memory maps.
+    let mut mapped = 0u64;
     for t in &out_tensors {
         if !t.dtype.is_float() {
             let bytes = template
@@ -387,7 +437,7 @@ pub fn run_eval(
             workers[..ranges.len()]
                 .par_iter_mut()
                 .zip(ranges.par_iter())
-                .map(|(w, r)| w.run(&model_refs, &t.name, r.clone(), t.dtype))
+                .map(|(w, r)| w.run(&opened, &t.name, r.clone(), t.dtype))
                 .collect::<Result<Vec<()>, EngineError>>()?;
             for w in &workers[..ranges.len()] {
                 writer
@@ -398,6 +448,13 @@ pub fn run_eval(
             let elems = (end - start) as u64;
             report.bytes_read += elems * in_per_elem;
             progress.advance(elems * in_per_elem, 0);
+            mapped += elems * in_per_elem;
+            if mapped >= remap_bytes {
+                for m in opened.iter_mut() {
+                    *m = reopen(m)?;
+                }
+                mapped = 0;
+            }
             start = end;
         }
         report.tensors_evaluated += 1;
@@ -410,4 +467,102 @@ pub fn run_eval(
         .map_err(io_error(write_ctx()))?;
     report.out_dir = writer.finish().map_err(io_error(write_ctx()))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NoProgress;
+
+    /// Writes a model of two BF16/F32 tensors, sharded so that it is opened
+    /// through its index.
+    fn model(dir: &Path, seed: f32) -> String {
+        let tensors = vec![
+            TensorInfo::new("a", vec![10_000], DType::BF16),
+            TensorInfo::new("b", vec![30, 300], DType::F32),
+        ];
+        let opts = WriterOptions {
+            max_shard_bytes: 1,
+            ..WriterOptions::default()
+        };
+        let mut w = ModelWriter::create(dir, tensors, opts).unwrap();
+        let a: Vec<f32> = (0..10_000).map(|i| (i as f32 * seed).sin()).collect();
+        let b: Vec<f32> = (0..9_000).map(|i| (i as f32 + seed).cos() * 3.0).collect();
+        w.write("a", &convert::encode_f32_vec(DType::BF16, &a).unwrap())
+            .unwrap();
+        w.write("b", &convert::encode_f32_vec(DType::F32, &b).unwrap())
+            .unwrap();
+        w.finish().unwrap();
+        dir.join("model.safetensors.index.json")
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn remapping_the_inputs_mid_tensor_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let models = vec![
+            ("x".to_string(), model(&tmp.path().join("x"), 0.1)),
+            ("y".to_string(), model(&tmp.path().join("y"), 0.7)),
+        ];
+        let opts = EvalOptions {
+            // The smallest chunks: several batches per tensor.
+            max_memory: 1,
+            ..EvalOptions::default()
+        };
+        let src = "x * 0.25 - (y - x) / 3";
+        let run = |remap: u64, name: &str| {
+            let out = tmp.path().join(name);
+            run_eval_remapping(src, &models, &out, &opts, &NoProgress, remap).unwrap();
+            let m = Model::open_path(&out).unwrap();
+            ["a", "b"].map(|n| m.tensor_bytes(n).unwrap().into_owned())
+        };
+        // Reopening after every batch (through the index file given as the
+        // reference) and never reopening give the same bytes.
+        let every = run(1, "every");
+        assert_eq!(every, run(u64::MAX, "never"));
+        // Which are the expression's values.
+        let (x, y) = (
+            Model::open(&models[0].1).unwrap(),
+            Model::open(&models[1].1).unwrap(),
+        );
+        let xa = x.read_f32_vec("a").unwrap();
+        let ya = y.read_f32_vec("a").unwrap();
+        let want: Vec<f32> = xa
+            .iter()
+            .zip(&ya)
+            .map(|(x, y)| x * 0.25 - (y - x) / 3.0)
+            .collect();
+        assert_eq!(
+            every[0],
+            convert::encode_f32_vec(DType::BF16, &want).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_model_that_changes_while_being_read_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = model(&tmp.path().join("x"), 0.3);
+        let m = Model::open(&path).unwrap();
+        assert!(reopen(&m).is_ok());
+        // Rewrite it, still sharded with an index, with other shapes.
+        let dir = tmp.path().join("x");
+        let tensors = vec![
+            TensorInfo::new("a", vec![2], DType::F32),
+            TensorInfo::new("b", vec![3], DType::F32),
+        ];
+        let opts = WriterOptions {
+            overwrite: true,
+            max_shard_bytes: 1,
+            ..WriterOptions::default()
+        };
+        let mut w = ModelWriter::create(&dir, tensors, opts).unwrap();
+        w.write("a", &[0u8; 8]).unwrap();
+        w.write("b", &[0u8; 12]).unwrap();
+        w.finish().unwrap();
+        let err = reopen(&m).unwrap_err();
+        assert!(err.to_string().contains("cannot reopen model"), "{err}");
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("changed while it was being read"), "{cause}");
+    }
 }
