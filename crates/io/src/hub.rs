@@ -264,6 +264,24 @@ mod download {
     use hf_hub::api::sync::{ApiBuilder, ApiRepo};
     use hf_hub::{Cache, Repo, RepoType};
 
+    /// Runs an hf-hub call, turning its panics (it `expect`s some headers,
+    /// e.g. the `Location` of a redirect) into an error message.
+    fn guarded<T>(f: impl FnOnce() -> Result<T, hf_hub::api::sync::ApiError>) -> Result<T, String> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(format!(
+                    "the hub client failed on a malformed answer ({what})"
+                ))
+            }
+        }
+    }
+
     /// Downloads what the cache lacks of the model's weights and support
     /// files, and returns the snapshot directory.
     pub(super) fn fetch(hub_id: &HubId, opts: &HubOptions, id: &str) -> Result<PathBuf, IoError> {
@@ -284,9 +302,7 @@ mod download {
             RepoType::Model,
             hub_id.revision.clone(),
         ));
-        let info = repo
-            .info()
-            .map_err(|e| fail("(repository info)", e.to_string()))?;
+        let info = guarded(|| repo.info()).map_err(|m| fail("(repository info)", m))?;
         if !is_commit(&info.sha) {
             return Err(fail(
                 "(repository info)",
@@ -301,7 +317,7 @@ mod download {
             if cached.is_file() {
                 return Ok(cached);
             }
-            let path = repo.download(file).map_err(|e| fail(file, e.to_string()))?;
+            let path = guarded(|| repo.download(file)).map_err(|m| fail(file, m))?;
             if path != cached {
                 return Err(fail(
                     file,
@@ -310,6 +326,24 @@ mod download {
                         info.sha
                     ),
                 ));
+            }
+            // hf-hub stores a body cut short without a Content-Length as if it
+            // were complete: validate weights now, and never leave an invalid
+            // file in the cache where later runs would take it as downloaded.
+            if file.ends_with(".safetensors") {
+                if let Err(e) = Model::open_path(&path) {
+                    let blob = std::fs::canonicalize(&path).ok();
+                    let _ = std::fs::remove_file(&path);
+                    if let Some(blob) = blob {
+                        let _ = std::fs::remove_file(blob);
+                    }
+                    return Err(fail(
+                        file,
+                        format!(
+                            "the downloaded file is invalid and was removed from the cache: {e}"
+                        ),
+                    ));
+                }
             }
             Ok(path)
         };
