@@ -6,7 +6,7 @@
 //! the models' task vectors `τ_i = x_i − b`:
 //!
 //! ```text
-//! cos θ = mean over pairs i<j of  τ_i·τ_j / max(‖τ_i‖‖τ_j‖, 1e-6)     (clamped to [0, 1])
+//! cos θ = mean over pairs i<j of  τ_i·τ_j / (‖τ_i‖‖τ_j‖)   (0 for a zero τ; the mean clamped to [0, 1])
 //! t     = N cos θ / (1 + (N − 1) cos θ)                               (arXiv:2403.19522, eq. 5)
 //! out   = t · (1/N) Σ x_i + (1 − t) · b
 //! ```
@@ -36,6 +36,12 @@
 //! mergekit) and extrapolates past the base for negative cosines; with the
 //! clamp, task vectors that disagree give `t = 0`, the base. Model weights are
 //! not used (as in mergekit and the paper). Sums are accumulated in `f64`.
+//!
+//! mergekit also clamps the norm product `‖τ_i‖‖τ_j‖` at `1e-6`, which
+//! shrinks the cosine of small task vectors towards 0 (fine-tuning deltas of
+//! one row often have norms below `1e-3`) and so pulls them back to the base
+//! for no geometric reason; here the cosine is exact and only a zero task
+//! vector counts as orthogonal.
 #![deny(missing_docs)]
 
 use tensormerge_methods::{
@@ -83,8 +89,13 @@ fn merge_group(base: &[f32], models: &[&[f32]], out: &mut [f32]) {
     let mut pairs = 0usize;
     for i in 0..n {
         for j in i + 1..n {
-            let denom = (norms[i].sqrt() * norms[j].sqrt()).max(1e-6);
-            sum += (dots[i * n + j] / denom).clamp(-1.0, 1.0);
+            // sqrt(n_i · n_j) (not sqrt(n_i) · sqrt(n_j)): for identical task
+            // vectors it is exactly the dot product, so cos θ = 1 and t = 1.
+            // A zero task vector counts as orthogonal (see the crate docs).
+            let denom = (norms[i] * norms[j]).sqrt();
+            if denom > 0.0 {
+                sum += (dots[i * n + j] / denom).clamp(-1.0, 1.0);
+            }
             pairs += 1;
         }
     }
@@ -192,7 +203,12 @@ mod tests {
             for j in 0..tv.len() {
                 if i < j {
                     let dot: f64 = tv[i].iter().zip(&tv[j]).map(|(a, b)| a * b).sum();
-                    cosines.push((dot / (norm(&tv[i]) * norm(&tv[j])).max(1e-6)).clamp(-1.0, 1.0));
+                    let den = norm(&tv[i]) * norm(&tv[j]);
+                    cosines.push(if den > 0.0 {
+                        (dot / den).clamp(-1.0, 1.0)
+                    } else {
+                        0.0
+                    });
                 }
             }
         }

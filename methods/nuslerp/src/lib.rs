@@ -11,7 +11,8 @@
 //! v_i = x_i − b  (with a base),  x_i  (without)
 //! for each vector pair (v0, v1):
 //!   cos θ = v0·v1 / (max(‖v0‖, 1e-7) · max(‖v1‖, 1e-7))
-//!   out   = (sin((1−t)θ) v0 + sin(tθ) v1) / sin θ,   or (1−t) v0 + t v1 when |sin θ| < 1e-8
+//!   out   = (sin((1−t)θ) v0 + sin(tθ) v1) / sin θ,
+//!           or (1−t) v0 + t v1 when |sin θ| < 1e-8 or cos θ < −0.9995
 //! result = b + out  (with a base)
 //! ```
 //!
@@ -38,8 +39,12 @@
 //! assert!((v[0] - c).abs() < 1e-6 && (v[1] - s).abs() < 1e-6);
 //! ```
 //!
-//! Differences from mergekit: none in the formula; the angle is computed in
-//! `f64`. For tensors of more than two dimensions with `nuslerp_row_wise`,
+//! Differences from mergekit: nearly antiparallel vector pairs
+//! (`cos θ < −0.9995`) fall back to linear interpolation too. mergekit only
+//! does so when `|sin θ| < 1e-8`, and just outside that band the weights
+//! `sin((1−t)θ)/sin θ` explode (a row of two entries can come out at 10⁸);
+//! `slerp` uses the same 0.9995 threshold. The angle is computed in `f64`.
+//! For tensors of more than two dimensions with `nuslerp_row_wise`,
 //! the vectors run along the first dimension for each index of the others,
 //! as mergekit's `transpose(0, -1)` gives.
 #![deny(missing_docs)]
@@ -48,6 +53,10 @@ use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
     register_method,
 };
+
+/// Cosines below `−ANTIPARALLEL` interpolate linearly: slerp's weights grow
+/// like `1/sin θ` as the vectors approach opposite directions.
+pub const ANTIPARALLEL: f64 = 0.9995;
 
 /// The `nuslerp` method.
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +115,9 @@ fn nuslerp(
         let cos = dot / n0.sqrt().max(1e-7) / n1.sqrt().max(1e-7);
         let theta = cos.clamp(-1.0, 1.0).acos();
         let sin = theta.sin();
-        let (s0, s1) = if sin.abs() < 1e-8 {
+        // Colinear (mergekit's |sin θ| < 1e-8) or nearly antiparallel (see
+        // the crate docs): linear interpolation.
+        let (s0, s1) = if sin.abs() < 1e-8 || cos < -ANTIPARALLEL {
             (1.0 - t, t)
         } else {
             (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
@@ -246,7 +257,7 @@ mod tests {
         let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
         let c: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / na / nb;
         let th = c.clamp(-1.0, 1.0).acos();
-        if th.sin().abs() < 1e-8 {
+        if th.sin().abs() < 1e-8 || c < -0.9995 {
             return a
                 .iter()
                 .zip(b)
@@ -348,6 +359,17 @@ mod tests {
         for (o, v) in out.values().unwrap().iter().zip(a.values().unwrap()) {
             assert!((*o as f64 - 1.5 * *v as f64).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn nearly_antiparallel_rows_do_not_explode() {
+        let l = Arc::new(Layout::new(vec![TensorInfo::new("r", vec![2], DType::F32)]).unwrap());
+        let a = ParamVector::from_vec(l.clone(), vec![1.0, 0.0]).unwrap();
+        let c = ParamVector::from_vec(l.clone(), vec![-1.0, 2e-5]).unwrap();
+        let out = run((1.0, 1.0), true, false, None, [&a, &c]);
+        // sin θ ≈ 2e-5 > 1e-8: mergekit's weights would be ≈ 1/sin θ = 5·10⁴.
+        let v = out.values().unwrap();
+        assert!(v[0].abs() < 1e-6 && (v[1] - 1e-5).abs() < 1e-9, "{v:?}");
     }
 
     #[test]

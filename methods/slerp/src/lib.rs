@@ -12,9 +12,9 @@
 //! and when the directions are nearly parallel (`|cos θ| > 0.9995`) the
 //! result falls back to linear interpolation `(1−t)·v0 + t·v1`.
 //!
-//! The two endpoints are the base model (when given) followed by the models:
-//! either `base_model` plus one model (mergekit's form: `t = 0` is the base)
-//! or two models without a base. `t` is a global parameter, so layer
+//! The two endpoints are the base model (`t = 0`) and the one other model
+//! (`t = 1`), as in mergekit, whose configs list the base among the
+//! `models` (the engine takes it out of the model list). `t` is a global parameter, so layer
 //! gradients (`t: [0, 0.5, 1]`) and filters apply to it.
 //!
 //! ```
@@ -27,8 +27,8 @@
 //! let a = ParamVector::from_vec(layout.clone(), vec![1.0, 0.0]).unwrap();
 //! let b = ParamVector::from_vec(layout.clone(), vec![0.0, 1.0]).unwrap();
 //! let slerp = registry().get("slerp").unwrap();
-//! let merge = Merge::new(slerp, vec![("t", 0.5.into())], vec![vec![], vec![]]).unwrap();
-//! let out = merge.run(None, &[&a, &b]).unwrap();
+//! let merge = Merge::new(slerp, vec![("t", 0.5.into())], vec![vec![]]).unwrap();
+//! let out = merge.run(Some(&a), &[&b]).unwrap();
 //! let h = std::f32::consts::FRAC_1_SQRT_2;
 //! assert!(out.values().unwrap().iter().all(|v| (v - h).abs() < 1e-6));
 //! ```
@@ -66,11 +66,11 @@ static PARAMS: &[ParamSpec] = &[ParamSpec::global(
 
 static INFO: MethodInfo = MethodInfo {
     name: "slerp",
-    summary: "spherical linear interpolation between two models (the base and one model, or two models), linear when nearly parallel",
+    summary: "spherical linear interpolation from the base (t = 0) to one model (t = 1), linear when nearly parallel",
     paper: "Shoemake 1985 (SIGGRAPH, quaternion slerp); mergekit's slerp",
-    base: BaseModel::Optional,
+    base: BaseModel::Required,
     min_models: 1,
-    max_models: Some(2),
+    max_models: Some(1),
     params: PARAMS,
 };
 
@@ -99,24 +99,6 @@ pub fn slerp(t: f64, v0: &[f32], v1: &[f32], out: &mut [f32]) {
     }
 }
 
-/// The two endpoints of an interpolation method: the base (if any) followed
-/// by the models; exactly two are required.
-fn endpoints<'a>(method: &str, chunk: &Chunk<'a>) -> Result<(&'a [f32], &'a [f32]), MethodError> {
-    let all: Vec<&'a [f32]> = chunk
-        .base
-        .into_iter()
-        .chain(chunk.models.iter().copied())
-        .collect();
-    match all.as_slice() {
-        [a, b] => Ok((a, b)),
-        _ => Err(MethodError::ModelCount {
-            method: method.to_string(),
-            expected: "exactly 2 (base_model plus one model, or two models without a base)".into(),
-            got: all.len(),
-        }),
-    }
-}
-
 impl MergeMethod for Slerp {
     fn info(&self) -> &'static MethodInfo {
         &INFO
@@ -129,8 +111,17 @@ impl MergeMethod for Slerp {
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
         let t = chunk.tensor.global.f64("t")?;
-        let (v0, v1) = endpoints(INFO.name, chunk)?;
-        slerp(t, v0, v1, out);
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        let [x] = chunk.models else {
+            return Err(MethodError::ModelCount {
+                method: INFO.name.into(),
+                expected: "exactly 1 besides the base".into(),
+                got: chunk.models.len(),
+            });
+        };
+        slerp(t, base, x, out);
         Ok(())
     }
 }
@@ -247,9 +238,6 @@ mod tests {
                 );
                 assert_close(&out.values().unwrap()[r], &want, 1e-6);
             }
-            // Two models without a base give the same result.
-            let out2 = run(t, None, &[&a, &b]).unwrap();
-            assert_eq!(out.values().unwrap(), out2.values().unwrap());
         }
     }
 
@@ -314,11 +302,11 @@ mod tests {
         ));
         assert!(matches!(
             run(0.5, None, &[&a]),
-            Err(MethodError::ModelCount { .. })
+            Err(MethodError::NeedsBase { .. })
         ));
         let m = registry().get("slerp").unwrap();
         assert!(matches!(
-            Merge::with_defaults(m, 2),
+            Merge::with_defaults(m, 1),
             Err(MethodError::MissingParameter { .. })
         ));
     }
