@@ -260,27 +260,28 @@ mod download {
 
 #[cfg(feature = "hub")]
 mod download {
-    use super::*;
-    use hf_hub::api::sync::{ApiBuilder, ApiRepo};
-    use hf_hub::{Cache, Repo, RepoType};
+    //! Repository info comes from hf-hub (`ApiRepo::info`, whose redirects
+    //! ureq follows with authorization kept to the same host). Files are
+    //! fetched here rather than through `ApiRepo::download`: hf-hub 0.5
+    //! follows the hub's redirect to its CDN itself and sends the
+    //! `Authorization` header along to that other host, and it moves a
+    //! download into the cache without checking that it is complete. Here
+    //! redirects are followed by hand, the token goes only to the endpoint's
+    //! own origin, the byte count is checked against `Content-Length`, and a
+    //! file is validated (safetensors header, JSON) before it is moved into
+    //! the cache under the standard layout (`blobs/<etag>` and a relative
+    //! link in `snapshots/<commit>/`).
 
-    /// Runs an hf-hub call, turning its panics (it `expect`s some headers,
-    /// e.g. the `Location` of a redirect) into an error message.
-    fn guarded<T>(f: impl FnOnce() -> Result<T, hf_hub::api::sync::ApiError>) -> Result<T, String> {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(p) => {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(format!(
-                    "the hub client failed on a malformed answer ({what})"
-                ))
-            }
-        }
-    }
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Cache, Repo, RepoType};
+    use ureq::http::{HeaderMap, Uri};
+
+    const MAX_REDIRECTS: usize = 10;
 
     /// Downloads what the cache lacks of the model's weights and support
     /// files, and returns the snapshot directory.
@@ -291,18 +292,21 @@ mod download {
             file: file.to_string(),
             message,
         };
+        let repo = Repo::with_revision(
+            hub_id.repo.clone(),
+            RepoType::Model,
+            hub_id.revision.clone(),
+        );
         let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
             .with_endpoint(opts.endpoint.clone())
             .with_token(opts.token.clone())
             .with_progress(false)
             .build()
             .map_err(|e| fail("(client)", e.to_string()))?;
-        let repo: ApiRepo = api.repo(Repo::with_revision(
-            hub_id.repo.clone(),
-            RepoType::Model,
-            hub_id.revision.clone(),
-        ));
-        let info = guarded(|| repo.info()).map_err(|m| fail("(repository info)", m))?;
+        let info = api
+            .repo(repo.clone())
+            .info()
+            .map_err(|e| fail("(repository info)", e.to_string()))?;
         if !is_commit(&info.sha) {
             return Err(fail(
                 "(repository info)",
@@ -311,41 +315,25 @@ mod download {
         }
         let files: std::collections::HashSet<&str> =
             info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-        let snap = opts.repo_dir(hub_id).join("snapshots").join(&info.sha);
+        let repo_dir = opts.repo_dir(hub_id);
+        let snap = repo_dir.join("snapshots").join(&info.sha);
+        let client = Client::new(opts).map_err(|m| fail("(client)", m))?;
         let get = |file: &str| -> Result<PathBuf, IoError> {
             let cached = snap.join(file);
             if cached.is_file() {
                 return Ok(cached);
             }
-            let path = guarded(|| repo.download(file)).map_err(|m| fail(file, m))?;
-            if path != cached {
-                return Err(fail(
-                    file,
-                    format!(
-                        "the hub served a different commit than {} (the revision moved during the download?)",
-                        info.sha
-                    ),
-                ));
-            }
-            // hf-hub stores a body cut short without a Content-Length as if it
-            // were complete: validate weights now, and never leave an invalid
-            // file in the cache where later runs would take it as downloaded.
-            if file.ends_with(".safetensors") {
-                if let Err(e) = Model::open_path(&path) {
-                    let blob = std::fs::canonicalize(&path).ok();
-                    let _ = std::fs::remove_file(&path);
-                    if let Some(blob) = blob {
-                        let _ = std::fs::remove_file(blob);
-                    }
-                    return Err(fail(
-                        file,
-                        format!(
-                            "the downloaded file is invalid and was removed from the cache: {e}"
-                        ),
-                    ));
-                }
-            }
-            Ok(path)
+            // Pinned to the commit, so that every file comes from one snapshot.
+            let url = format!(
+                "{}/{}/resolve/{}/{}",
+                opts.endpoint,
+                repo.url(),
+                info.sha,
+                file
+            );
+            client
+                .download(&url, &repo_dir, &info.sha, file)
+                .map_err(|m| fail(file, m))
         };
         if files.contains(crate::SINGLE_FILE) {
             get(crate::SINGLE_FILE)?;
@@ -377,14 +365,307 @@ mod download {
                 get(file)?;
             }
         }
-        // Record the branch or tag, as hf-hub does (even when all was cached).
-        if !is_commit(&hub_id.revision) || hub_id.revision != info.sha {
-            let ref_file = opts.repo_dir(hub_id).join("refs").join(&hub_id.revision);
+        // Record the branch or tag, as huggingface_hub does.
+        if hub_id.revision != info.sha {
+            let ref_file = repo_dir.join("refs").join(&hub_id.revision);
             if let Some(parent) = ref_file.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| IoError::io(parent, e))?;
             }
             std::fs::write(&ref_file, &info.sha).map_err(|e| IoError::io(&ref_file, e))?;
         }
         Ok(snap)
+    }
+
+    /// `scheme://authority` of a URL, lower-cased.
+    fn origin(uri: &Uri) -> Option<String> {
+        Some(format!(
+            "{}://{}",
+            uri.scheme_str()?.to_ascii_lowercase(),
+            uri.authority()?.as_str().to_ascii_lowercase()
+        ))
+    }
+
+    /// Resolves a `Location` header against the URL that answered with it.
+    fn resolve(base: &Uri, location: &str) -> Option<String> {
+        if let Ok(u) = location.parse::<Uri>()
+            && u.scheme().is_some()
+            && u.authority().is_some()
+        {
+            return Some(location.to_string());
+        }
+        if let Some(rest) = location.strip_prefix("//") {
+            return Some(format!("{}://{rest}", base.scheme_str()?));
+        }
+        let origin = origin(base)?;
+        if location.starts_with('/') {
+            return Some(format!("{origin}{location}"));
+        }
+        let path = base.path();
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        Some(format!("{origin}{dir}{location}"))
+    }
+
+    fn header<'a>(chain: &'a [HeaderMap], name: &str) -> Option<&'a str> {
+        chain
+            .iter()
+            .find_map(|h| h.get(name).and_then(|v| v.to_str().ok()))
+    }
+
+    struct Client {
+        agent: ureq::Agent,
+        endpoint_origin: Option<String>,
+        token: Option<String>,
+    }
+
+    impl Client {
+        fn new(opts: &HubOptions) -> Result<Client, String> {
+            let endpoint: Uri = opts
+                .endpoint
+                .parse()
+                .map_err(|e| format!("invalid endpoint `{}`: {e}", opts.endpoint))?;
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .max_redirects(0)
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(30)))
+                .timeout_recv_response(Some(Duration::from_secs(120)))
+                .user_agent(concat!("tensormerge/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .into();
+            Ok(Client {
+                agent,
+                endpoint_origin: origin(&endpoint),
+                token: opts.token.clone(),
+            })
+        }
+
+        /// GET `url`, following redirects by hand. The token is sent only to
+        /// the endpoint's own origin. Returns the final response and the
+        /// headers of every response on the way (the hub's own response
+        /// carries the commit and the etag; a CDN's does not).
+        fn get(
+            &self,
+            url: &str,
+        ) -> Result<(ureq::http::Response<ureq::Body>, Vec<HeaderMap>), String> {
+            let mut url = url.to_string();
+            let mut chain = Vec::new();
+            for _ in 0..=MAX_REDIRECTS {
+                let uri: Uri = url
+                    .parse()
+                    .map_err(|e| format!("invalid URL `{url}`: {e}"))?;
+                let mut req = self.agent.get(&url).header("Accept-Encoding", "identity");
+                if let Some(t) = &self.token
+                    && origin(&uri).is_some()
+                    && origin(&uri) == self.endpoint_origin
+                {
+                    req = req.header("Authorization", format!("Bearer {t}"));
+                }
+                let resp = req.call().map_err(|e| format!("{url}: {e}"))?;
+                let status = resp.status();
+                chain.push(resp.headers().clone());
+                if status.is_redirection() {
+                    let location = resp
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .ok_or_else(|| format!("{url}: HTTP {status} without a Location header"))?;
+                    url = resolve(&uri, location)
+                        .ok_or_else(|| format!("{url}: cannot follow redirect to `{location}`"))?;
+                    continue;
+                }
+                if !status.is_success() {
+                    let code = resp
+                        .headers()
+                        .get("x-error-code")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default();
+                    let mut body = String::new();
+                    let _ = resp
+                        .into_body()
+                        .into_with_config()
+                        .limit(512)
+                        .reader()
+                        .read_to_string(&mut body);
+                    let body = body.trim();
+                    let hint = if status.as_u16() == 401 || status.as_u16() == 403 {
+                        "; gated or private repositories need a token (HF_TOKEN)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!(
+                        "HTTP {}{code}{}{hint}",
+                        status.as_u16(),
+                        if body.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {body}")
+                        }
+                    ));
+                }
+                return Ok((resp, chain));
+            }
+            Err(format!("more than {MAX_REDIRECTS} redirects"))
+        }
+
+        /// Downloads one file of commit `sha` into the cache and returns its
+        /// snapshot path. Nothing that looks complete is left on failure.
+        fn download(
+            &self,
+            url: &str,
+            repo_dir: &Path,
+            sha: &str,
+            file: &str,
+        ) -> Result<PathBuf, String> {
+            let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+            let blobs = repo_dir.join("blobs");
+            let target = repo_dir.join("snapshots").join(sha).join(file);
+            std::fs::create_dir_all(&blobs).map_err(|e| io(&blobs, e))?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+            }
+            let (resp, chain) = self.get(url)?;
+            if let Some(commit) = header(&chain, "x-repo-commit")
+                && commit != sha
+            {
+                return Err(format!(
+                    "the hub served commit {commit} instead of {sha} (the revision moved during the download?)"
+                ));
+            }
+            let etag = header(&chain, "x-linked-etag")
+                .or_else(|| header(&chain, "etag"))
+                .map(|e| {
+                    e.trim()
+                        .trim_start_matches("W/")
+                        .trim_matches('"')
+                        .to_string()
+                })
+                .filter(|e| {
+                    !e.is_empty()
+                        && !e.starts_with('.')
+                        && e.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            let encoded = resp.headers().get("content-encoding").is_some();
+            let expected: Option<u64> = resp
+                .headers()
+                .get("content-length")
+                .filter(|_| !encoded)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .or_else(|| header(&chain, "x-linked-size").and_then(|v| v.parse().ok()));
+
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let part = blobs.join(format!(
+                "{}.{}-{}.part",
+                etag.as_deref().unwrap_or("download"),
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let result = (|| -> Result<(), String> {
+                let mut out = std::fs::File::create(&part).map_err(|e| io(&part, e))?;
+                let mut reader = resp.into_body().into_reader();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut n = 0u64;
+                loop {
+                    let k = match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => k,
+                        Err(e) => {
+                            return Err(format!(
+                                "connection failed after {n}{} bytes: {e}",
+                                expected.map(|x| format!(" of {x}")).unwrap_or_default()
+                            ));
+                        }
+                    };
+                    out.write_all(&buf[..k]).map_err(|e| io(&part, e))?;
+                    n += k as u64;
+                }
+                if let Some(x) = expected
+                    && x != n
+                {
+                    return Err(format!("received {n} of {x} bytes (download cut short)"));
+                }
+                out.sync_all().map_err(|e| io(&part, e))?;
+                drop(out);
+                validate(file, &part)
+            })();
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&part);
+                return Err(e);
+            }
+            let Some(etag) = etag else {
+                std::fs::rename(&part, &target).map_err(|e| io(&target, e))?;
+                return Ok(target);
+            };
+            let blob = blobs.join(&etag);
+            std::fs::rename(&part, &blob).map_err(|e| io(&blob, e))?;
+            link(&blob, &target, &etag, file).map_err(|e| io(&target, e))?;
+            Ok(target)
+        }
+    }
+
+    /// Points `snapshots/<sha>/<file>` at `blobs/<etag>` (a relative link,
+    /// as huggingface_hub makes; a copy where links are unavailable).
+    fn link(blob: &Path, target: &Path, etag: &str, file: &str) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(target);
+        #[cfg(unix)]
+        {
+            let depth = file.split('/').count() + 1;
+            let rel = format!("{}blobs/{etag}", "../".repeat(depth));
+            let _ = blob;
+            std::os::unix::fs::symlink(rel, target)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (etag, file);
+            std::fs::copy(blob, target).map(|_| ())
+        }
+    }
+
+    /// Checks a downloaded file before it enters the cache: safetensors
+    /// headers are validated, JSON must parse.
+    fn validate(file: &str, path: &Path) -> Result<(), String> {
+        if file.ends_with(".safetensors") {
+            let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+            // SAFETY: a private file this process just wrote and closed.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| e.to_string())?;
+            crate::header::parse(Path::new(file), &map)
+                .map_err(|e| format!("downloaded file is not valid: {e}"))?;
+        } else if file.ends_with(".json") {
+            let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+            serde_json::from_reader::<_, serde::de::IgnoredAny>(std::io::BufReader::new(f))
+                .map_err(|e| format!("downloaded file is not valid JSON: {e}"))?;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn redirects_resolve_against_the_answering_url() {
+            let base: Uri = "https://hub.example:8443/org/m/resolve/main/x.bin"
+                .parse()
+                .unwrap();
+            assert_eq!(
+                resolve(&base, "https://cdn.example/blob?sig=1").unwrap(),
+                "https://cdn.example/blob?sig=1"
+            );
+            assert_eq!(
+                resolve(&base, "/api/x").unwrap(),
+                "https://hub.example:8443/api/x"
+            );
+            assert_eq!(
+                resolve(&base, "//cdn.example/a").unwrap(),
+                "https://cdn.example/a"
+            );
+            assert_eq!(
+                resolve(&base, "y.bin").unwrap(),
+                "https://hub.example:8443/org/m/resolve/main/y.bin"
+            );
+            assert_eq!(origin(&base).unwrap(), "https://hub.example:8443");
+            let other: Uri = "https://HUB.example:8443/z".parse().unwrap();
+            assert_eq!(origin(&other), origin(&base));
+        }
     }
 }

@@ -81,6 +81,7 @@ fn start(repos: BTreeMap<String, Repo>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let port = listener.local_addr().unwrap().port();
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::new()));
     let (stop2, log2) = (stop.clone(), log.clone());
@@ -90,7 +91,7 @@ fn start(repos: BTreeMap<String, Repo>) -> Server {
         while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let _ = serve(stream, &repos, &log2);
+                    let _ = serve(stream, &repos, &log2, port);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(2));
@@ -112,6 +113,7 @@ fn serve(
     stream: TcpStream,
     repos: &BTreeMap<String, Repo>,
     log: &Mutex<Vec<Logged>>,
+    port: u16,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -184,6 +186,19 @@ fn serve(
         }
         return not_found(&mut out);
     }
+    // The CDN: /cdn/{org}/{name}/{file}, its own etag, no commit header.
+    if let Some(rest) = path.strip_prefix("/cdn/") {
+        let parts: Vec<&str> = rest.splitn(3, '/').collect();
+        if parts.len() == 3
+            && let Some(body) = repos
+                .get(&format!("{}/{}", parts[0], parts[1]))
+                .and_then(|r| r.files.get(parts[2]))
+        {
+            let headers = vec![("etag".to_string(), "\"s3-etag-1\"".to_string())];
+            return respond(&mut out, "200 OK", &headers, body);
+        }
+        return not_found(&mut out);
+    }
     // /{org}/{name}/resolve/{rev}/{file}
     let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
     if parts.len() == 5 && parts[2] == "resolve" {
@@ -192,6 +207,21 @@ fn serve(
             .get(&key)
             .filter(|r| parts[3] == "main" || parts[3] == r.sha);
         if let Some((repo, body)) = repo.and_then(|r| Some((r, r.files.get(parts[4])?))) {
+            // Like the real hub, large files of the sharded repository are
+            // redirected to a CDN on another origin (`localhost` rather than
+            // `127.0.0.1`), with the commit and the content's etag on the redirect.
+            if parts[0..2] == ["org", "sharded"] && parts[4].ends_with(".safetensors") {
+                let headers = vec![
+                    ("x-repo-commit".to_string(), repo.sha.clone()),
+                    ("x-linked-etag".to_string(), format!("\"{}\"", etag(body))),
+                    ("x-linked-size".to_string(), body.len().to_string()),
+                    (
+                        "Location".to_string(),
+                        format!("http://localhost:{port}/cdn/org/sharded/{}", parts[4]),
+                    ),
+                ];
+                return respond(&mut out, "302 Found", &headers, b"");
+            }
             let mut headers = vec![
                 ("etag".to_string(), format!("\"{}\"", etag(body))),
                 ("x-repo-commit".to_string(), repo.sha.clone()),
@@ -330,7 +360,8 @@ fn downloads_from_a_loopback_hub_and_then_works_offline() {
             .trim(),
         SHA_TINY
     );
-    let downloads = server.requests("/org/tiny/resolve/main/model.safetensors");
+    // Files are fetched pinned to the commit the repository info named.
+    let downloads = server.requests(&format!("/org/tiny/resolve/{SHA_TINY}/model.safetensors"));
     assert!(!downloads.is_empty());
     assert!(
         downloads
@@ -340,18 +371,35 @@ fn downloads_from_a_loopback_hub_and_then_works_offline() {
     );
 
     // A second open uses the cache: no new download of the weights.
-    let before = server.requests("resolve/main/model.safetensors").len();
+    let before = server.requests("/org/tiny/resolve/").len();
     Model::open_hub("org/tiny", &opts).unwrap();
-    assert_eq!(
-        server.requests("resolve/main/model.safetensors").len(),
-        before
-    );
+    assert_eq!(server.requests("/org/tiny/resolve/").len(), before);
 
     // Sharded: the index and both shards; README not fetched.
     let m = Model::open_hub(&format!("org/sharded@{SHA_SHARDED}"), &opts).unwrap();
     assert_eq!(m.files().len(), 2);
     assert_eq!(m.read_f32_vec("b").unwrap(), vec![3.0, 4.0]);
     assert!(server.requests("README.md").is_empty());
+    // Shards came through the CDN redirect: the token went to the hub, never
+    // to the other origin, and the blob is named by the hub's linked etag.
+    let cdn = server.requests("/cdn/");
+    assert_eq!(cdn.len(), 2, "{cdn:?}");
+    assert!(cdn.iter().all(|r| r.authorization.is_none()), "{cdn:?}");
+    assert!(
+        server
+            .requests("/org/sharded/resolve/")
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some("Bearer hf_test_token"))
+    );
+    let shard = m.files()[0].to_path_buf();
+    let blob = std::fs::canonicalize(&shard).unwrap();
+    assert_eq!(
+        blob.file_name().unwrap().to_str().unwrap(),
+        etag(&std::fs::read(&shard).unwrap())
+    );
+    assert!(
+        blob.starts_with(std::fs::canonicalize(cache.join("models--org--sharded/blobs")).unwrap())
+    );
 
     // A malicious index: refused before any request for the escaping name.
     let e = Model::open_hub("org/evil", &opts).unwrap_err();
