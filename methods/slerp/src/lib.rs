@@ -169,9 +169,10 @@ mod tests {
         Merge::new(m, vec![("t", t.into())], vec![vec![]; models.len()])?.run(base, models)
     }
 
-    /// Independent reference: rotate the unit direction of `a` towards `b`
-    /// in the plane they span (Gram–Schmidt), then interpolate the norms
-    /// geometrically as the weighted sum of the originals does.
+    /// Reference in plain f64 loops: Shoemake's weights `p, q` applied to
+    /// the original vectors, with the weights themselves checked against the
+    /// geometric construction (rotate `â` by `tθ` towards `b̂` in the plane
+    /// they span, via Gram–Schmidt): `p·â + q·b̂` must be that unit vector.
     fn reference(t: f64, a: &[f32], b: &[f32]) -> Vec<f64> {
         let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
         let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
@@ -184,12 +185,8 @@ mod tests {
         if c.abs() > 0.9995 {
             return (0..a.len()).map(|i| (1.0 - t) * a[i] + t * b[i]).collect();
         }
-        // Coefficients (p, q) with out = p·a + q·b satisfy, for unit vectors,
-        // out·â = cos(tθ)·(something); solve directly from the 2×2 system
-        // that places out at angle tθ from â with norm interpolation
-        // matching Shoemake's weights: p = sin((1−t)θ)/sinθ, q = sin(tθ)/sinθ.
         let theta = c.acos();
-        // Express via rotation: unit e1 = â, e2 = normalised component of b̂ ⟂ â.
+        // Orthonormal basis of the plane: â and the normalised part of b̂ ⟂ â.
         let ua: Vec<f64> = a.iter().map(|x| x / na).collect();
         let ub: Vec<f64> = b.iter().map(|x| x / nb).collect();
         let perp: Vec<f64> = (0..a.len()).map(|i| ub[i] - c * ua[i]).collect();
@@ -198,12 +195,9 @@ mod tests {
         let dir: Vec<f64> = (0..a.len())
             .map(|i| (t * theta).cos() * ua[i] + (t * theta).sin() * perp[i] / np)
             .collect();
-        // Shoemake's weighted sum of the originals equals, in the (â, e2)
-        // basis: na·sin((1−t)θ)/sinθ·â + nb·sin(tθ)/sinθ·b̂; with na = nb
-        // this is na·dir. For general norms compare component-wise:
         let s = theta.sin();
         let (p, q) = (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s);
-        // Sanity link between the two derivations (same direction when norms are equal).
+        // The trigonometric weights on the unit vectors give the rotated direction.
         let unit_mix: Vec<f64> = (0..a.len()).map(|i| p * ua[i] + q * ub[i]).collect();
         for i in 0..a.len() {
             assert!(
