@@ -208,7 +208,7 @@ struct Schedule {
 
 fn schedule(quick: bool) -> Schedule {
     let base = TrainConfig {
-        epochs: 2,
+        epochs: 3,
         batch_size: 32,
         learning_rate: 0.05,
         momentum: 0.9,
