@@ -57,8 +57,10 @@
 //! path exists. Options come from the environment ([`HubOptions::from_env`]:
 //! `HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`);
 //! [`Model::open_hub`] takes them explicitly. Cached models open offline in
-//! every build; downloading needs the cargo feature `hub` (hf-hub 0.5 with
-//! its blocking `ureq` client and rustls).
+//! every build; downloading needs the cargo feature `hub`: repository info
+//! through hf-hub 0.5, files through `ureq` (rustls) directly, so that the
+//! token never follows a redirect to another host and a cut-short or corrupt
+//! download never enters the cache.
 #![deny(missing_docs)]
 
 mod error;
