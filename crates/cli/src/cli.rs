@@ -108,7 +108,7 @@ pub struct MergeArgs {
 
     /// Memory budget for tensors in flight (input chunks, results waiting to
     /// be written); large tensors are processed in chunks to stay under it.
-    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: Size,
 }
 

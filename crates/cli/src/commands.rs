@@ -106,12 +106,15 @@ fn eval(a: EvalArgs, p: &Printer) -> Result<()> {
             Some(d)
         }
     };
+    // The expression engine's options may grow; defaults fill what we do not set.
+    #[allow(clippy::needless_update)]
     let opts = EvalOptions {
         out_dtype,
         template: a.template.clone(),
         max_shard_bytes: a.out_shard_size.0,
         overwrite: a.overwrite,
         max_memory: a.max_memory.0,
+        ..EvalOptions::default()
     };
     if a.jobs == Some(0) {
         return Err(Usage::Arg("--jobs must be at least 1".into()).into());

@@ -18,17 +18,22 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tensormerge_core::convert;
-use tensormerge_io::{ModelWriter, SUPPORT_FILES, WriterOptions};
+use tensormerge_io::{Model, ModelWriter, SUPPORT_FILES, WriterOptions};
 use tensormerge_methods::{ChunkData, Stats, TensorContext, chunk_ranges, merge_tensor};
 
 use crate::config::MergeConfig;
 use crate::error::{EngineError, Mismatch};
 use crate::plan::{Action, Input, Plan, RunOptions, plan};
 use crate::progress::Progress;
+
+/// Smallest chunk, in elements, whatever the budget.
+const MIN_CHUNK: u64 = 4096;
+/// Largest chunk, in elements, for methods without a per-tensor pass.
+const MAX_PLAIN_CHUNK: u64 = 1 << 20;
 
 /// What a finished merge did.
 #[derive(Debug, Clone)]
@@ -72,49 +77,123 @@ pub fn run_merge(
     execute(&plan, out, opts, progress)
 }
 
-fn read(input: &Input, name: &str, range: Range<usize>) -> Result<Vec<f32>, EngineError> {
-    let mut v = vec![0f32; range.len()];
-    input
-        .model
-        .read_f32_range(name, range, &mut v)
-        .map_err(|source| {
-            EngineError::io(
-                format!("cannot read tensor `{name}` of `{}`", input.reference),
-                source,
-            )
-        })?;
-    Ok(v)
+/// An input as the executor reads it: the model is re-opened every
+/// [`REMAP_BYTES`] bytes read, so that the pages of the memory map already
+/// consumed leave the process (the kernel counts mapped file pages in the
+/// resident set; dropping the map releases them, the page cache keeps them).
+struct Source {
+    reference: String,
+    /// Path to re-open from (local models only; hub models stay mapped).
+    path: Option<PathBuf>,
+    current: Mutex<Arc<Model>>,
+    since: AtomicU64,
+    remapping: Mutex<()>,
 }
 
-fn elem_size(input: &Input, name: &str) -> u64 {
-    input
-        .model
-        .layout()
-        .get(name)
-        .map_or(0, |t| t.dtype.size_in_bytes() as u64)
+/// Bytes read from one input between two re-openings.
+const REMAP_BYTES: u64 = 16 << 20;
+
+impl Source {
+    fn new(input: &Input) -> Source {
+        let p = Path::new(&input.reference);
+        Source {
+            reference: input.reference.clone(),
+            path: p.exists().then(|| p.to_path_buf()),
+            current: Mutex::new(input.model.clone()),
+            since: AtomicU64::new(0),
+            remapping: Mutex::new(()),
+        }
+    }
+
+    fn model(&self) -> Arc<Model> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn read(&self, name: &str, range: Range<usize>) -> Result<(Vec<f32>, u64), EngineError> {
+        let model = self.model();
+        let size = model
+            .layout()
+            .get(name)
+            .map_or(0, |t| t.dtype.size_in_bytes() as u64);
+        let bytes = range.len() as u64 * size;
+        let mut v = vec![0f32; range.len()];
+        model
+            .read_f32_range(name, range, &mut v)
+            .map_err(|source| {
+                EngineError::io(
+                    format!("cannot read tensor `{name}` of `{}`", self.reference),
+                    source,
+                )
+            })?;
+        drop(model);
+        let since = self.since.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if since >= REMAP_BYTES
+            && let Some(path) = &self.path
+            && let Ok(_guard) = self.remapping.try_lock()
+        {
+            self.since.store(0, Ordering::Relaxed);
+            let fresh = Model::open_path(path).map_err(|source| {
+                EngineError::io(format!("cannot re-open model `{}`", self.reference), source)
+            })?;
+            if fresh.layout() != self.model().layout() {
+                return Err(EngineError::Option(format!(
+                    "model `{}` changed on disk during the merge",
+                    self.reference
+                )));
+            }
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        }
+        Ok((v, bytes))
+    }
+}
+
+/// The executor's view of the plan's inputs.
+struct Sources {
+    base: Option<Source>,
+    models: Vec<Source>,
+    aux: Vec<Option<Source>>,
+    base_aux: Option<Source>,
+}
+
+impl Sources {
+    fn new(plan: &Plan) -> Sources {
+        Sources {
+            base: plan.base.as_ref().map(Source::new),
+            models: plan.models.iter().map(Source::new).collect(),
+            aux: plan
+                .aux
+                .iter()
+                .map(|a| a.as_ref().map(Source::new))
+                .collect(),
+            base_aux: plan.base_aux.as_ref().map(Source::new),
+        }
+    }
 }
 
 /// Reads one chunk of one tensor from every input taking part.
 fn fetch(
-    plan: &Plan,
+    src: &Sources,
     name: &str,
     aux_has: &[bool],
     base_aux_has: bool,
     range: Range<usize>,
 ) -> Result<(ChunkData, u64), EngineError> {
     let mut bytes = 0u64;
-    let n = range.len() as u64;
-    let mut rd = |i: &Input| {
-        bytes += n * elem_size(i, name);
-        read(i, name, range.clone())
+    let mut rd = |s: &Source| {
+        let (v, b) = s.read(name, range.clone())?;
+        bytes += b;
+        Ok::<_, EngineError>(v)
     };
-    let base = plan.base.as_ref().map(&mut rd).transpose()?;
-    let models = plan
+    let base = src.base.as_ref().map(&mut rd).transpose()?;
+    let models = src
         .models
         .iter()
         .map(&mut rd)
         .collect::<Result<Vec<_>, _>>()?;
-    let aux = plan
+    let aux = src
         .aux
         .iter()
         .zip(aux_has)
@@ -123,7 +202,7 @@ fn fetch(
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let base_aux = match (&plan.base_aux, base_aux_has) {
+    let base_aux = match (&src.base_aux, base_aux_has) {
         (Some(a), true) => Some(rd(a)?),
         _ => None,
     };
@@ -241,16 +320,16 @@ impl Output<'_> {
         Ok(())
     }
 
-    fn push(&self, idx: usize, bytes: &[u8]) -> Result<(), EngineError> {
+    fn push(&self, idx: usize, bytes: std::borrow::Cow<'_, [u8]>) -> Result<(), EngineError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if idx == st.next {
-            self.write_now(&mut st, idx, bytes)
+            self.write_now(&mut st, idx, &bytes)
         } else {
             st.pending
                 .entry(idx)
                 .or_default()
                 .chunks
-                .push(bytes.to_vec());
+                .push(bytes.into_owned());
             Ok(())
         }
     }
@@ -317,8 +396,31 @@ pub fn execute(
         + plan.base_aux.iter().count()
         + 1;
     let per_elem = 4 * streams as u64 + 4;
-    let chunk_len =
-        ((opts.max_memory / 2) / (threads as u64 * per_elem)).clamp(4096, 1 << 28) as usize;
+    let by_budget = ((opts.max_memory / 2) / (threads as u64 * per_elem)).clamp(MIN_CHUNK, 1 << 28);
+    // Methods without a per-tensor pass read every chunk once: keep chunks
+    // small enough for the allocator to reuse their buffers (fresh pages cost
+    // a fault and a zeroing each) and for the cache. Methods with a pass read
+    // a multi-chunk tensor once per sweep and once more to merge: larger chunks.
+    let has_tensor_pass = plan.tensors.iter().find_map(|t| match &t.action {
+        Action::Merge { global, models, .. } => Some(
+            plan.method
+                .tensor_pass(&TensorContext {
+                    name: &t.out.name,
+                    shape: &t.out.shape,
+                    global,
+                    models,
+                    seed: plan.seed,
+                    model_stats: None,
+                })
+                .is_some(),
+        ),
+        Action::Copy => None,
+    });
+    let chunk_len = if has_tensor_pass == Some(true) {
+        by_budget
+    } else {
+        by_budget.min(MAX_PLAIN_CHUNK)
+    } as usize;
 
     let mut protected = Vec::new();
     for i in plan.inputs() {
@@ -345,9 +447,10 @@ pub fn execute(
         EngineError::io(format!("cannot create output `{}`", out.display()), source)
     })?;
 
+    let sources = Sources::new(plan);
     let mut bytes_read = 0u64;
     let model_stats = if plan.model_pass {
-        let (s, b) = model_pass(plan, chunk_len, progress)?;
+        let (s, b) = model_pass(plan, &sources, chunk_len, progress)?;
         bytes_read += b;
         s
     } else {
@@ -409,6 +512,7 @@ pub fn execute(
                 while let Some(idx) = sched.acquire() {
                     let r = process(
                         plan,
+                        &sources,
                         idx,
                         chunk_len,
                         model_stats.as_ref(),
@@ -520,6 +624,7 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), EngineError> {
 /// Returns the input bytes read.
 fn process(
     plan: &Plan,
+    sources: &Sources,
     idx: usize,
     chunk_len: usize,
     model_stats: Option<&Stats>,
@@ -563,8 +668,8 @@ fn process(
             if !mismatches.is_empty() {
                 return Err(EngineError::Incompatible(mismatches));
             }
-            output.push(idx, &bytes)?;
             let n = bytes.len() as u64;
+            output.push(idx, bytes)?;
             progress.advance(n, 0);
             Ok(n)
         }
@@ -589,14 +694,14 @@ fn process(
                 &ctx,
                 chunk_len,
                 |r| {
-                    let (data, b) = fetch(plan, name, aux, *base_aux, r)?;
+                    let (data, b) = fetch(sources, name, aux, *base_aux, r)?;
                     read_bytes += b;
                     progress.advance(b, 0);
                     Ok(data)
                 },
                 |_, vals| {
                     let bytes = convert::encode_f32_vec(out_dtype, vals)?;
-                    output.push(idx, &bytes)
+                    output.push(idx, std::borrow::Cow::Owned(bytes))
                 },
             )?;
             Ok(read_bytes)
@@ -608,6 +713,7 @@ fn process(
 /// for each sweep the method asks for.
 fn model_pass(
     plan: &Plan,
+    sources: &Sources,
     chunk_len: usize,
     progress: &dyn Progress,
 ) -> Result<(Option<Stats>, u64), EngineError> {
@@ -632,7 +738,13 @@ fn model_pass(
             plan.base
                 .iter()
                 .chain(plan.models.iter())
-                .map(|i| t.out.numel() as u64 * elem_size(i, name))
+                .map(|i| {
+                    t.out.numel() as u64
+                        * i.model
+                            .layout()
+                            .get(name)
+                            .map_or(0, |x| x.dtype.size_in_bytes() as u64)
+                })
                 .sum::<u64>()
         })
         .sum();
@@ -659,7 +771,7 @@ fn model_pass(
             };
             for r in chunk_ranges(method, t.out.numel(), chunk_len) {
                 let offset = r.start;
-                let (data, b) = fetch(plan, &t.out.name, aux, *base_aux, r)?;
+                let (data, b) = fetch(sources, &t.out.name, aux, *base_aux, r)?;
                 bytes += b;
                 progress.advance(b, 0);
                 data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;

@@ -15,8 +15,8 @@ use tensormerge_methods::{
 use crate::config::{MergeConfig, ModelRef, ParamMap, TokenizerSource};
 use crate::error::{ConfigError, EngineError, Mismatch};
 
-/// Default memory budget of the executor: 1 GiB.
-pub const DEFAULT_MAX_MEMORY: u64 = 1 << 30;
+/// Default memory budget of the executor: 256 MiB.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 << 20;
 
 /// Options of a merge run (the command line's flags).
 #[derive(Debug, Clone)]

@@ -782,3 +782,35 @@ fn output_paths_are_checked() {
     let e = merge(&yaml, &tmp.path().join("y"), &opts(1, 0)).unwrap_err();
     assert!(matches!(e, EngineError::Option(_)));
 }
+
+#[test]
+fn inputs_larger_than_the_remap_interval_merge_exactly() {
+    // 2 × 24 MB of F32 inputs: the executor re-opens each input every 16 MB
+    // read (to release mapped pages) while merging.
+    let tmp = tempfile::tempdir().unwrap();
+    let l = vec![
+        t("layers.0.weight", &[2000, 1500], DType::F32),
+        t("layers.1.weight", &[1000, 3000], DType::F32),
+    ];
+    let base = write_model(&tmp.path().join("base"), &l, 1, u64::MAX);
+    let a = write_model(&tmp.path().join("a"), &l, 2, 13_000_000);
+    let yaml = format!(
+        "merge_method: engine_test_wsum\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{weight: 0.25}}\n",
+        base.display(),
+        a.display()
+    );
+    let out = tmp.path().join("out");
+    let r = merge(&yaml, &out, &opts(2, 8 << 20)).unwrap();
+    assert_eq!(r.bytes_read, 2 * 24_000_000);
+    let mapper = ModelTensorMapper::for_model(&Model::open_path(&base).unwrap());
+    let m = Merge::new(
+        registry().get("engine_test_wsum").unwrap(),
+        vec![],
+        vec![vec![("weight", 0.25.into())]],
+    )
+    .unwrap();
+    let v = m
+        .run(Some(&vector(&mapper, &base)), &[&vector(&mapper, &a)])
+        .unwrap();
+    check_against(&out, &expected_bytes(&mapper, &v, |t| t.dtype));
+}
