@@ -631,3 +631,97 @@ fn models_are_shared_across_threads() {
         }
     });
 }
+
+#[test]
+fn unusual_tensor_names_survive_a_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("names");
+    let names = [
+        "quote\"d",
+        "back\\slash",
+        "ünïcödé/名前",
+        "new\nline",
+        "__metadata__x",
+    ];
+    let specs: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, vec![1], DType::F32, vec![i as f32]))
+        .collect();
+    write_model(
+        &dir,
+        &specs,
+        WriterOptions {
+            max_shard_bytes: 8,
+            ..Default::default()
+        },
+    );
+    let m = Model::open_path(&dir).unwrap();
+    let order: Vec<_> = m
+        .layout()
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(order, names);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(m.read_f32_vec(n).unwrap(), vec![i as f32]);
+    }
+    // The safetensors crate reads the same names from the shards.
+    let mut seen = Vec::new();
+    for f in m.files() {
+        let bytes = std::fs::read(f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        seen.extend(st.names().into_iter().map(str::to_string));
+    }
+    seen.sort();
+    let mut expected: Vec<_> = names.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn config_dtype_keys_are_both_updated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("tpl");
+    std::fs::create_dir(&tpl).unwrap();
+    std::fs::write(
+        tpl.join("config.json"),
+        r#"{"dtype": "float32", "torch_dtype": "float32", "n": 1}"#,
+    )
+    .unwrap();
+    std::fs::write(tpl.join("vocab.txt"), "a\nb\n").unwrap();
+    std::fs::write(tpl.join("model.safetensors"), "never copied").unwrap();
+    let out = tmp.path().join("out");
+    let mut w = ModelWriter::create(&out, vec![], WriterOptions::default()).unwrap();
+    let copied = w.copy_support_files(&tpl, Some(DType::F16)).unwrap();
+    assert_eq!(copied, ["config.json", "vocab.txt"]);
+    w.finish().unwrap();
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            c["dtype"].as_str(),
+            c["torch_dtype"].as_str(),
+            c["n"].as_i64()
+        ),
+        (Some("float16"), Some("float16"), Some(1))
+    );
+    // Without a dtype, config.json is copied byte for byte; invalid JSON is a typed error.
+    let out2 = tmp.path().join("out2");
+    let mut w = ModelWriter::create(&out2, vec![], WriterOptions::default()).unwrap();
+    w.copy_support_files(&tpl, None).unwrap();
+    w.finish().unwrap();
+    assert_eq!(
+        std::fs::read(out2.join("config.json")).unwrap(),
+        std::fs::read(tpl.join("config.json")).unwrap()
+    );
+    std::fs::write(tpl.join("config.json"), "{oops").unwrap();
+    let mut w =
+        ModelWriter::create(&tmp.path().join("out3"), vec![], WriterOptions::default()).unwrap();
+    let e = w.copy_support_files(&tpl, Some(DType::BF16)).unwrap_err();
+    assert!(
+        matches!(&e, IoError::SupportFileJson { path, .. } if path.ends_with("config.json")),
+        "{e}"
+    );
+}
