@@ -505,7 +505,7 @@ pub fn execute(
     };
     let errors: Mutex<Vec<(usize, EngineError)>> = Mutex::new(Vec::new());
     let read_total = Mutex::new(0u64);
-    progress.start("merging", plan.bytes_to_read(), n as u64);
+    progress.start("merging", expected_reads(plan, chunk_len), n as u64);
     pool.scope(|s| {
         for _ in 0..threads {
             s.spawn(|_| {
@@ -618,6 +618,55 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+/// Input bytes the merge pass will read: a tensor merged in several chunks by
+/// a method with a per-tensor pass is read once per sweep and once more.
+fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
+    let mut total = 0u64;
+    for t in &plan.tensors {
+        let name = &t.out.name;
+        let size = |i: &Input| {
+            i.model
+                .layout()
+                .get(name)
+                .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
+        };
+        match &t.action {
+            Action::Copy => total += size(plan.copy_source()),
+            Action::Merge {
+                global,
+                models,
+                aux,
+                base_aux,
+            } => {
+                let mut once: u64 = plan.base.iter().chain(&plan.models).map(size).sum();
+                for (a, has) in plan.aux.iter().zip(aux) {
+                    if let (Some(a), true) = (a, has) {
+                        once += size(a);
+                    }
+                }
+                if *base_aux {
+                    once += plan.base_aux.iter().map(size).sum::<u64>();
+                }
+                let ctx = TensorContext {
+                    name,
+                    shape: &t.out.shape,
+                    global,
+                    models,
+                    seed: plan.seed,
+                    model_stats: None,
+                };
+                let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
+                let passes = match plan.method.tensor_pass(&ctx) {
+                    Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
+                    _ => 1,
+                };
+                total += once * passes;
+            }
+        }
+    }
+    total
 }
 
 /// Merges (or copies) tensor `idx`, streaming its result into `output`.
