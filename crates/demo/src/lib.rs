@@ -18,8 +18,29 @@
 //!    ([`experiment::plan_method`]), each merge a mergekit YAML config run by
 //!    the engine's `run_merge` ([`merge`]), as `tensormerge merge` runs it;
 //!    the config of each method's best merge is saved.
-//! 6. Each result is evaluated on the held-out test split: task A (0-4),
-//!    task B (5-9) and all ten digits.
+//! 6. Each merge is evaluated on the held-out test split: task A (0-4),
+//!    task B (5-9) and all ten digits. Each method's setting is chosen by
+//!    joint accuracy on a validation split held out of the training data, so
+//!    the test numbers are not tuned on the test split.
+//!
+//! Output directory: `models/{base,task_a,task_b,task_a_fisher,task_b_fisher}`,
+//! `merged/METHOD/` (each method's chosen merge), `configs/METHOD.yml` (its
+//! config, runnable with `tensormerge merge`), `results.csv` (every merge of
+//! the sweep) and `joint_accuracy.svg` (the plot).
+//!
+//! Choices worth knowing:
+//! - The Fisher is computed exactly, summing over all ten classes weighted by
+//!   the model's probabilities (as METHODS.md defines it), rather than by
+//!   sampling one label per example or using the empirical Fisher at the true
+//!   labels: exact is affordable for ten classes and has no sampling noise.
+//! - A method that takes a base and one model (slerp, nearswap) gets
+//!   fine-tune A as its base and B as its model; a method with an optional
+//!   base is run on the two fine-tunes alone first (Fisher averaging as in
+//!   the paper), with the base only if that fails; a required per-model
+//!   `weight` is set to 1 for both.
+//! - Training is plain mini-batch SGD with momentum in `f32`, single-threaded,
+//!   with `ChaCha8Rng` streams derived from the seed, so a run is reproducible
+//!   on one machine; the matrix kernels may round differently on another CPU.
 //!
 //! The library entry point is [`run`]`(&DemoOptions { out, seed, quick },
 //! &dyn DemoProgress) -> Result<DemoReport, DemoError>`; the command line
