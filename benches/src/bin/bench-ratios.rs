@@ -1,7 +1,7 @@
 //! Prints each method's throughput as a ratio to a memory copy of the same
 //! input bytes, measured in the same run (median of several runs each).
 //!
-//! `cargo run --release -p tensormerge-benches --bin bench-ratios [numel] [runs]`
+//! `cargo run --release -p tensormerge-benches --bin bench-ratios [numel] [runs] [label filter]`
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(7usize)
         .max(1);
+    let only = args.next().unwrap_or_default();
     let inputs = Inputs::new(numel, 3);
     let gib = |d: Duration| inputs.bytes() as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
     let mut dst = vec![0.0f32; numel * 4];
@@ -50,7 +51,7 @@ fn main() {
     );
     let mut out = vec![0.0f32; numel];
     let mut all_met = true;
-    for case in CASES {
+    for case in CASES.iter().filter(|c| c.label.contains(only.as_str())) {
         let t = median(|| case.run(&inputs, &mut out).expect("merge"), runs);
         let ratio = copy.as_secs_f64() / t.as_secs_f64();
         let met = ratio >= case.target;

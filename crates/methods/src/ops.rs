@@ -225,6 +225,59 @@ impl ExactSum {
     }
 }
 
+/// A fast, chunk-invariant sum of a sequence that arrives in order, in
+/// pieces of any length: element at absolute position `p` is added to lane
+/// `p mod 8` (8 interleaved `f64` sums, which vectorise), and the lanes are
+/// summed exactly at the end. Each lane sees its elements in the same order
+/// however the sequence is cut, so the result does not depend on chunking —
+/// provided the pieces come in ascending position order, as a
+/// [`StatsPass`](crate::StatsPass) sees the chunks of a tensor.
+///
+/// ```
+/// use tensormerge_methods::ops::PositionalSum;
+/// let v: Vec<f64> = (0..100).map(|i| 1.0 / (i as f64 + 1.0)).collect();
+/// let (mut whole, mut parts) = (PositionalSum::new(), PositionalSum::new());
+/// whole.add_at(0, &v);
+/// parts.add_at(0, &v[..13]);
+/// parts.add_at(13, &v[13..71]);
+/// parts.add_at(71, &v[71..]);
+/// assert_eq!(whole.value().to_bits(), parts.value().to_bits());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PositionalSum {
+    lanes: [f64; 8],
+}
+
+impl PositionalSum {
+    /// Zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `values`, the elements at positions `offset..offset + values.len()`.
+    pub fn add_at(&mut self, offset: u64, values: &[f64]) {
+        let head = ((8 - offset % 8) % 8).min(values.len() as u64) as usize;
+        for (k, &v) in values[..head].iter().enumerate() {
+            self.lanes[((offset + k as u64) % 8) as usize] += v;
+        }
+        let body = values[head..].chunks_exact(8);
+        let tail = body.remainder();
+        for c in body {
+            for (l, &v) in self.lanes.iter_mut().zip(c) {
+                *l += v;
+            }
+        }
+        for (l, &v) in self.lanes.iter_mut().zip(tail) {
+            *l += v;
+        }
+    }
+
+    /// The sum of the lanes, taken exactly and rounded once.
+    pub fn value(&self) -> f64 {
+        weight_sum(&self.lanes)
+    }
+}
+
 /// `2^k` as an `f64` (0 below the subnormal range, infinity above).
 fn pow2(k: i32) -> f64 {
     if k > 1023 {
@@ -367,7 +420,14 @@ pub struct TopK {
     seen: u64,
     ties: BTreeMap<String, u64>,
     density: Option<f64>,
+    /// Four 32-bit partial histograms (large inputs), flushed into `hist`.
+    part: Vec<u32>,
+    /// Keys counted in `part` since the last flush.
+    pending: u64,
 }
+
+/// Inputs up to this size use one 64-bit histogram directly.
+const SMALL: u64 = 1 << 20;
 
 impl TopK {
     /// Sweeps needed at most when every key is in one segment.
@@ -410,6 +470,8 @@ impl TopK {
             seen: 0,
             ties: BTreeMap::new(),
             density: None,
+            part: Vec::new(),
+            pending: 0,
         }
     }
 
@@ -446,8 +508,33 @@ impl TopK {
                 if self.hist.is_empty() {
                     self.hist = vec![0; 1 << 16];
                 }
-                for &key in keys {
-                    self.hist[(key >> 16) as usize] += 1;
+                if self.n <= SMALL {
+                    for &key in keys {
+                        self.hist[(key >> 16) as usize] += 1;
+                    }
+                } else {
+                    // Four interleaved 32-bit histograms: shorter dependency
+                    // chains on popular bins, half the cache footprint.
+                    if self.part.is_empty() {
+                        self.part = vec![0; 4 << 16];
+                    }
+                    if self.pending + keys.len() as u64 >= u32::MAX as u64 {
+                        self.flush();
+                    }
+                    self.pending += keys.len() as u64;
+                    let (h0, rest) = self.part.split_at_mut(1 << 16);
+                    let (h1, rest) = rest.split_at_mut(1 << 16);
+                    let (h2, h3) = rest.split_at_mut(1 << 16);
+                    let quads = keys.chunks_exact(4);
+                    for &key in quads.remainder() {
+                        h0[(key >> 16) as usize] += 1;
+                    }
+                    for q in quads {
+                        h0[(q[0] >> 16) as usize] += 1;
+                        h1[(q[1] >> 16) as usize] += 1;
+                        h2[(q[2] >> 16) as usize] += 1;
+                        h3[(q[3] >> 16) as usize] += 1;
+                    }
                 }
                 self.seen += keys.len() as u64;
             }
@@ -521,6 +608,7 @@ impl TopK {
                 ))
             }
         };
+        self.flush();
         match self.stage.clone() {
             Stage::Done(_) => Ok(()),
             Stage::High => {
@@ -596,8 +684,23 @@ impl TopK {
         }
     }
 
+    /// Adds the 32-bit partial histograms into the 64-bit one.
+    fn flush(&mut self) {
+        if self.pending == 0 || self.part.is_empty() {
+            return;
+        }
+        for part in self.part.chunks_exact_mut(1 << 16) {
+            for (h, p) in self.hist.iter_mut().zip(part.iter_mut()) {
+                *h += *p as u64;
+                *p = 0;
+            }
+        }
+        self.pending = 0;
+    }
+
     fn finish(&mut self, s: Selection) {
         self.hist = Vec::new();
+        self.part = Vec::new();
         self.stage = Stage::Done(s);
     }
 }
@@ -637,7 +740,8 @@ pub fn keep_count(density: f64, n: u64) -> u64 {
 /// positioned at the entry). See [`crate::rng::keep`].
 #[inline]
 pub fn dare_keep(draw: u32, density: f64) -> bool {
-    crate::rng::keep(draw, density)
+    // Same rule as `rng::keep`, written out so that it inlines and vectorises.
+    (draw as f64) < density * 4_294_967_296.0
 }
 
 // ---------------------------------------------------------------------------
@@ -770,24 +874,29 @@ impl Combine {
                             }
                         }
                     }
+                    // The elected sign as ±1 (a zero vote elects +).
+                    vote.iter_mut()
+                        .for_each(|v| *v = if *v >= 0.0 { 1.0 } else { -1.0 });
                     for (i, &w) in self.weights.iter().enumerate() {
                         let d = &deltas[i * len + start..i * len + start + bl];
-                        for (((acc, dv), &v), &x) in merged
+                        for (((acc, dv), &s), &x) in merged
                             .iter_mut()
                             .zip(div.iter_mut())
                             .zip(vote.iter())
                             .zip(d)
                         {
                             let d = w * x;
-                            // agrees with the elected sign (a zero vote elects +) and is not 0
-                            let agree = if v >= 0.0 { d > 0.0 } else { d < 0.0 };
+                            // agrees with the elected sign, and is not 0
+                            let agree = d * s > 0.0;
                             *acc += if agree { d } else { 0.0 };
                             *dv += if agree { w } else { 0.0 };
                         }
                     }
                     if self.normalize {
                         for (acc, &dv) in merged.iter_mut().zip(div.iter()) {
-                            *acc = if dv == 0.0 { 0.0 } else { *acc / dv };
+                            // branch-free: divide by 1 where the divisor is 0, then zero it
+                            let zero = u8::from(dv == 0.0) as f64;
+                            *acc = *acc / (dv + zero) * (1.0 - zero) + 0.0; // + 0.0: no -0
                         }
                     }
                 }
@@ -976,6 +1085,72 @@ mod tests {
             .collect();
         assert_eq!(kb, [false, true]);
         assert_eq!(ka, [true, true, false]);
+    }
+
+    #[test]
+    fn dare_keep_is_the_rng_keep_rule() {
+        for p in [0.0, 1e-9, 0.25, 0.5, 0.7, 0.999_999, 1.0, 1.5] {
+            for u in [
+                0u32,
+                1,
+                1 << 30,
+                1 << 31,
+                3_000_000_000,
+                u32::MAX - 1,
+                u32::MAX,
+            ] {
+                assert_eq!(dare_keep(u, p), crate::rng::keep(u, p), "u={u} p={p}");
+            }
+        }
+    }
+
+    #[test]
+    fn positional_sum_does_not_depend_on_the_cuts() {
+        let v: Vec<f64> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f64 * 1e-3 + 1e8 * ((i % 3) as f64))
+            .collect();
+        let mut whole = PositionalSum::new();
+        whole.add_at(0, &v);
+        for cut in [1, 3, 8, 13, 999] {
+            let mut parts = PositionalSum::new();
+            let mut at = 0;
+            while at < v.len() {
+                let end = (at + cut).min(v.len());
+                parts.add_at(at as u64, &v[at..end]);
+                at = end;
+            }
+            assert_eq!(
+                parts.value().to_bits(),
+                whole.value().to_bits(),
+                "cut {cut}"
+            );
+        }
+        let exact: f64 = v.iter().sum();
+        assert!((whole.value() - exact).abs() <= 1e-9 * exact);
+    }
+
+    #[test]
+    fn top_k_over_a_large_input_uses_partial_histograms_exactly() {
+        // More than SMALL keys: the 4-way partial histograms are used.
+        let n = (SMALL + 12_345) as usize;
+        let keys: Vec<u32> = (0..n)
+            .map(|i| magnitude_key(((i * 2_654_435_761) % 1_000_003) as f32 / 7.0))
+            .collect();
+        let k = n / 5;
+        let mut t = TopK::new(n as u64, k as u64, true);
+        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+            for (c, part) in keys.chunks(70_001).enumerate() {
+                t.observe("", (c * 70_001) as u64, part);
+            }
+            t.end_sweep(sweep).unwrap();
+        }
+        let s = t.selection().unwrap().clone();
+        let kept: Vec<bool> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &key)| s.keeps("", i as u64, key))
+            .collect();
+        assert_eq!(kept, reference(&keys, k));
     }
 
     #[test]

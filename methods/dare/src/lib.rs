@@ -14,7 +14,8 @@
 //! the kept entries then rescaled (`rescale`):
 //!
 //! - `true` (default, mergekit's rule): by `‖τ_i‖₁ / ‖τ̃_i‖₁` over the
-//!   tensor, so the tensor's L1 norm is unchanged (an exact per-tensor pass);
+//!   tensor, so the tensor's L1 norm is unchanged (a per-tensor pass, summed
+//!   in a chunk-invariant order);
 //! - `density`: by the paper's `1 / d_i` (unbiased: `E[τ̃_i] = τ_i`);
 //! - `false`: not rescaled.
 //!
@@ -49,7 +50,7 @@
 //!   devices or versions); here the stream is specified.
 //! - mergekit skips the L1 rescale when either norm is below `1e-7`; here it
 //!   is skipped only when nothing was kept (the kept norm is exactly 0), so
-//!   tensors with tiny deltas are rescaled too. Norms are summed exactly.
+//!   tensors with tiny deltas are rescaled too.
 //! - `rescale: density` (the paper's `1/d`) is our addition.
 //! - `weight` defaults to 1.0 (mergekit requires it); `int8_mask` is accepted
 //!   and has no effect.
@@ -58,7 +59,7 @@
 use std::sync::Arc;
 
 use rand::RngCore;
-use tensormerge_methods::ops::{self, Combine, Consensus, ExactSum, Rule};
+use tensormerge_methods::ops::{self, BLOCK, Combine, Consensus, PositionalSum, Rule};
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
     Stats, StatsPass, TensorContext, register_method,
@@ -193,12 +194,14 @@ fn drops(d: f64) -> bool {
     d < 1.0
 }
 
-/// The exact L1 norms of each model's task vector and of its kept entries.
+/// The L1 norms of each model's task vector and of its kept entries, summed
+/// chunk-invariantly ([`PositionalSum`]).
 struct L1Pass {
     method: &'static str,
     densities: Vec<f64>,
-    total: Vec<ExactSum>,
-    kept: Vec<ExactSum>,
+    total: Vec<PositionalSum>,
+    kept: Vec<PositionalSum>,
+    buf: (Box<[f64; BLOCK]>, Box<[f64; BLOCK]>),
 }
 
 impl StatsPass for L1Pass {
@@ -206,18 +209,33 @@ impl StatsPass for L1Pass {
         let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
             method: self.method.to_string(),
         })?;
+        let (all, kept) = &mut self.buf;
+        let mut draws = [0u32; BLOCK];
         for (i, &d) in self.densities.iter().enumerate() {
             if !drops(d) {
                 continue;
             }
             let mut rng = chunk.tensor.rng(i, chunk.offset);
-            for (&x, &b) in chunk.models[i].iter().zip(base) {
-                let a = (x as f64 - b as f64).abs();
-                let keep = ops::dare_keep(rng.next_u32(), d);
-                self.total[i].add(a);
-                if keep {
-                    self.kept[i].add(a);
+            let x = chunk.models[i];
+            for start in (0..x.len()).step_by(BLOCK) {
+                let end = (start + BLOCK).min(x.len());
+                let n = end - start;
+                let draws = &mut draws[..n];
+                draws.iter_mut().for_each(|u| *u = rng.next_u32());
+                let (all, kept) = (&mut all[..n], &mut kept[..n]);
+                for ((((a, k), &u), &x), &b) in all
+                    .iter_mut()
+                    .zip(kept.iter_mut())
+                    .zip(draws.iter())
+                    .zip(&x[start..end])
+                    .zip(&base[start..end])
+                {
+                    *a = (x as f64 - b as f64).abs();
+                    *k = if ops::dare_keep(u, d) { *a } else { 0.0 };
                 }
+                let at = (chunk.offset + start) as u64;
+                self.total[i].add_at(at, all);
+                self.kept[i].add_at(at, kept);
             }
         }
         Ok(())
@@ -261,8 +279,9 @@ fn tensor_pass(
     Some(Box::new(L1Pass {
         method: info.name,
         densities,
-        total: vec![ExactSum::new(); m],
-        kept: vec![ExactSum::new(); m],
+        total: vec![PositionalSum::new(); m],
+        kept: vec![PositionalSum::new(); m],
+        buf: (Box::new([0.0; BLOCK]), Box::new([0.0; BLOCK])),
     }))
 }
 
@@ -334,15 +353,18 @@ fn merge(
     };
     combine.check(info.name, t.name)?;
     let mut rngs: Vec<_> = (0..dens.len()).map(|i| t.rng(i, chunk.offset)).collect();
+    let mut draws = [0u32; ops::BLOCK];
     ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
         let x = &chunk.models[i][start..start + buf.len()];
         let b = &base[start..start + buf.len()];
         let (d, s) = (dens[i], scales[i]);
         if drops(d) {
             let rng = &mut rngs[i];
-            for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {
-                let keep = ops::dare_keep(rng.next_u32(), d);
-                *o = if keep { (x as f64 - b as f64) * s } else { 0.0 };
+            let draws = &mut draws[..buf.len()];
+            draws.iter_mut().for_each(|u| *u = rng.next_u32());
+            for (((o, &x), &b), &u) in buf.iter_mut().zip(x).zip(b).zip(draws.iter()) {
+                let delta = (x as f64 - b as f64) * s;
+                *o = if ops::dare_keep(u, d) { delta } else { 0.0 };
             }
         } else {
             for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {

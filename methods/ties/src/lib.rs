@@ -174,7 +174,7 @@ struct TopKPass {
     /// Segment = tensor name (whole-model scope) or "" (one tensor).
     by_tensor: bool,
     sweeps: usize,
-    keys: Vec<u32>,
+    keys: Box<[u32; BLOCK]>,
 }
 
 impl StatsPass for TopKPass {
@@ -196,16 +196,14 @@ impl StatsPass for TopKPass {
                 continue;
             }
             let x = chunk.models[i];
+            let keys = &mut self.keys;
             for start in (0..x.len()).step_by(BLOCK) {
                 let end = (start + BLOCK).min(x.len());
-                self.keys.clear();
-                self.keys.extend(
-                    x[start..end]
-                        .iter()
-                        .zip(&base[start..end])
-                        .map(|(&x, &b)| magnitude_key(x - b)),
-                );
-                sel.observe(segment, (chunk.offset + start) as u64, &self.keys);
+                let keys = &mut keys[..end - start];
+                for ((k, &x), &b) in keys.iter_mut().zip(&x[start..end]).zip(&base[start..end]) {
+                    *k = magnitude_key(x - b);
+                }
+                sel.observe(segment, (chunk.offset + start) as u64, keys);
             }
         }
         Ok(())
@@ -259,7 +257,7 @@ impl MergeMethod for Ties {
             selectors,
             by_tensor: true,
             sweeps: TopK::SWEEPS,
-            keys: Vec::with_capacity(BLOCK),
+            keys: Box::new([0; BLOCK]),
         }))
     }
 
@@ -275,7 +273,7 @@ impl MergeMethod for Ties {
             selectors,
             by_tensor: false,
             sweeps: TopK::SWEEPS_ONE_SEGMENT,
-            keys: Vec::with_capacity(BLOCK),
+            keys: Box::new([0; BLOCK]),
         }))
     }
 
@@ -375,11 +373,14 @@ impl MergeMethod for Ties {
             let x = &chunk.models[i][start..start + buf.len()];
             let b = &base[start..start + buf.len()];
             let (thr, lim) = limits[i];
+            // Ties at the threshold are kept at indices < tie_end.
+            let tie_end = lim.map_or(0, |l| l.saturating_add(1));
             let first = (chunk.offset + start) as u64;
             for (e, ((d, &x), &b)) in buf.iter_mut().zip(x).zip(b).enumerate() {
                 let key = magnitude_key(x - b);
-                let keep = key > thr || (key == thr && lim.is_some_and(|l| first + e as u64 <= l));
-                *d = if keep { x as f64 - b as f64 } else { 0.0 };
+                let keep = (key > thr) | ((key == thr) & (first + (e as u64) < tie_end));
+                let delta = x as f64 - b as f64;
+                *d = if keep { delta } else { 0.0 };
             }
         });
         Ok(())
