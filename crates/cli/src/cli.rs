@@ -77,7 +77,9 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// The merge config (mergekit YAML: merge_method, base_model, models,
-    /// parameters, dtype, ...).
+    /// parameters, dtype, out_dtype, tokenizer_source, seed). Merging is
+    /// always done in f32; `dtype` (or `out_dtype`, which wins) sets the
+    /// output dtype of floating-point tensors, which otherwise keep the base's.
     pub config: PathBuf,
 
     /// Output directory (written to a temporary sibling and renamed into
