@@ -233,3 +233,33 @@ fn evaluator_inputs_are_checked() {
     ));
     assert_eq!(ev.eval(&[&x, &x], 2).unwrap(), &[2.0, 4.0]);
 }
+
+#[test]
+fn long_chunks_evaluated_in_blocks_match() {
+    // Longer than the evaluator's internal block, with every kind of
+    // operand pairing (buffer with buffer, negated model, scalar folding).
+    let n = 5000;
+    let l = Arc::new(Layout::new(vec![TensorInfo::new("w", vec![n], DType::F32)]).unwrap());
+    let v = |seed| ParamVector::from_vec(l.clone(), values(seed, n)).unwrap();
+    let (a, b, c) = (v(7), v(8), v(9));
+    let models = HashMap::from([
+        ("a".to_string(), a.clone()),
+        ("b".to_string(), b.clone()),
+        ("c".to_string(), c.clone()),
+    ]);
+    let src = "(a - b) * (c + a) - -b / (2 * 3 - c) + (a * b - (c - a))";
+    let e = parse(src).unwrap();
+    let want = (&a - &b) * (&c + &a) - -&b / (2.0 * 3.0 - &c) + (&a * &b - (&c - &a));
+    assert_eq!(
+        bits(eval_vectors(&e, &models).unwrap().values().unwrap()),
+        bits(want.values().unwrap())
+    );
+    let mut ev = Evaluator::new(&e);
+    let inputs: Vec<&[f32]> = [&a, &b, &c].iter().map(|x| x.values().unwrap()).collect();
+    // A long chunk, then a shorter one, then a long one again.
+    for len in [n, 3000, n] {
+        let slices: Vec<&[f32]> = inputs.iter().map(|s| &s[..len]).collect();
+        let got = ev.eval(&slices, len).unwrap();
+        assert_eq!(bits(got), bits(&want.values().unwrap()[..len]));
+    }
+}

@@ -501,3 +501,43 @@ fn bad_inputs_are_reported_with_names() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn misaligned_f32_tensors_are_decoded_not_lent() {
+    // An odd BF16 tensor first puts the F32 data at an address that is 2 mod
+    // 4: it cannot be used in place and must be copied out.
+    let tmp = tempfile::tempdir().unwrap();
+    let mk = |name: &str, seed: u64| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let odd = values(seed, 3);
+        let w = values(seed + 1, 9000);
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &[
+                (
+                    "odd".into(),
+                    DType::BF16,
+                    vec![3],
+                    convert::encode_f32_vec(DType::BF16, &odd).unwrap(),
+                ),
+                (
+                    "w".into(),
+                    DType::F32,
+                    vec![9000],
+                    convert::encode_f32_vec(DType::F32, &w).unwrap(),
+                ),
+            ],
+        );
+        (name.to_string(), dir.display().to_string())
+    };
+    let models = vec![mk("a", 10), mk("b", 20)];
+    let src = "a - 0.5 * (b - a)";
+    let out = tmp.path().join("out");
+    run_eval(src, &models, &out, &small_chunks(), &NoProgress).unwrap();
+    let (mapper, want) = in_memory(src, &models);
+    let got = mapper.to_vector(&Model::open_path(&out).unwrap()).unwrap();
+    let mut want = want.values().unwrap().to_vec();
+    convert::round_to(DType::BF16, &mut want[..3]);
+    assert_eq!(bits(got.values().unwrap()), bits(&want));
+}

@@ -1,6 +1,12 @@
 //! Element-wise evaluation of a postfix program on `f32` slices.
 
+use std::ops::Range;
+
 use super::{BinOp, Expr, ExprError, Node};
+
+/// Elements per block: the program runs over one block at a time, so that
+/// its intermediate values stay in the first-level caches.
+const BLOCK: usize = 2048;
 
 /// One operand of a binary kernel.
 #[derive(Clone, Copy)]
@@ -117,12 +123,39 @@ impl Evaluator {
                 detail: format!("input {i} has {} elements, expected {len}", inputs[i].len()),
             });
         }
+        for b in &mut self.bufs {
+            if b.len() < len {
+                b.resize(len, 0.0);
+            }
+        }
+        // The program runs block by block, so that intermediate results stay
+        // in cache; operations are element-wise, so blocking changes no bit.
+        // Slot allocation depends on the program only, so every block leaves
+        // its result in the same slot.
+        let mut result = self.run_block(inputs, 0..len.min(BLOCK));
+        let mut start = BLOCK;
+        while start < len {
+            let end = (start + BLOCK).min(len);
+            result = self.run_block(inputs, start..end);
+            start = end;
+        }
+        match result {
+            Slot::Buf(i) => Ok(&self.bufs[i][..len]),
+            Slot::Model(m) => Ok(inputs[m]),
+            // `parse` refuses expressions without a model, and every operation
+            // with a model operand yields a vector, so the result is one.
+            Slot::Scalar(_) => Err(ExprError::Inputs {
+                detail: "the expression evaluates to a scalar".into(),
+            }),
+        }
+    }
+
+    /// Runs the program on elements `r` of the inputs, into the same range
+    /// of the scratch buffers; returns the slot holding the result.
+    fn run_block(&mut self, inputs: &[&[f32]], r: Range<usize>) -> Slot {
         self.stack.clear();
         self.free.clear();
         self.free.extend((0..self.bufs.len()).rev());
-        for b in &mut self.bufs {
-            b.resize(len, 0.0);
-        }
         for node in &self.nodes {
             match *node {
                 Node::Scalar(v) => self.stack.push(Slot::Scalar(v)),
@@ -132,14 +165,14 @@ impl Evaluator {
                     let slot = match top {
                         Slot::Scalar(v) => Slot::Scalar(-v),
                         Slot::Buf(i) => {
-                            self.bufs[i].iter_mut().for_each(|x| *x = -*x);
+                            self.bufs[i][r.clone()].iter_mut().for_each(|x| *x = -*x);
                             Slot::Buf(i)
                         }
                         Slot::Model(m) => {
                             let i = self.free.pop().expect("scratch buffers were counted");
-                            self.bufs[i]
+                            self.bufs[i][r.clone()]
                                 .iter_mut()
-                                .zip(inputs[m])
+                                .zip(&inputs[m][r.clone()])
                                 .for_each(|(d, a)| *d = -*a);
                             Slot::Buf(i)
                         }
@@ -147,14 +180,14 @@ impl Evaluator {
                     self.stack.push(slot);
                 }
                 Node::Binary(op) => {
-                    let r = self.stack.pop().expect("postfix program is well formed");
-                    let l = self.stack.pop().expect("postfix program is well formed");
+                    let rhs = self.stack.pop().expect("postfix program is well formed");
+                    let lhs = self.stack.pop().expect("postfix program is well formed");
                     let src = |s: Slot| match s {
                         Slot::Scalar(v) => Src::Scalar(v),
-                        Slot::Model(m) => Src::Slice(inputs[m]),
+                        Slot::Model(m) => Src::Slice(&inputs[m][r.clone()]),
                         Slot::Buf(_) => Src::Dst,
                     };
-                    let slot = match (l, r) {
+                    let slot = match (lhs, rhs) {
                         (Slot::Scalar(a), Slot::Scalar(b)) => Slot::Scalar(match op {
                             BinOp::Add => a + b,
                             BinOp::Sub => a - b,
@@ -162,23 +195,27 @@ impl Evaluator {
                             BinOp::Div => a / b,
                         }),
                         (Slot::Buf(i), Slot::Buf(j)) => {
-                            let rhs = std::mem::take(&mut self.bufs[j]);
-                            binary(op, &mut self.bufs[i], Src::Dst, Src::Slice(&rhs));
-                            self.bufs[j] = rhs;
+                            let (dst, other) = pair_mut(&mut self.bufs, i, j);
+                            binary(
+                                op,
+                                &mut dst[r.clone()],
+                                Src::Dst,
+                                Src::Slice(&other[r.clone()]),
+                            );
                             self.free.push(j);
                             Slot::Buf(i)
                         }
                         (Slot::Buf(i), other) => {
-                            binary(op, &mut self.bufs[i], Src::Dst, src(other));
+                            binary(op, &mut self.bufs[i][r.clone()], Src::Dst, src(other));
                             Slot::Buf(i)
                         }
                         (other, Slot::Buf(j)) => {
-                            binary(op, &mut self.bufs[j], src(other), Src::Dst);
+                            binary(op, &mut self.bufs[j][r.clone()], src(other), Src::Dst);
                             Slot::Buf(j)
                         }
                         (a, b) => {
                             let i = self.free.pop().expect("scratch buffers were counted");
-                            binary(op, &mut self.bufs[i], src(a), src(b));
+                            binary(op, &mut self.bufs[i][r.clone()], src(a), src(b));
                             Slot::Buf(i)
                         }
                     };
@@ -186,15 +223,18 @@ impl Evaluator {
                 }
             }
         }
-        match self.stack.pop() {
-            Some(Slot::Buf(i)) => Ok(&self.bufs[i][..]),
-            Some(Slot::Model(m)) => Ok(inputs[m]),
-            // `parse` refuses expressions without a model, and every operation
-            // with a model operand yields a vector, so the result is one.
-            _ => Err(ExprError::Inputs {
-                detail: "the expression evaluates to a scalar".into(),
-            }),
-        }
+        self.stack.pop().expect("postfix program is well formed")
+    }
+}
+
+/// Buffer `i` mutably and buffer `j` shared (`i != j`).
+fn pair_mut(bufs: &mut [Vec<f32>], i: usize, j: usize) -> (&mut [f32], &[f32]) {
+    if i < j {
+        let (a, b) = bufs.split_at_mut(j);
+        (&mut a[i], &b[0])
+    } else {
+        let (a, b) = bufs.split_at_mut(i);
+        (&mut b[0], &a[j])
     }
 }
 

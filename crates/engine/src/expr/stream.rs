@@ -1,6 +1,7 @@
 //! Streaming evaluation of an expression on model directories
 //! ([`run_eval`]): tensor by tensor, chunk by chunk, straight to the writer.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -68,7 +69,7 @@ pub struct EvalReport {
 }
 
 /// Largest chunk, in elements, whatever the budget.
-const MAX_CHUNK: usize = 1 << 20;
+const MAX_CHUNK: usize = 1 << 17;
 /// Smallest chunk, in elements, whatever the budget.
 const MIN_CHUNK: usize = 4 << 10;
 /// Input bytes read through one set of memory maps before the inputs are
@@ -131,9 +132,12 @@ struct Worker {
     ev: Evaluator,
     inputs: Vec<Vec<f32>>,
     out: Vec<u8>,
+    /// Bytes of `out` holding the last result.
+    out_len: usize,
 }
 
 impl Worker {
+    /// Evaluates elements `range` of tensor `name` into `self.out[..self.out_len]`.
     fn run(
         &mut self,
         models: &[Model],
@@ -142,15 +146,42 @@ impl Worker {
         dtype: DType,
     ) -> Result<(), EngineError> {
         let len = range.len();
+        let read_error = |m: &Model| io_error(format!("cannot read model `{}`", m.name()));
+        // F32 tensors at aligned addresses are used in place, straight from
+        // the memory map; the others are decoded into this worker's buffers.
+        // Buffers only grow, so chunks of varying length do not refill them.
+        let mut direct: Vec<Option<&[f32]>> = Vec::with_capacity(models.len());
         for (buf, m) in self.inputs.iter_mut().zip(models) {
-            buf.resize(len, 0.0);
-            m.read_f32_range(name, range.clone(), buf)
-                .map_err(io_error(format!("cannot read model `{}`", m.name())))?;
+            let info = m.tensor_info(name).map_err(read_error(m))?;
+            let mut lent = None;
+            if info.dtype == DType::F32 {
+                let bytes = m.tensor_bytes(name).map_err(read_error(m))?;
+                if bytes.as_ptr().align_offset(std::mem::align_of::<f32>()) == 0
+                    && let Cow::Borrowed(values) = m.tensor_f32(name).map_err(read_error(m))?
+                {
+                    lent = values.get(range.clone());
+                }
+            }
+            if lent.is_none() {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                m.read_f32_range(name, range.clone(), &mut buf[..len])
+                    .map_err(read_error(m))?;
+            }
+            direct.push(lent);
         }
-        let slices: Vec<&[f32]> = self.inputs.iter().map(|b| &b[..]).collect();
+        let slices: Vec<&[f32]> = direct
+            .iter()
+            .zip(&self.inputs)
+            .map(|(d, b)| d.unwrap_or_else(|| &b[..len]))
+            .collect();
         let result = self.ev.eval(&slices, len).map_err(other)?;
-        self.out.resize(len * dtype.size_in_bytes(), 0);
-        convert::encode_f32(dtype, result, &mut self.out)?;
+        self.out_len = len * dtype.size_in_bytes();
+        if self.out.len() < self.out_len {
+            self.out.resize(self.out_len, 0);
+        }
+        convert::encode_f32(dtype, result, &mut self.out[..self.out_len])?;
         Ok(())
     }
 }
@@ -366,6 +397,7 @@ fn run_eval_remapping(
             ev: evaluator.clone(),
             inputs: vec![Vec::new(); opened.len()],
             out: Vec::new(),
+            out_len: 0,
         })
         .collect();
     let write_ctx = || format!("cannot write output `{}`", out.display());
@@ -441,9 +473,9 @@ fn run_eval_remapping(
                 .collect::<Result<Vec<()>, EngineError>>()?;
             for w in &workers[..ranges.len()] {
                 writer
-                    .write(&t.name, &w.out)
+                    .write(&t.name, &w.out[..w.out_len])
                     .map_err(io_error(write_ctx()))?;
-                report.bytes_written += w.out.len() as u64;
+                report.bytes_written += w.out_len as u64;
             }
             let elems = (end - start) as u64;
             report.bytes_read += elems * in_per_elem;
