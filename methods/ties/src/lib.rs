@@ -191,16 +191,16 @@ impl StatsPass for TopKPass {
         } else {
             ""
         };
-        for (i, sel) in self.selectors.iter_mut().enumerate() {
-            if sel.is_done() {
-                continue;
-            }
-            let x = chunk.models[i];
-            let keys = &mut self.keys;
-            for start in (0..x.len()).step_by(BLOCK) {
-                let end = (start + BLOCK).min(x.len());
-                let keys = &mut keys[..end - start];
-                for ((k, &x), &b) in keys.iter_mut().zip(&x[start..end]).zip(&base[start..end]) {
+        // Block by block, every model in turn: the base block stays in cache.
+        for start in (0..base.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(base.len());
+            let b = &base[start..end];
+            for (i, sel) in self.selectors.iter_mut().enumerate() {
+                if sel.is_done() {
+                    continue;
+                }
+                let keys = &mut self.keys[..end - start];
+                for ((k, &x), &b) in keys.iter_mut().zip(&chunk.models[i][start..end]).zip(b) {
                     *k = magnitude_key(x - b);
                 }
                 sel.observe(segment, (chunk.offset + start) as u64, keys);
