@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn unaligned_and_wrong_lengths() {
         let vals = [1.0f32, -2.5, 3.25];
-        let mut buf = vec![0u8; 13];
+        let mut buf = [0u8; 13];
         encode_f32(DType::F32, &vals, &mut buf[1..]).unwrap();
         let mut out = [0f32; 3];
         decode_f32(DType::F32, &buf[1..], &mut out).unwrap();

@@ -265,10 +265,10 @@ impl ModelTensorMapper {
     /// Checks that `vector` is healthy and has this mapper's layout.
     pub fn check_vector(&self, vector: &ParamVector) -> Result<(), CoreError> {
         vector.check()?;
-        if !Arc::ptr_eq(vector.layout(), &self.layout) {
-            if let Some(e) = self.layout.first_difference(vector.layout()) {
-                return Err(e);
-            }
+        if !Arc::ptr_eq(vector.layout(), &self.layout)
+            && let Some(e) = self.layout.first_difference(vector.layout())
+        {
+            return Err(e);
         }
         Ok(())
     }

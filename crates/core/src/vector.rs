@@ -303,15 +303,15 @@ impl ParamVector {
 }
 
 macro_rules! vector_ops {
-    ($Op:ident, $op:ident, $OpAssign:ident, $op_assign:ident, $sym:tt) => {
+    ($Op:ident, $op:ident, $OpAssign:ident, $op_assign:ident, $sym:tt, $asym:tt) => {
         impl $OpAssign<&ParamVector> for ParamVector {
             fn $op_assign(&mut self, rhs: &ParamVector) {
-                self.combine_assign(rhs, |a, b| *a = *a $sym b);
+                self.combine_assign(rhs, |a, b| *a $asym b);
             }
         }
         impl $OpAssign<ParamVector> for ParamVector {
             fn $op_assign(&mut self, rhs: ParamVector) {
-                self.combine_assign(&rhs, |a, b| *a = *a $sym b);
+                self.combine_assign(&rhs, |a, b| *a $asym b);
             }
         }
         impl $OpAssign<f32> for ParamVector {
@@ -322,14 +322,14 @@ macro_rules! vector_ops {
         impl $Op<&ParamVector> for ParamVector {
             type Output = ParamVector;
             fn $op(mut self, rhs: &ParamVector) -> ParamVector {
-                self.combine_assign(rhs, |a, b| *a = *a $sym b);
+                self.combine_assign(rhs, |a, b| *a $asym b);
                 self
             }
         }
         impl $Op<ParamVector> for ParamVector {
             type Output = ParamVector;
             fn $op(mut self, rhs: ParamVector) -> ParamVector {
-                self.combine_assign(&rhs, |a, b| *a = *a $sym b);
+                self.combine_assign(&rhs, |a, b| *a $asym b);
                 self
             }
         }
@@ -375,10 +375,10 @@ macro_rules! vector_ops {
     };
 }
 
-vector_ops!(Add, add, AddAssign, add_assign, +);
-vector_ops!(Sub, sub, SubAssign, sub_assign, -);
-vector_ops!(Mul, mul, MulAssign, mul_assign, *);
-vector_ops!(Div, div, DivAssign, div_assign, /);
+vector_ops!(Add, add, AddAssign, add_assign, +, +=);
+vector_ops!(Sub, sub, SubAssign, sub_assign, -, -=);
+vector_ops!(Mul, mul, MulAssign, mul_assign, *, *=);
+vector_ops!(Div, div, DivAssign, div_assign, /, /=);
 
 impl Neg for ParamVector {
     type Output = ParamVector;

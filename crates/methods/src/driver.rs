@@ -52,16 +52,27 @@ impl ChunkData {
 /// The chunk ranges of a tensor of `numel` elements: one range when the method
 /// is not chunkable or `chunk_len` covers it.
 pub fn chunk_ranges(method: &dyn MergeMethod, numel: usize, chunk_len: usize) -> Vec<Range<usize>> {
-    let step = if method.chunkable() { chunk_len.max(1) } else { usize::MAX };
+    let step = if method.chunkable() {
+        chunk_len.max(1)
+    } else {
+        usize::MAX
+    };
     if numel == 0 {
-        return vec![0..0];
+        return std::iter::once(0..0).collect();
     }
-    (0..numel).step_by(step.min(numel)).map(|s| s..(s.saturating_add(step)).min(numel)).collect()
+    (0..numel)
+        .step_by(step.min(numel))
+        .map(|s| s..(s.saturating_add(step)).min(numel))
+        .collect()
 }
 
 /// Checks the number of models and the presence of a base against the
 /// method's declaration.
-pub fn check_inputs(method: &dyn MergeMethod, has_base: bool, n_models: usize) -> Result<(), MethodError> {
+pub fn check_inputs(
+    method: &dyn MergeMethod,
+    has_base: bool,
+    n_models: usize,
+) -> Result<(), MethodError> {
     let info = method.info();
     if info.base == BaseModel::Required && !has_base {
         return Err(MethodError::NeedsBase {
@@ -126,7 +137,9 @@ pub fn merge_tensor<E: From<MethodError>>(
         };
         out.clear();
         out.resize(r.len(), 0.0);
-        data.with_chunk(tensor, r.start, stats.as_ref(), |c| method.merge(c, &mut out))?;
+        data.with_chunk(tensor, r.start, stats.as_ref(), |c| {
+            method.merge(c, &mut out)
+        })?;
         sink(r.start, &out)?;
     }
     Ok(())
@@ -184,7 +197,10 @@ impl std::fmt::Debug for dyn MergeMethod {
 
 impl<'m> Merge<'m> {
     /// `method` with every parameter at its default, for `n_models` models.
-    pub fn with_defaults(method: &'m dyn MergeMethod, n_models: usize) -> Result<Self, MethodError> {
+    pub fn with_defaults(
+        method: &'m dyn MergeMethod,
+        n_models: usize,
+    ) -> Result<Self, MethodError> {
         Self::new(method, Vec::new(), vec![Vec::new(); n_models])
     }
 
@@ -223,7 +239,11 @@ impl<'m> Merge<'m> {
     }
 
     /// Merges whole models given as vectors of one layout.
-    pub fn run(&self, base: Option<&ParamVector>, models: &[&ParamVector]) -> Result<ParamVector, MethodError> {
+    pub fn run(
+        &self,
+        base: Option<&ParamVector>,
+        models: &[&ParamVector],
+    ) -> Result<ParamVector, MethodError> {
         self.run_with_aux(base, models, &vec![None; models.len()], None)
     }
 
@@ -240,31 +260,46 @@ impl<'m> Merge<'m> {
         if self.models.len() != models.len() || aux.len() != models.len() {
             return Err(MethodError::ModelCount {
                 method: self.method.info().name.to_string(),
-                expected: format!("{} (as many as parameter sets and aux entries)", self.models.len()),
+                expected: format!(
+                    "{} (as many as parameter sets and aux entries)",
+                    self.models.len()
+                ),
                 got: models.len(),
             });
         }
-        let first = base.or(models.first().copied()).ok_or_else(|| MethodError::ModelCount {
-            method: self.method.info().name.to_string(),
-            expected: "at least 1 input".into(),
-            got: 0,
-        })?;
+        let first = base
+            .or(models.first().copied())
+            .ok_or_else(|| MethodError::ModelCount {
+                method: self.method.info().name.to_string(),
+                expected: "at least 1 input".into(),
+                got: 0,
+            })?;
         let layout = first.layout().clone();
-        let all = base.into_iter().chain(models.iter().copied()).chain(aux.iter().flatten().copied()).chain(base_aux);
+        let all = base
+            .into_iter()
+            .chain(models.iter().copied())
+            .chain(aux.iter().flatten().copied())
+            .chain(base_aux);
         for v in all {
             v.check()?;
-            if !std::sync::Arc::ptr_eq(v.layout(), &layout) {
-                if let Some(e) = layout.first_difference(v.layout()) {
-                    return Err(e.into());
-                }
+            if !std::sync::Arc::ptr_eq(v.layout(), &layout)
+                && let Some(e) = layout.first_difference(v.layout())
+            {
+                return Err(e.into());
             }
         }
         let slice = |v: &ParamVector, r: &Range<usize>| v.values().map(|s| s[r.clone()].to_vec());
         let fetch_range = |r: Range<usize>| -> Result<ChunkData, MethodError> {
             Ok(ChunkData {
                 base: base.map(|b| slice(b, &r)).transpose()?,
-                models: models.iter().map(|m| slice(m, &r)).collect::<Result<_, _>>()?,
-                aux: aux.iter().map(|a| a.map(|a| slice(a, &r)).transpose()).collect::<Result<_, _>>()?,
+                models: models
+                    .iter()
+                    .map(|m| slice(m, &r))
+                    .collect::<Result<_, _>>()?,
+                aux: aux
+                    .iter()
+                    .map(|a| a.map(|a| slice(a, &r)).transpose())
+                    .collect::<Result<_, _>>()?,
                 base_aux: base_aux.map(|b| slice(b, &r)).transpose()?,
             })
         };
@@ -319,7 +354,12 @@ impl<'m> Merge<'m> {
         out
     }
 
-    fn context<'a>(&'a self, name: &'a str, shape: &'a [usize], model_stats: Option<&'a Stats>) -> TensorContext<'a> {
+    fn context<'a>(
+        &'a self,
+        name: &'a str,
+        shape: &'a [usize],
+        model_stats: Option<&'a Stats>,
+    ) -> TensorContext<'a> {
         TensorContext {
             name,
             shape,

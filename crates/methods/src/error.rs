@@ -16,7 +16,9 @@ pub enum MethodError {
         suggestions: Vec<String>,
     },
     /// Two crates registered the same method name.
-    #[error("merge method `{name}` is registered twice, by `{first_crate}` and by `{second_crate}`")]
+    #[error(
+        "merge method `{name}` is registered twice, by `{first_crate}` and by `{second_crate}`"
+    )]
     DuplicateMethod {
         /// The method name.
         name: String,
@@ -102,6 +104,12 @@ fn suggest(s: &[String]) -> String {
     if s.is_empty() {
         String::new()
     } else {
-        format!(" (did you mean {}?)", s.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))
+        format!(
+            " (did you mean {}?)",
+            s.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }

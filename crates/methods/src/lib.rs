@@ -53,18 +53,18 @@
 mod driver;
 mod error;
 mod method;
+pub mod ops;
 mod params;
 mod registry;
-pub mod ops;
 pub mod rng;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use driver::{check_inputs, chunk_ranges, merge_tensor, ChunkData, Merge};
+pub use driver::{ChunkData, Merge, check_inputs, chunk_ranges, merge_tensor};
 pub use error::MethodError;
 pub use method::{BaseModel, Chunk, MergeMethod, MethodInfo, Stats, StatsPass, TensorContext};
 pub use params::{Default, ParamKind, ParamSpec, ParamValue, Params, Scope};
-pub use registry::{canonical_name, registry, suggestions, Registration, Registry};
+pub use registry::{Registration, Registry, canonical_name, registry, suggestions};
 
 #[doc(hidden)]
 pub mod __private {

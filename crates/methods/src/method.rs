@@ -96,7 +96,11 @@ pub struct Chunk<'a> {
 impl Chunk<'_> {
     /// Number of elements in this chunk.
     pub fn len(&self) -> usize {
-        self.models.first().map(|m| m.len()).or(self.base.map(|b| b.len())).unwrap_or(0)
+        self.models
+            .first()
+            .map(|m| m.len())
+            .or(self.base.map(|b| b.len()))
+            .unwrap_or(0)
     }
 
     /// Whether the chunk is empty.

@@ -106,7 +106,13 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     /// A per-model real-valued parameter.
-    pub const fn per_model_float(name: &'static str, min: f64, max: f64, default: Default, doc: &'static str) -> Self {
+    pub const fn per_model_float(
+        name: &'static str,
+        min: f64,
+        max: f64,
+        default: Default,
+        doc: &'static str,
+    ) -> Self {
         ParamSpec {
             name,
             scope: Scope::PerModel,
@@ -117,7 +123,12 @@ impl ParamSpec {
     }
 
     /// A global parameter.
-    pub const fn global(name: &'static str, kind: ParamKind, default: Default, doc: &'static str) -> Self {
+    pub const fn global(
+        name: &'static str,
+        kind: ParamKind,
+        default: Default,
+        doc: &'static str,
+    ) -> Self {
         ParamSpec {
             name,
             scope: Scope::Global,
@@ -170,7 +181,9 @@ impl ParamSpec {
                     Err(range(format!("`{s}`")))
                 }
             }
-            (ParamKind::Choice(c), ParamValue::Bool(b)) if c.contains(&if *b { "true" } else { "false" }) => {
+            (ParamKind::Choice(c), ParamValue::Bool(b))
+                if c.contains(&if *b { "true" } else { "false" }) =>
+            {
                 Ok(ParamValue::Str(b.to_string()))
             }
             (ParamKind::ModelRef, ParamValue::Str(s)) => Ok(ParamValue::Str(s.clone())),
@@ -280,7 +293,11 @@ impl Params {
                 .ok_or_else(|| MethodError::UnknownParameter {
                     method: method.to_string(),
                     param: name.to_string(),
-                    known: specs.iter().filter(|s| s.scope == scope).map(|s| s.name.to_string()).collect(),
+                    known: specs
+                        .iter()
+                        .filter(|s| s.scope == scope)
+                        .map(|s| s.name.to_string())
+                        .collect(),
                 })?;
             values.insert(spec.name, spec.check(method, &value)?);
         }

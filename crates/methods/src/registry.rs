@@ -88,7 +88,10 @@ pub struct Registry {
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        let mut entries: Vec<Registration> = inventory::iter::<Registration>.into_iter().copied().collect();
+        let mut entries: Vec<Registration> = inventory::iter::<Registration>
+            .into_iter()
+            .copied()
+            .collect();
         entries.sort_by(|a, b| {
             (a.method.info().name, a.crate_name).cmp(&(b.method.info().name, b.crate_name))
         });
@@ -113,7 +116,9 @@ impl Registry {
         self.entries
             .iter()
             .enumerate()
-            .filter(|(i, r)| *i == 0 || self.entries[i - 1].method.info().name != r.method.info().name)
+            .filter(|(i, r)| {
+                *i == 0 || self.entries[i - 1].method.info().name != r.method.info().name
+            })
             .map(|(_, r)| r.method)
     }
 
@@ -137,7 +142,11 @@ impl Registry {
     /// two crates is an error naming both.
     pub fn get(&self, name: &str) -> Result<&'static dyn MergeMethod, MethodError> {
         let want = canonical_name(name);
-        let found: Vec<&Registration> = self.entries.iter().filter(|r| r.method.info().name == want).collect();
+        let found: Vec<&Registration> = self
+            .entries
+            .iter()
+            .filter(|r| r.method.info().name == want)
+            .collect();
         match found.as_slice() {
             [one] => Ok(one.method),
             [a, b, ..] => Err(duplicate(a, b)),
@@ -165,7 +174,11 @@ pub fn suggestions(want: &str, names: &[&str]) -> Vec<String> {
         .filter(|(d, n)| *d <= 2.max(want.len() / 3) || (want.len() >= 3 && n.contains(want)))
         .collect();
     scored.sort();
-    scored.into_iter().take(3).map(|(_, n)| n.to_string()).collect()
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, n)| n.to_string())
+        .collect()
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -174,7 +187,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -187,9 +202,18 @@ mod tests {
 
     #[test]
     fn suggestions_find_typos() {
-        let names = ["dare_linear", "dare_ties", "linear", "task_arithmetic", "ties"];
+        let names = [
+            "dare_linear",
+            "dare_ties",
+            "linear",
+            "task_arithmetic",
+            "ties",
+        ];
         assert_eq!(suggestions("tie", &names)[0], "ties");
-        assert_eq!(suggestions("task_arithmatic", &names), vec!["task_arithmetic"]);
+        assert_eq!(
+            suggestions("task_arithmatic", &names),
+            vec!["task_arithmetic"]
+        );
         assert!(suggestions("zzzzzzzz", &names).is_empty());
         assert_eq!(canonical_name("Dare-Ties"), "dare_ties");
     }

@@ -49,7 +49,10 @@ mod tests {
         let part: Vec<u32> = (0..60).map(|_| tail.next_u32()).collect();
         assert_eq!(&all[40..], &part[..]);
         let mut other = stream(7, "w", 2, 0);
-        assert_ne!(all[0..4], (0..4).map(|_| other.next_u32()).collect::<Vec<_>>()[..]);
+        assert_ne!(
+            all[0..4],
+            (0..4).map(|_| other.next_u32()).collect::<Vec<_>>()[..]
+        );
         let mut other_seed = stream(8, "w", 1, 0);
         assert_ne!(all[0], other_seed.next_u32());
     }
