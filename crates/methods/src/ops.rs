@@ -821,7 +821,13 @@ impl Combine {
     /// block, model-major (`deltas[i * len + e]`, `len = out.len()`), as
     /// `f64`; `base` is the block of the base (or `None`).
     pub fn apply(&self, base: Option<&[f32]>, deltas: &[f64], out: &mut [f32]) {
-        self.apply_with(self.inverse_weight_sum(), base, deltas, out)
+        self.apply_with(
+            self.inverse_weight_sum(),
+            base,
+            deltas,
+            out,
+            &mut Scratch::new(),
+        )
     }
 
     /// `1 / Σ w_i` for a normalised linear rule, else 1.
@@ -833,11 +839,17 @@ impl Combine {
         }
     }
 
-    fn apply_with(&self, inv: f64, base: Option<&[f32]>, deltas: &[f64], out: &mut [f32]) {
+    fn apply_with(
+        &self,
+        inv: f64,
+        base: Option<&[f32]>,
+        deltas: &[f64],
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
         let len = out.len();
         debug_assert_eq!(deltas.len(), self.weights.len() * len);
-        let mut merged = [0.0f64; BLOCK];
-        let (mut vote, mut div) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
+        let Scratch { merged, vote, div } = scratch;
         for start in (0..len).step_by(BLOCK) {
             let bl = BLOCK.min(len - start);
             let merged = &mut merged[..bl];
@@ -919,6 +931,24 @@ impl Combine {
     }
 }
 
+/// Per-block working memory of [`Combine`] (allocated once per chunk, not
+/// zeroed per block).
+struct Scratch {
+    merged: Box<[f64; BLOCK]>,
+    vote: Box<[f64; BLOCK]>,
+    div: Box<[f64; BLOCK]>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch {
+            merged: Box::new([0.0; BLOCK]),
+            vote: Box::new([0.0; BLOCK]),
+            div: Box::new([0.0; BLOCK]),
+        }
+    }
+}
+
 /// Runs `combine` over a chunk block by block: for each block of at most
 /// [`BLOCK`] elements starting at `start`, `fill(i, start, buf)` writes model
 /// `i`'s task vector for `start..start + buf.len()` into `buf` (as `f64`),
@@ -932,6 +962,7 @@ pub fn combine_blocks(
 ) {
     let m = combine.weights.len();
     let inv = combine.inverse_weight_sum();
+    let mut scratch = Scratch::new();
     let mut buf = vec![0.0f64; m * BLOCK.min(out.len())];
     for start in (0..out.len()).step_by(BLOCK) {
         let bl = BLOCK.min(out.len() - start);
@@ -944,6 +975,7 @@ pub fn combine_blocks(
             base.map(|b| &b[start..start + bl]),
             buf,
             &mut out[start..start + bl],
+            &mut scratch,
         );
     }
 }
