@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tensormerge_core::convert;
+use tensormerge_core::{DType, convert};
 use tensormerge_io::{Model, ModelWriter, SUPPORT_FILES, WriterOptions};
 use tensormerge_methods::{ChunkData, Stats, TensorContext, chunk_ranges, merge_tensor};
 
@@ -114,20 +114,35 @@ impl Source {
 
     fn read(&self, name: &str, range: Range<usize>) -> Result<(Vec<f32>, u64), EngineError> {
         let model = self.model();
-        let size = model
-            .layout()
-            .get(name)
-            .map_or(0, |t| t.dtype.size_in_bytes() as u64);
+        let dtype = model.layout().get(name).map(|t| t.dtype);
+        let size = dtype.map_or(0, |d| d.size_in_bytes() as u64);
         let bytes = range.len() as u64 * size;
-        let mut v = vec![0f32; range.len()];
-        model
-            .read_f32_range(name, range, &mut v)
-            .map_err(|source| {
-                EngineError::io(
-                    format!("cannot read tensor `{name}` of `{}`", self.reference),
-                    source,
-                )
-            })?;
+        let err = |source| {
+            EngineError::io(
+                format!("cannot read tensor `{name}` of `{}`", self.reference),
+                source,
+            )
+        };
+        // F32 and BF16 are decoded straight from the map into a new vector
+        // (no zeroing pass); the other dtypes, and every error case, go
+        // through the io crate's checked reader.
+        let fast = match dtype {
+            Some(d @ (DType::F32 | DType::BF16)) if range.start <= range.end => {
+                let all = model.tensor_bytes(name).map_err(err)?;
+                let s = d.size_in_bytes();
+                all.get(range.start * s..range.end * s)
+                    .map(|b| decode(d, b))
+            }
+            _ => None,
+        };
+        let v = match fast {
+            Some(v) => v,
+            None => {
+                let mut v = vec![0f32; range.len()];
+                model.read_f32_range(name, range, &mut v).map_err(err)?;
+                v
+            }
+        };
         drop(model);
         let since = self.since.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if since >= REMAP_BYTES
@@ -147,6 +162,21 @@ impl Source {
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         }
         Ok((v, bytes))
+    }
+}
+
+/// Decodes little-endian F32 or BF16 bytes (exactly as
+/// `tensormerge_core::convert::decode_f32`: both are exact).
+fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
     }
 }
 
@@ -830,4 +860,31 @@ fn model_pass(
     }
     progress.finish();
     Ok((Some(pass.finish()?), bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_decode_agrees_with_core() {
+        let vals: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 2001) as f32 / 37.0 - 20.0)
+            .chain([f32::INFINITY, -0.0, f32::MIN_POSITIVE, 1e-40])
+            .collect();
+        for d in [DType::F32, DType::BF16] {
+            let bytes = convert::encode_f32_vec(d, &vals).unwrap();
+            let mut want = vec![0f32; vals.len()];
+            convert::decode_f32(d, &bytes, &mut want).unwrap();
+            let got = decode(d, &bytes);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            // Unaligned input.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            assert_eq!(decode(d, &shifted[1..]), got);
+        }
+    }
 }
