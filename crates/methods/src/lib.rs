@@ -6,6 +6,11 @@
 //! in-memory API ([`Merge`]) that runs any method on flat
 //! [`ParamVector`](tensormerge_core::ParamVector)s.
 //!
+//! Building blocks shared by the task-vector family live in [`ops`] (exact
+//! streaming top-k, exact and chunk-invariant sums, TIES election, DARE
+//! drop); the `testkit` feature adds proptest strategies and the
+//! conformance suite every method runs (`conformance_suite!`).
+//!
 //! A method merges one chunk of one tensor at a time from `f32` slices:
 //!
 //! ```
