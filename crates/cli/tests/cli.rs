@@ -708,3 +708,29 @@ fn an_interrupted_merge_leaves_no_output_directory() {
             .starts_with('.')
     );
 }
+
+#[test]
+fn demo_runs_and_its_configs_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let o = run(&[
+        "--no-progress",
+        "demo",
+        "--quick",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = text(&o.stdout);
+    assert!(s.contains("task_arithmetic") && s.contains("ties"), "{s}");
+    assert!(dir.join("results.csv").is_file());
+    // The saved mergekit configs run through `tensormerge merge` (fisher
+    // exercises auxiliary models and a whole-model pass).
+    for name in ["ties", "fisher"] {
+        let cfg = dir.join("configs").join(format!("{name}.yml"));
+        let out = tmp.path().join(format!("out-{name}"));
+        let o = run(&["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        assert!(out.join("model.safetensors").is_file());
+    }
+}

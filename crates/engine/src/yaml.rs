@@ -146,8 +146,12 @@ impl<'de> Deserialize<'de> for Node {
 }
 
 /// Parses a YAML document. The error is serde-saphyr's, with its position.
+///
+/// Booleans are YAML 1.2's `true`/`false` only: a model named `y` or `on` is
+/// a string, as PyYAML (mergekit's parser) reads it, rather than a boolean.
 pub(crate) fn parse(text: &str) -> Result<Node, (String, Pos)> {
-    serde_saphyr::from_str::<Node>(text).map_err(|e| {
+    let options = serde_saphyr::options! { strict_booleans: true };
+    serde_saphyr::from_str_with_options::<Node>(text, options).map_err(|e| {
         let pos = e
             .location()
             .map(|l| Pos {
@@ -183,6 +187,20 @@ mod tests {
         assert_eq!(m[2].1.value, Value::Bool(true));
         assert_eq!(m[3].1.value, Value::Null);
         assert_eq!(m[3].0.pos.line, 6);
+        let n = parse("- y\n- n\n- on\n- True\n").unwrap();
+        let Value::Seq(s) = n.value else {
+            panic!("not a seq")
+        };
+        let v: Vec<&Value> = s.iter().map(|n| &n.value).collect();
+        assert_eq!(
+            v,
+            [
+                &Value::Str("y".into()),
+                &Value::Str("n".into()),
+                &Value::Str("on".into()),
+                &Value::Bool(true)
+            ]
+        );
     }
 
     #[test]
