@@ -31,6 +31,12 @@
 
 pub mod builtin;
 pub mod docs;
+pub mod example;
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 
 pub use tensormerge_core as core;
 pub use tensormerge_engine as engine;
