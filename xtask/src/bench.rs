@@ -33,6 +33,7 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -283,6 +284,16 @@ fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<(Duration
 /// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
 /// RSS in bytes, CPU time user + system).
 fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
+    // Linux carries the RSS high-water mark of the address space a process
+    // replaces at `execve` into its `ru_maxrss`. `Command` spawns with
+    // `vfork` semantics (posix_spawn), where that address space is this
+    // process's, so the child would report our peak (the generator's
+    // buffers). A `pre_exec` hook makes `Command` use a real `fork`, whose
+    // copy starts its high-water mark at our current (small) RSS.
+    // SAFETY: the hook does nothing, so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| Ok(()));
+    }
     let t = Instant::now();
     let child = cmd.spawn().context("starting tensormerge")?;
     let pid = child.id() as libc::pid_t;
