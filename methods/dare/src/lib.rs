@@ -58,7 +58,7 @@
 
 use std::sync::Arc;
 
-use rand::RngCore;
+use rand::{Rng, RngCore};
 use tensormerge_methods::ops::{self, BLOCK, Combine, Consensus, PositionalSum, Rule};
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
@@ -194,6 +194,64 @@ fn drops(d: f64) -> bool {
     d < 1.0
 }
 
+/// Fills `draws` with the next words of `rng`: the same words, in the same
+/// order, as one `next_u32` per entry (checked by a test), but generated in
+/// bulk.
+fn draw(rng: &mut impl RngCore, draws: &mut [u32]) {
+    rng.fill(draws);
+}
+
+/// A keep mask over a whole tensor, one bit per entry (bit `p % 64` of word
+/// `p / 64` for the entry at position `p`).
+fn mask_words(numel: usize) -> Vec<u64> {
+    vec![0; numel.div_ceil(64)]
+}
+
+/// Whether the entry at position `p` is kept by `mask`.
+#[cfg(test)]
+fn mask_keeps(mask: &[u64], p: usize) -> bool {
+    (mask[p >> 6] >> (p & 63)) & 1 != 0
+}
+
+/// Visits the positions `first..first + n` in runs within one mask word:
+/// `f(e, word_index, bit, len)` for the run starting at `first + e` (bit
+/// `bit` of word `word_index`), `len` entries long.
+#[inline]
+fn word_runs(first: usize, n: usize, mut f: impl FnMut(usize, usize, u32, usize)) {
+    let mut e = 0;
+    while e < n {
+        let p = first + e;
+        let bit = p & 63;
+        let len = (64 - bit).min(n - e);
+        f(e, p >> 6, bit as u32, len);
+        e += len;
+    }
+}
+
+/// Records the keep decisions of `draws` (positions `first..`) in `mask`.
+fn record(mask: &mut [u64], first: usize, draws: &[u32], d: f64) {
+    word_runs(first, draws.len(), |e, w, bit, len| {
+        let mut word = 0u64;
+        for (j, &u) in draws[e..e + len].iter().enumerate() {
+            word |= u64::from(ops::dare_keep(u, d)) << j;
+        }
+        mask[w] |= word << bit;
+    });
+}
+
+/// `out[e] = delta(e)` where `mask` keeps position `first + e`, else 0.
+#[inline]
+fn masked(mask: &[u64], first: usize, out: &mut [f64], delta: impl Fn(usize) -> f64) {
+    word_runs(first, out.len(), |e, w, bit, len| {
+        let word = mask[w] >> bit;
+        for (j, o) in out[e..e + len].iter_mut().enumerate() {
+            let keep = (word >> j) & 1 != 0;
+            let v = delta(e + j);
+            *o = if keep { v } else { 0.0 };
+        }
+    });
+}
+
 /// The L1 norms of each model's task vector and of its kept entries, summed
 /// chunk-invariantly ([`PositionalSum`]).
 struct L1Pass {
@@ -201,6 +259,9 @@ struct L1Pass {
     densities: Vec<f64>,
     total: Vec<PositionalSum>,
     kept: Vec<PositionalSum>,
+    /// Each model's keep decisions, recorded while drawing them so that the
+    /// merge does not draw again (empty for models that drop nothing).
+    masks: Vec<Vec<u64>>,
     buf: (Box<[f64; BLOCK]>, Box<[f64; BLOCK]>),
 }
 
@@ -211,31 +272,36 @@ impl StatsPass for L1Pass {
         })?;
         let (all, kept) = &mut self.buf;
         let mut draws = [0u32; BLOCK];
-        for (i, &d) in self.densities.iter().enumerate() {
-            if !drops(d) {
-                continue;
-            }
-            let mut rng = chunk.tensor.rng(i, chunk.offset);
-            let x = chunk.models[i];
-            for start in (0..x.len()).step_by(BLOCK) {
-                let end = (start + BLOCK).min(x.len());
-                let n = end - start;
+        let mut rngs: Vec<_> = (0..self.densities.len())
+            .map(|i| chunk.tensor.rng(i, chunk.offset))
+            .collect();
+        // Block by block, every model in turn: the base block stays in cache.
+        for start in (0..base.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(base.len());
+            let n = end - start;
+            let b = &base[start..end];
+            let at = chunk.offset + start;
+            for (i, &d) in self.densities.iter().enumerate() {
+                if !drops(d) {
+                    continue;
+                }
+                let x = &chunk.models[i][start..end];
                 let draws = &mut draws[..n];
-                draws.iter_mut().for_each(|u| *u = rng.next_u32());
+                draw(&mut rngs[i], draws);
                 let (all, kept) = (&mut all[..n], &mut kept[..n]);
                 for ((((a, k), &u), &x), &b) in all
                     .iter_mut()
                     .zip(kept.iter_mut())
                     .zip(draws.iter())
-                    .zip(&x[start..end])
-                    .zip(&base[start..end])
+                    .zip(x)
+                    .zip(b)
                 {
                     *a = (x as f64 - b as f64).abs();
                     *k = if ops::dare_keep(u, d) { *a } else { 0.0 };
                 }
-                let at = (chunk.offset + start) as u64;
-                self.total[i].add_at(at, all);
-                self.kept[i].add_at(at, kept);
+                record(&mut self.masks[i], at, draws, d);
+                self.total[i].add_at(at as u64, all);
+                self.kept[i].add_at(at as u64, kept);
             }
         }
         Ok(())
@@ -252,13 +318,20 @@ impl StatsPass for L1Pass {
                 if !drops(d) || k == 0.0 { 1.0 } else { t / k }
             })
             .collect();
-        Ok(Arc::new(L1Scales(scales)))
+        Ok(Arc::new(L1Scales {
+            scales,
+            masks: self.masks,
+        }))
     }
 }
 
-/// Each model's L1 rescale factor on one tensor.
+/// Each model's L1 rescale factor on one tensor, and its keep mask
+/// (recorded by the pass; empty for models that drop nothing).
 #[derive(Debug)]
-struct L1Scales(Vec<f64>);
+struct L1Scales {
+    scales: Vec<f64>,
+    masks: Vec<Vec<u64>>,
+}
 
 fn densities(tensor: &TensorContext<'_>) -> Result<Vec<f64>, MethodError> {
     ops::weights(tensor, "density")
@@ -276,11 +349,22 @@ fn tensor_pass(
         return None;
     }
     let m = densities.len();
+    let masks = densities
+        .iter()
+        .map(|&d| {
+            if drops(d) {
+                mask_words(tensor.numel())
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     Some(Box::new(L1Pass {
         method: info.name,
         densities,
         total: vec![PositionalSum::new(); m],
         kept: vec![PositionalSum::new(); m],
+        masks,
         buf: (Box::new([0.0; BLOCK]), Box::new([0.0; BLOCK])),
     }))
 }
@@ -317,6 +401,19 @@ fn merge(
     })?;
     let dens = densities(t)?;
     let mode = rescale(info.name, t.global)?;
+    let stats = match (mode, chunk.tensor_stats) {
+        (Rescale::L1, Some(s)) => {
+            Some(
+                s.downcast_ref::<L1Scales>()
+                    .ok_or_else(|| MethodError::Invalid {
+                        method: info.name.into(),
+                        tensor: t.name.into(),
+                        message: "statistics of another method were passed in".into(),
+                    })?,
+            )
+        }
+        _ => None,
+    };
     let scales: Vec<f64> = match mode {
         Rescale::None => vec![1.0; dens.len()],
         // 1/d: unbiased, E[τ̃] = τ (the paper). d = 0 keeps nothing: factor unused.
@@ -324,16 +421,8 @@ fn merge(
             .iter()
             .map(|&d| if d > 0.0 { 1.0 / d } else { 1.0 })
             .collect(),
-        Rescale::L1 => match chunk.tensor_stats {
-            Some(s) => s
-                .downcast_ref::<L1Scales>()
-                .ok_or_else(|| MethodError::Invalid {
-                    method: info.name.into(),
-                    tensor: t.name.into(),
-                    message: "statistics of another method were passed in".into(),
-                })?
-                .0
-                .clone(),
+        Rescale::L1 => match stats {
+            Some(s) => s.scales.clone(),
             None if dens.iter().any(|&d| drops(d)) => {
                 return Err(MethodError::Invalid {
                     method: info.name.into(),
@@ -352,16 +441,31 @@ fn merge(
         rule,
     };
     combine.check(info.name, t.name)?;
+    // The pass's keep masks where they cover this chunk (the same decisions
+    // as drawing again from the same streams), else draws.
+    let end = chunk.offset + out.len();
+    let masks: Vec<Option<&[u64]>> = (0..dens.len())
+        .map(|i| {
+            stats
+                .and_then(|s| s.masks.get(i))
+                .filter(|m| m.len() * 64 >= end)
+                .map(|m| m.as_slice())
+        })
+        .collect();
     let mut rngs: Vec<_> = (0..dens.len()).map(|i| t.rng(i, chunk.offset)).collect();
     let mut draws = [0u32; ops::BLOCK];
     ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
         let x = &chunk.models[i][start..start + buf.len()];
         let b = &base[start..start + buf.len()];
         let (d, s) = (dens[i], scales[i]);
-        if drops(d) {
+        if let (true, Some(mask)) = (drops(d), masks[i]) {
+            masked(mask, chunk.offset + start, buf, |e| {
+                (x[e] as f64 - b[e] as f64) * s
+            });
+        } else if drops(d) {
             let rng = &mut rngs[i];
             let draws = &mut draws[..buf.len()];
-            draws.iter_mut().for_each(|u| *u = rng.next_u32());
+            draw(rng, draws);
             for (((o, &x), &b), &u) in buf.iter_mut().zip(x).zip(b).zip(draws.iter()) {
                 let delta = (x as f64 - b as f64) * s;
                 *o = if ops::dare_keep(u, d) { delta } else { 0.0 };
@@ -420,3 +524,48 @@ impl MergeMethod for DareTies {
 
 register_method!(DareLinear);
 register_method!(DareTies);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_draws_are_the_next_u32_words_in_order() {
+        let ctx_stream = |offset| tensormerge_methods::rng::stream(42, "t.weight", 1, offset);
+        for (offset, len) in [(0usize, 1000usize), (3, 1), (5, 70), (61, 257), (0, 4096)] {
+            let mut one = ctx_stream(offset);
+            let expect: Vec<u32> = (0..2 * len).map(|_| one.next_u32()).collect();
+            let mut bulk = ctx_stream(offset);
+            let mut got = vec![0u32; 2 * len];
+            // two calls: the second continues where the first stopped
+            draw(&mut bulk, &mut got[..len]);
+            draw(&mut bulk, &mut got[len..]);
+            assert_eq!(got, expect, "offset {offset} len {len}");
+        }
+    }
+
+    #[test]
+    fn masks_record_bits_at_absolute_positions() {
+        let mut m = mask_words(130);
+        assert_eq!(m.len(), 3);
+        for p in [0usize, 63, 64, 129] {
+            m[p >> 6] |= 1u64 << (p & 63);
+        }
+        let kept: Vec<usize> = (0..130).filter(|&p| mask_keeps(&m, p)).collect();
+        assert_eq!(kept, [0, 63, 64, 129]);
+        // record + masked at unaligned offsets agree with the bit rule
+        let draws: Vec<u32> = (0..200u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        for first in [0usize, 1, 63, 64, 100] {
+            let mut m = mask_words(first + 200);
+            record(&mut m, first, &draws[..77], 0.5);
+            record(&mut m, first + 77, &draws[77..], 0.5);
+            let mut out = vec![0.0; 200];
+            masked(&m, first, &mut out, |e| e as f64 + 1.0);
+            for (e, &u) in draws.iter().enumerate() {
+                let keep = ops::dare_keep(u, 0.5);
+                assert_eq!(mask_keeps(&m, first + e), keep);
+                assert_eq!(out[e], if keep { e as f64 + 1.0 } else { 0.0 });
+            }
+        }
+    }
+}
