@@ -112,6 +112,10 @@ pub struct MergeArgs {
     /// be written); large tensors are processed in chunks to stay under it.
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: Size,
+    /// Accept NaN and infinite values in the input weights and Fisher files
+    /// (refused by default, naming the model, tensor and element).
+    #[arg(long)]
+    pub allow_non_finite: bool,
 }
 
 /// Options of `eval`.
@@ -152,6 +156,10 @@ pub struct EvalArgs {
     /// Memory budget for evaluation buffers.
     #[arg(long, value_name = "SIZE", default_value = "512MiB")]
     pub max_memory: Size,
+    /// Accept NaN and infinite values in the input weights (refused by
+    /// default, naming the model, tensor and element).
+    #[arg(long)]
+    pub allow_non_finite: bool,
 }
 
 /// Options of `methods`.
@@ -196,7 +204,13 @@ pub struct InspectArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Output directory for models, CSV, plot and configs.
-    #[arg(short, long, value_name = "OUT", default_value = "tensormerge-demo")]
+    #[arg(
+        short,
+        long,
+        visible_alias = "out",
+        value_name = "OUT",
+        default_value = "tensormerge-demo"
+    )]
     pub output: PathBuf,
 
     /// Seed of the data split, training and random methods.

@@ -46,6 +46,8 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
         overwrite: a.overwrite,
         threads: a.jobs,
         max_memory: a.max_memory.0,
+        allow_non_finite: a.allow_non_finite,
+        cancel: None,
     };
     if a.jobs == Some(0) {
         return Err(Usage::Arg("--jobs must be at least 1".into()).into());
@@ -114,6 +116,7 @@ fn eval(a: EvalArgs, p: &Printer) -> Result<()> {
         max_shard_bytes: a.out_shard_size.0,
         overwrite: a.overwrite,
         max_memory: a.max_memory.0,
+        allow_non_finite: a.allow_non_finite,
         ..EvalOptions::default()
     };
     if a.jobs == Some(0) {

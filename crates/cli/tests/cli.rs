@@ -734,3 +734,118 @@ fn demo_runs_and_its_configs_merge() {
         assert!(out.join("model.safetensors").is_file());
     }
 }
+
+/// An F32 model of `layout` whose element `index` of tensor `bad` is `value`.
+fn write_poisoned(dir: &Path, bad: &str, index: usize, value: f32) -> PathBuf {
+    let tensors = layout(DType::F32, 12);
+    let mut w = ModelWriter::create(dir, tensors.clone(), WriterOptions::default()).unwrap();
+    for t in &tensors {
+        if t.dtype.is_float() {
+            let mut vals: Vec<f32> = (0..t.numel()).map(|i| 0.5 + i as f32 * 1e-3).collect();
+            if t.name == bad {
+                vals[index] = value;
+            }
+            w.write(&t.name, &convert::encode_f32_vec(t.dtype, &vals).unwrap())
+                .unwrap();
+        } else {
+            let bytes: Vec<u8> = (0..t.numel() as i64)
+                .flat_map(|i| i.to_le_bytes())
+                .collect();
+            w.write(&t.name, &bytes).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn non_finite_inputs_are_refused_unless_allowed() {
+    let f = fixture();
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    let nan = write_poisoned(&f.root.join("nan"), q, 37, f32::NAN);
+    let inf = write_poisoned(&f.root.join("inf"), "model.norm.weight", 5, f32::INFINITY);
+    let fisher_ok = write_poisoned(&f.root.join("fok"), q, 0, 1.0);
+    let out = f.root.join("out");
+    let o = out.to_str().unwrap();
+    let check_refused = |o: &Output, model: &Path, tensor: &str, index: usize| {
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("`{}`", model.display())), "{err}");
+        assert!(err.contains(&format!("`{tensor}`")), "{err}");
+        assert!(err.contains(&format!("element {index}")), "{err}");
+        assert!(err.contains("--allow-non-finite"), "{err}");
+        assert!(!out.exists());
+    };
+    let check_allowed = |o: &Output, tensor: &str, index: usize, want_nan: bool| {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let v = Model::open_path(&out)
+            .unwrap()
+            .read_f32_vec(tensor)
+            .unwrap();
+        assert_eq!(v[index].is_nan(), want_nan, "{}", v[index]);
+        assert!(!v[index].is_finite());
+        // The element beside it is finite: only the bad value propagates.
+        assert!(v[index + 1].is_finite());
+        std::fs::remove_dir_all(&out).unwrap();
+    };
+
+    // merge: the NaN model, then the same with the flag.
+    let cfg = f.config(
+        "nan.yml",
+        &format!(
+            "merge_method: linear\nmodels:\n  - model: $A\n  - model: {}\n",
+            nan.display()
+        ),
+    );
+    let c = cfg.to_str().unwrap();
+    check_refused(&run(&["merge", c, "-o", o]), &nan, q, 37);
+    check_allowed(
+        &run(&["merge", c, "-o", o, "--allow-non-finite"]),
+        q,
+        37,
+        true,
+    );
+
+    // eval: the infinite model.
+    let m_inf = format!("y={}", inf.display());
+    let m_a = format!("x={}", f.a.display());
+    let ev = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "0.5 * x + 0.5 * y",
+            "-m",
+            &m_a,
+            "-m",
+            &m_inf,
+            "-o",
+            o,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    check_refused(&ev(&[]), &inf, "model.norm.weight", 5);
+    check_allowed(&ev(&["--allow-non-finite"]), "model.norm.weight", 5, false);
+
+    // A Fisher file with NaN is refused too; the same merge with a finite
+    // Fisher file runs.
+    let fisher_cfg = |name: &str, fisher: &Path| {
+        f.config(
+            name,
+            &format!(
+                "merge_method: fisher\nmodels:\n  - model: $A\n    parameters: {{fisher: {}}}\n  - model: $B\n    parameters: {{fisher: {}}}\n",
+                fisher_ok.display(),
+                fisher.display()
+            ),
+        )
+    };
+    let bad = fisher_cfg("fisher_bad.yml", &nan);
+    check_refused(
+        &run(&["merge", bad.to_str().unwrap(), "-o", o]),
+        &nan,
+        q,
+        37,
+    );
+    let good = fisher_cfg("fisher_good.yml", &fisher_ok);
+    let r = run(&["merge", good.to_str().unwrap(), "-o", o]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+}

@@ -177,9 +177,53 @@ pub enum EngineError {
     /// A bad option value (`--max-memory 0`, a zero shard size).
     #[error("invalid option: {0}")]
     Option(String),
+    /// An input weight is NaN or infinite (refused unless
+    /// `allow_non_finite` is set).
+    #[error(
+        "model `{model}`: tensor `{tensor}` has a non-finite value ({value}) at element {index}"
+    )]
+    NonFinite {
+        /// The model (reference or path).
+        model: String,
+        /// The tensor.
+        tensor: String,
+        /// Index (row-major, from 0) of the first bad element.
+        index: u64,
+        /// The value found.
+        value: f32,
+    },
+    /// The run was cancelled (Ctrl-C); the temporary output was removed.
+    #[error("cancelled")]
+    Cancelled,
     /// An error from another engine component (expressions).
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Checks that `values` (elements `offset..` of tensor `tensor` of `model`)
+/// are all finite: one branch-free pass per block of 256 values, a search for
+/// the index only when a block has a bad value.
+pub(crate) fn check_finite(
+    values: &[f32],
+    model: &str,
+    tensor: &str,
+    offset: usize,
+) -> Result<(), EngineError> {
+    for (b, block) in values.chunks(256).enumerate() {
+        // An exponent of all ones is NaN or infinity.
+        let bad = block.iter().fold(false, |acc, x| {
+            acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+        });
+        if bad && let Some(i) = block.iter().position(|x| !x.is_finite()) {
+            return Err(EngineError::NonFinite {
+                model: model.to_owned(),
+                tensor: tensor.to_owned(),
+                index: (offset + b * 256 + i) as u64,
+                value: block[i],
+            });
+        }
+    }
+    Ok(())
 }
 
 fn render_mismatches(m: &[Mismatch]) -> String {
@@ -214,7 +258,8 @@ impl EngineError {
             EngineError::Config(_) | EngineError::Incompatible(_) | EngineError::Method(_) => true,
             EngineError::Param { .. } => true,
             EngineError::Io { source, .. } => io_is_bad_input(source),
-            EngineError::Core(_) => true,
+            EngineError::Core(_) | EngineError::NonFinite { .. } => true,
+            EngineError::Cancelled => false,
             EngineError::OutputInsideInput { .. }
             | EngineError::OutputExists(_)
             | EngineError::Option(_) => false,
@@ -244,6 +289,9 @@ impl EngineError {
                 }
                 _ => None,
             },
+            EngineError::NonFinite { .. } => {
+                Some("pass --allow-non-finite to merge such weights anyway".into())
+            }
             EngineError::Incompatible(_) => {
                 Some("all models must be fine-tunes of the same architecture (same tensor names and shapes)".into())
             }

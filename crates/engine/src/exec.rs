@@ -88,13 +88,15 @@ struct Source {
     current: Mutex<Arc<Model>>,
     since: AtomicU64,
     remapping: Mutex<()>,
+    /// Check every value read for NaN and infinity.
+    check_finite: bool,
 }
 
 /// Bytes read from one input between two re-openings.
 const REMAP_BYTES: u64 = 16 << 20;
 
 impl Source {
-    fn new(input: &Input) -> Source {
+    fn new(input: &Input, check_finite: bool) -> Source {
         let p = Path::new(&input.reference);
         Source {
             reference: input.reference.clone(),
@@ -102,6 +104,7 @@ impl Source {
             current: Mutex::new(input.model.clone()),
             since: AtomicU64::new(0),
             remapping: Mutex::new(()),
+            check_finite,
         }
     }
 
@@ -117,6 +120,7 @@ impl Source {
         let dtype = model.layout().get(name).map(|t| t.dtype);
         let size = dtype.map_or(0, |d| d.size_in_bytes() as u64);
         let bytes = range.len() as u64 * size;
+        let first = range.start;
         let err = |source| {
             EngineError::io(
                 format!("cannot read tensor `{name}` of `{}`", self.reference),
@@ -144,6 +148,9 @@ impl Source {
             }
         };
         drop(model);
+        if self.check_finite {
+            crate::error::check_finite(&v, &self.reference, name, first)?;
+        }
         let since = self.since.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if since >= REMAP_BYTES
             && let Some(path) = &self.path
@@ -189,16 +196,13 @@ struct Sources {
 }
 
 impl Sources {
-    fn new(plan: &Plan) -> Sources {
+    fn new(plan: &Plan, check_finite: bool) -> Sources {
+        let new = |i: &Input| Source::new(i, check_finite);
         Sources {
-            base: plan.base.as_ref().map(Source::new),
-            models: plan.models.iter().map(Source::new).collect(),
-            aux: plan
-                .aux
-                .iter()
-                .map(|a| a.as_ref().map(Source::new))
-                .collect(),
-            base_aux: plan.base_aux.as_ref().map(Source::new),
+            base: plan.base.as_ref().map(new),
+            models: plan.models.iter().map(new).collect(),
+            aux: plan.aux.iter().map(|a| a.as_ref().map(new)).collect(),
+            base_aux: plan.base_aux.as_ref().map(new),
         }
     }
 }
@@ -477,7 +481,7 @@ pub fn execute(
         EngineError::io(format!("cannot create output `{}`", out.display()), source)
     })?;
 
-    let sources = Sources::new(plan);
+    let sources = Sources::new(plan, !opts.allow_non_finite);
     let mut bytes_read = 0u64;
     let model_stats = if plan.model_pass {
         let (s, b) = model_pass(plan, &sources, chunk_len, progress)?;

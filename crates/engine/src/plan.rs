@@ -33,6 +33,14 @@ pub struct RunOptions {
     /// waiting to be written). One tensor always runs, whatever its size;
     /// chunkable methods then work through it chunk by chunk.
     pub max_memory: u64,
+    /// Accept NaN and infinite values in the input weights (and Fisher
+    /// files). By default the first one found stops the merge with
+    /// [`EngineError::NonFinite`], naming the model, tensor and element.
+    pub allow_non_finite: bool,
+    /// Set from another thread (a Ctrl-C handler) to stop the merge between
+    /// chunks: [`execute`](crate::execute) then returns
+    /// [`EngineError::Cancelled`] and the temporary output is removed.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for RunOptions {
@@ -43,6 +51,8 @@ impl Default for RunOptions {
             overwrite: false,
             threads: None,
             max_memory: DEFAULT_MAX_MEMORY,
+            allow_non_finite: false,
+            cancel: None,
         }
     }
 }

@@ -32,6 +32,9 @@ pub struct EvalOptions {
     /// (inputs decoded to `f32`, intermediate results, encoded output).
     /// Chunks are sized to fit it, so one huge tensor does not need to fit.
     pub max_memory: u64,
+    /// Accept NaN and infinite values in the inputs. By default the first one
+    /// found stops the evaluation with [`EngineError::NonFinite`].
+    pub allow_non_finite: bool,
 }
 
 impl Default for EvalOptions {
@@ -42,6 +45,7 @@ impl Default for EvalOptions {
             max_shard_bytes: tensormerge_io::DEFAULT_MAX_SHARD_BYTES,
             overwrite: false,
             max_memory: 512 << 20,
+            allow_non_finite: false,
         }
     }
 }
@@ -134,6 +138,8 @@ struct Worker {
     out: Vec<u8>,
     /// Bytes of `out` holding the last result.
     out_len: usize,
+    /// Refuse NaN and infinity in the inputs.
+    check_finite: bool,
 }
 
 impl Worker {
@@ -176,6 +182,11 @@ impl Worker {
             .zip(&self.inputs)
             .map(|(d, b)| d.unwrap_or_else(|| &b[..len]))
             .collect();
+        if self.check_finite {
+            for (v, m) in slices.iter().zip(models) {
+                crate::error::check_finite(v, m.name(), name, range.start)?;
+            }
+        }
         let result = self.ev.eval(&slices, len).map_err(other)?;
         self.out_len = len * dtype.size_in_bytes();
         if self.out.len() < self.out_len {
@@ -398,6 +409,7 @@ fn run_eval_remapping(
             inputs: vec![Vec::new(); opened.len()],
             out: Vec::new(),
             out_len: 0,
+            check_finite: !opts.allow_non_finite,
         })
         .collect();
     let write_ctx = || format!("cannot write output `{}`", out.display());
