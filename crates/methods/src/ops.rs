@@ -540,9 +540,15 @@ impl TopK {
             }
             Stage::Low { hi, .. } => {
                 let hi = *hi;
-                for &key in keys {
-                    if key >> 16 == hi {
-                        self.hist[(key & 0xffff) as usize] += 1;
+                // Few keys fall in the bin: test 16 at a time without
+                // branches (vectorises), count only in groups with a hit.
+                for group in keys.chunks(16) {
+                    if group.iter().fold(false, |any, &k| any | (k >> 16 == hi)) {
+                        for &key in group {
+                            if key >> 16 == hi {
+                                self.hist[(key & 0xffff) as usize] += 1;
+                            }
+                        }
                     }
                 }
                 self.seen += keys.len() as u64;
