@@ -1,6 +1,8 @@
 //! The commands: thin wrappers over the libraries that print results on stdout.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use tensormerge::builtin;
@@ -49,6 +51,7 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
         allow_non_finite: a.allow_non_finite,
         cancel: None,
     };
+    let mut opts = opts;
     if a.jobs == Some(0) {
         return Err(Usage::Arg("--jobs must be at least 1".into()).into());
     }
@@ -63,6 +66,7 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
         println!("{plan}");
         return Ok(());
     }
+    opts.cancel = Some(cancel_on_signal()?);
     let report = run_merge(&config, &a.output, &opts, p)
         .with_context(|| format!("merge of `{}` failed", a.config.display()))?;
     p.info(&format!(
@@ -83,6 +87,22 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
         report.seed
     );
     Ok(())
+}
+
+/// A flag set on SIGINT/SIGTERM (Ctrl-C): the executor stops at its next
+/// chunk, drops the writer (removing the temporary output directory) and
+/// returns `EngineError::Cancelled` (exit code 130). A second signal exits
+/// at once.
+fn cancel_on_signal() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(flag)
 }
 
 fn eval(a: EvalArgs, p: &Printer) -> Result<()> {

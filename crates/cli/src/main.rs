@@ -4,7 +4,8 @@
 //! call the libraries, and one [`printer::Printer`] decides where output goes
 //! (results on stdout; progress, warnings and errors on stderr). Exit codes:
 //! 0 on success, 1 for bad input (invalid config, incompatible models,
-//! unknown method), 2 for usage and I/O errors.
+//! unknown method), 2 for usage and I/O errors, 130 when a merge is stopped by
+//! SIGINT/SIGTERM (its temporary output directory is removed).
 
 mod cli;
 mod commands;

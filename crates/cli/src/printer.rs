@@ -129,6 +129,9 @@ fn hint(e: &anyhow::Error) -> Option<String> {
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for c in e.chain() {
         if let Some(ee) = c.downcast_ref::<EngineError>() {
+            if matches!(ee, EngineError::Cancelled) {
+                return 130;
+            }
             return if ee.is_bad_input() { 1 } else { 2 };
         }
         if c.downcast_ref::<MethodError>().is_some() {

@@ -849,3 +849,62 @@ fn non_finite_inputs_are_refused_unless_allowed() {
     let r = run(&["merge", good.to_str().unwrap(), "-o", o]);
     assert!(r.status.success(), "{}", text(&r.stderr));
 }
+
+#[test]
+fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Big enough to take a while: 2 x 48 MB, one thread, 1 MB chunks.
+    let big: Vec<TensorInfo> = (0..12)
+        .map(|i| TensorInfo::new(format!("layers.{i}.weight"), vec![1000, 1000], DType::F32))
+        .collect();
+    let a = write_model(&tmp.path().join("a"), &big, 1, u64::MAX);
+    let b = write_model(&tmp.path().join("b"), &big, 2, u64::MAX);
+    let cfg = tmp.path().join("c.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {}\n  - model: {}\n",
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let child = bin()
+        .args(["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["-j", "1", "--max-memory", "1MB", "--color", "never"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let temp_dirs = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("tensormerge-tmp"))
+            .count()
+    };
+    let started = std::time::Instant::now();
+    while temp_dirs() == 0 {
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the merge never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(!out.exists(), "a cancelled merge left {}", out.display());
+    assert_eq!(
+        temp_dirs(),
+        0,
+        "a cancelled merge left its temporary directory"
+    );
+}

@@ -193,16 +193,28 @@ struct Sources {
     models: Vec<Source>,
     aux: Vec<Option<Source>>,
     base_aux: Option<Source>,
+    /// Set (by a Ctrl-C handler) to stop between chunks.
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Sources {
-    fn new(plan: &Plan, check_finite: bool) -> Sources {
+    fn new(plan: &Plan, opts: &RunOptions) -> Sources {
+        let check_finite = !opts.allow_non_finite;
         let new = |i: &Input| Source::new(i, check_finite);
         Sources {
             base: plan.base.as_ref().map(new),
             models: plan.models.iter().map(new).collect(),
             aux: plan.aux.iter().map(|a| a.as_ref().map(new)).collect(),
             base_aux: plan.base_aux.as_ref().map(new),
+            cancel: opts.cancel.clone(),
+        }
+    }
+
+    /// [`EngineError::Cancelled`] once the cancel flag is set.
+    fn check_cancel(&self) -> Result<(), EngineError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(EngineError::Cancelled),
+            _ => Ok(()),
         }
     }
 }
@@ -215,6 +227,7 @@ fn fetch(
     base_aux_has: bool,
     range: Range<usize>,
 ) -> Result<(ChunkData, u64), EngineError> {
+    src.check_cancel()?;
     let mut bytes = 0u64;
     let mut rd = |s: &Source| {
         let (v, b) = s.read(name, range.clone())?;
@@ -481,7 +494,7 @@ pub fn execute(
         EngineError::io(format!("cannot create output `{}`", out.display()), source)
     })?;
 
-    let sources = Sources::new(plan, !opts.allow_non_finite);
+    let sources = Sources::new(plan, opts);
     let mut bytes_read = 0u64;
     let model_stats = if plan.model_pass {
         let (s, b) = model_pass(plan, &sources, chunk_len, progress)?;
@@ -714,6 +727,7 @@ fn process(
     output: &Output<'_>,
     progress: &dyn Progress,
 ) -> Result<u64, EngineError> {
+    sources.check_cancel()?;
     let t = &plan.tensors[idx];
     let name = &t.out.name;
     match &t.action {
