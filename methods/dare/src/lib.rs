@@ -265,11 +265,19 @@ struct L1Pass {
     buf: (Box<[f64; BLOCK]>, Box<[f64; BLOCK]>),
 }
 
-impl StatsPass for L1Pass {
-    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
-        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
-            method: self.method.to_string(),
-        })?;
+impl L1Pass {
+    /// [`blocks`](Self::blocks) compiled for AVX2 (the same IEEE operations
+    /// in the same order: bit-identical results).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn blocks_avx2(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
+        self.blocks(chunk, base)
+    }
+
+    /// Draws the keep decisions of a chunk, records them and adds up the L1
+    /// norms.
+    #[inline(always)]
+    fn blocks(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
         let (all, kept) = &mut self.buf;
         let mut draws = [0u32; BLOCK];
         let mut rngs: Vec<_> = (0..self.densities.len())
@@ -304,6 +312,21 @@ impl StatsPass for L1Pass {
                 self.kept[i].add_at(at as u64, kept);
             }
         }
+    }
+}
+
+impl StatsPass for L1Pass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: self.method.to_string(),
+        })?;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.blocks_avx2(chunk, base) };
+            return Ok(());
+        }
+        self.blocks(chunk, base);
         Ok(())
     }
 
