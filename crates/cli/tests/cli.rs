@@ -713,11 +713,17 @@ fn an_interrupted_merge_leaves_no_output_directory() {
 fn demo_runs_and_its_configs_merge() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
+    // `--out` (the spelling of issue #5) is an alias of `-o/--output`.
+    let help = text(&run(&["demo", "--help"]).stdout);
+    assert!(
+        help.contains("-o, --output <OUT>") && help.contains("[alias: --out]"),
+        "{help}"
+    );
     let o = run(&[
         "--no-progress",
         "demo",
         "--quick",
-        "-o",
+        "--out",
         dir.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
