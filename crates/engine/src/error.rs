@@ -318,3 +318,38 @@ fn io_is_bad_input(e: &tensormerge_io::IoError) -> bool {
             | E::WriterFailed { .. }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_finds_the_first_bad_element_across_blocks() {
+        let mut v: Vec<f32> = (0..1000).map(|i| i as f32 - 500.0).collect();
+        v.push(f32::MAX);
+        v.push(f32::MIN_POSITIVE / 4.0); // subnormal: finite
+        assert!(check_finite(&v, "m", "t", 0).is_ok());
+        for (bad, at) in [
+            (f32::NAN, 700),
+            (f32::NEG_INFINITY, 256),
+            (f32::INFINITY, 255),
+        ] {
+            let mut w = v.clone();
+            w[at] = bad;
+            w[900] = f32::NAN; // a later one is not the one reported
+            match check_finite(&w, "./m", "layer.w", 4096) {
+                Err(EngineError::NonFinite {
+                    model,
+                    tensor,
+                    index,
+                    value,
+                }) => {
+                    assert_eq!((model.as_str(), tensor.as_str()), ("./m", "layer.w"));
+                    assert_eq!(index, 4096 + at as u64);
+                    assert_eq!(value.to_bits(), bad.to_bits());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
