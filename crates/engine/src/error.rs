@@ -210,10 +210,12 @@ pub(crate) fn check_finite(
     offset: usize,
 ) -> Result<(), EngineError> {
     for (b, block) in values.chunks(256).enumerate() {
-        // An exponent of all ones is NaN or infinity.
-        let bad = block.iter().fold(false, |acc, x| {
-            acc | (x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
-        });
+        // Magnitude bits above f32::MAX are NaN or infinity; an unsigned max
+        // over the block vectorizes.
+        let top = block
+            .iter()
+            .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+        let bad = top > f32::MAX.to_bits();
         if bad && let Some(i) = block.iter().position(|x| !x.is_finite()) {
             return Err(EngineError::NonFinite {
                 model: model.to_owned(),
