@@ -424,7 +424,18 @@ pub struct TopK {
     part: Vec<u32>,
     /// Keys counted in `part` since the last flush.
     pending: u64,
+    /// One segment: the positions and low 16 bits of the keys seen in the
+    /// low-bits sweep (in index order), so that the last kept tie is found
+    /// without another sweep; dropped when more than [`CANDIDATES`].
+    cands: Vec<(u64, u16)>,
+    /// Whether `cands` holds every key of the low-bits sweep's bin.
+    cands_ok: bool,
+    /// The segment name the candidates came with.
+    cand_segment: String,
 }
+
+/// Most candidates kept for the tie position (16 MiB).
+const CANDIDATES: usize = 1 << 20;
 
 /// Inputs up to this size use one 64-bit histogram directly.
 const SMALL: u64 = 1 << 20;
@@ -472,6 +483,9 @@ impl TopK {
             density: None,
             part: Vec::new(),
             pending: 0,
+            cands: Vec::new(),
+            cands_ok: false,
+            cand_segment: String::new(),
         }
     }
 
@@ -542,11 +556,23 @@ impl TopK {
                 let hi = *hi;
                 // Few keys fall in the bin: test 16 at a time without
                 // branches (vectorises), count only in groups with a hit.
-                for group in keys.chunks(16) {
+                if self.cands_ok && self.seen == 0 {
+                    self.cand_segment = segment.to_string();
+                }
+                for (g, group) in keys.chunks(16).enumerate() {
                     if group.iter().fold(false, |any, &k| any | (k >> 16 == hi)) {
-                        for &key in group {
+                        for (t, &key) in group.iter().enumerate() {
                             if key >> 16 == hi {
                                 self.hist[(key & 0xffff) as usize] += 1;
+                                if self.cands_ok {
+                                    if self.cands.len() < CANDIDATES {
+                                        let at = offset + (g * 16 + t) as u64;
+                                        self.cands.push((at, key as u16));
+                                    } else {
+                                        self.cands_ok = false;
+                                        self.cands = Vec::new();
+                                    }
+                                }
                             }
                         }
                     }
@@ -635,6 +661,8 @@ impl TopK {
                     self.finish(Selection::AtLeast((bin as u32) << 16));
                 } else {
                     self.hist.iter_mut().for_each(|c| *c = 0);
+                    self.cands.clear();
+                    self.cands_ok = self.one_segment;
                     self.stage = Stage::Low {
                         hi: bin as u32,
                         need,
@@ -648,8 +676,28 @@ impl TopK {
                 let key = (hi << 16) | bin as u32;
                 if self.hist[bin] == need {
                     self.finish(Selection::AtLeast(key));
+                } else if let Some(&(index, _)) = self
+                    .cands_ok
+                    .then(|| {
+                        self.cands
+                            .iter()
+                            .filter(|c| c.1 as usize == bin)
+                            .nth(need as usize - 1)
+                    })
+                    .flatten()
+                {
+                    // One segment, candidates in index order: the need-th
+                    // tie is the last kept one (no tie sweep needed).
+                    let segment = std::mem::take(&mut self.cand_segment);
+                    self.finish(Selection::Ties {
+                        key,
+                        segment,
+                        index,
+                    });
                 } else {
                     self.hist = Vec::new();
+                    self.cands = Vec::new();
+                    self.cands_ok = false;
                     self.stage = Stage::TieCount { key, need };
                 }
                 Ok(())
@@ -707,6 +755,8 @@ impl TopK {
     fn finish(&mut self, s: Selection) {
         self.hist = Vec::new();
         self.part = Vec::new();
+        self.cands = Vec::new();
+        self.cands_ok = false;
         self.stage = Stage::Done(s);
     }
 }
@@ -1260,6 +1310,36 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&b), "{rule:?} normalize={normalize}");
             }
+        }
+    }
+
+    #[test]
+    fn top_k_ties_beyond_the_candidate_cap_take_the_tie_sweep() {
+        // Every key equal: all are ties, more than the candidates kept, so
+        // the position of the last kept tie comes from the third sweep.
+        let n = CANDIDATES + 1000;
+        let keys = vec![magnitude_key(0.25); n];
+        for k in [1usize, 777, n - 1] {
+            let mut t = TopK::new(n as u64, k as u64, true);
+            for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+                assert!(
+                    !t.is_done() || sweep == 2,
+                    "k={k}: done after sweep {sweep}"
+                );
+                for (c, part) in keys.chunks(100_000).enumerate() {
+                    t.observe("", (c * 100_000) as u64, part);
+                }
+                t.end_sweep(sweep).unwrap();
+            }
+            assert_eq!(
+                t.selection(),
+                Some(&Selection::Ties {
+                    key: magnitude_key(0.25),
+                    segment: String::new(),
+                    index: k as u64 - 1,
+                }),
+                "k={k}"
+            );
         }
     }
 
