@@ -9,7 +9,11 @@
 //! - `cargo bench -p tensormerge-benches` runs the criterion benches
 //!   (`benches/methods.rs`, bytes per second);
 //! - `cargo run --release -p tensormerge-benches --bin bench-ratios` prints
-//!   the ratios directly.
+//!   the ratios directly;
+//! - `--bin bench-phases` times each sweep of the statistics pass and the
+//!   merge of the sparsifying methods separately;
+//! - `--bin bench-checksum [numel]` prints a checksum of each method's output
+//!   bits, to check that an optimisation leaves results bit-identical.
 //!
 //! ```
 //! use tensormerge_benches::{Inputs, CASES};
