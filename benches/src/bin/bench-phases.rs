@@ -53,7 +53,10 @@ fn main() {
             }
             let stats = pass.finish().expect("merge");
             let t = Instant::now();
-            merge.method.merge(&chunk!(Some(&stats)), &mut out).expect("merge");
+            merge
+                .method
+                .merge(&chunk!(Some(&stats)), &mut out)
+                .expect("merge");
             line += &format!(" merge {:.1}", t.elapsed().as_secs_f64() * 1e3);
             println!("{line}");
         }
