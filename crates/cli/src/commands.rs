@@ -146,6 +146,8 @@ fn eval(a: EvalArgs, p: &Printer) -> Result<()> {
         Some(n) => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build()?),
         None => None,
     };
+    let mut opts = opts;
+    opts.cancel = Some(cancel_on_signal()?);
     let go = || run_eval(&a.expr, &models, &a.output, &opts, p);
     let report = match &pool {
         Some(pool) => pool.install(go),

@@ -856,8 +856,10 @@ fn non_finite_inputs_are_refused_unless_allowed() {
     assert!(r.status.success(), "{}", text(&r.stderr));
 }
 
-#[test]
-fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
+/// Starts the binary on two big models with the arguments `args(a, b, cfg,
+/// out)` returns, sends SIGINT once its temporary output directory exists,
+/// and checks exit code 130, no output and no temporary directory left.
+fn sigint_cleans_up(args: impl FnOnce(&Path, &Path, &Path, &Path) -> Vec<String>) {
     let tmp = tempfile::tempdir().unwrap();
     // Big enough to take a while: 2 x 48 MB, one thread, 1 MB chunks.
     let big: Vec<TensorInfo> = (0..12)
@@ -877,7 +879,7 @@ fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
     .unwrap();
     let out = tmp.path().join("out");
     let child = bin()
-        .args(["merge", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(args(&a, &b, &cfg, &out))
         .args(["-j", "1", "--max-memory", "1MB", "--color", "never"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -894,7 +896,7 @@ fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
     while temp_dirs() == 0 {
         assert!(
             started.elapsed().as_secs() < 20,
-            "the merge never started writing"
+            "the run never started writing"
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
@@ -907,10 +909,35 @@ fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("cancelled"), "{err}");
-    assert!(!out.exists(), "a cancelled merge left {}", out.display());
+    assert!(!out.exists(), "a cancelled run left {}", out.display());
     assert_eq!(
         temp_dirs(),
         0,
-        "a cancelled merge left its temporary directory"
+        "a cancelled run left its temporary directory"
     );
+}
+
+#[test]
+fn sigint_stops_a_merge_and_removes_its_temporary_directory() {
+    sigint_cleans_up(|_, _, cfg, out| {
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        vec!["merge".into(), s(cfg), "-o".into(), s(out)]
+    });
+}
+
+#[test]
+fn sigint_stops_an_eval_and_removes_its_temporary_directory() {
+    sigint_cleans_up(|a, b, _, out| {
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        vec![
+            "eval".into(),
+            "0.5 * (a + b)".into(),
+            "--model".into(),
+            format!("a={}", s(a)),
+            "--model".into(),
+            format!("b={}", s(b)),
+            "-o".into(),
+            s(out),
+        ]
+    });
 }

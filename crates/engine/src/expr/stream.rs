@@ -14,7 +14,7 @@ use super::{Evaluator, Expr, ExprError};
 use crate::{EngineError, Mismatch, Progress};
 
 /// Options of [`run_eval`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EvalOptions {
     /// Output dtype of every floating-point tensor. Default: each tensor's
     /// dtype in the template model.
@@ -35,6 +35,10 @@ pub struct EvalOptions {
     /// Accept NaN and infinite values in the inputs. By default the first one
     /// found stops the evaluation with [`EngineError::NonFinite`].
     pub allow_non_finite: bool,
+    /// A flag that stops the evaluation at the next chunk when set (the CLI
+    /// sets it on Ctrl-C): the writer is dropped, which removes the temporary
+    /// output directory, and the run returns [`EngineError::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for EvalOptions {
@@ -46,6 +50,7 @@ impl Default for EvalOptions {
             overwrite: false,
             max_memory: 512 << 20,
             allow_non_finite: false,
+            cancel: None,
         }
     }
 }
@@ -469,6 +474,13 @@ fn run_eval_remapping(
             .sum();
         let mut start = 0;
         while start < n {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                return Err(EngineError::Cancelled);
+            }
             // One batch: a chunk per worker, computed in parallel, written in order.
             let ranges: Vec<Range<usize>> = (0..workers_n)
                 .map(|w| {
