@@ -84,9 +84,16 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// Use the cache only; never touch the network.
     pub offline: bool,
+    /// How long to wait for a connection, and for the answer to each request
+    /// (not for a whole large download). From `TENSORMERGE_HUB_TIMEOUT`
+    /// (seconds), else [`HubOptions::DEFAULT_TIMEOUT`].
+    pub timeout: std::time::Duration,
 }
 
 impl HubOptions {
+    /// The default [`HubOptions::timeout`]: 60 seconds.
+    pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
     /// Options from the environment, as `huggingface_hub` reads them:
     /// `HF_HUB_CACHE` (else `HF_HOME/hub`, else `~/.cache/huggingface/hub`),
     /// `HF_ENDPOINT` (else `https://huggingface.co`), `HF_TOKEN` (else the
@@ -146,11 +153,17 @@ impl HubOptions {
                 )
             })
             .unwrap_or(false);
+        let timeout = nonempty("TENSORMERGE_HUB_TIMEOUT")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(std::time::Duration::from_secs_f64)
+            .unwrap_or(Self::DEFAULT_TIMEOUT);
         HubOptions {
             cache_dir,
             endpoint,
             token,
             offline,
+            timeout,
         }
     }
 
@@ -275,7 +288,6 @@ mod download {
     use super::*;
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Duration;
 
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Cache, Repo, RepoType};
@@ -303,10 +315,27 @@ mod download {
             .with_progress(false)
             .build()
             .map_err(|e| fail("(client)", e.to_string()))?;
-        let info = api
-            .repo(repo.clone())
-            .info()
-            .map_err(|e| fail("(repository info)", e.to_string()))?;
+        // hf-hub 0.5 has no timeout setting: a hub that accepts the connection
+        // and never answers would hang the merge. Ask on a helper thread and
+        // give up after `opts.timeout` (the thread ends with its request).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let api_repo = api.repo(repo.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(api_repo.info().map_err(|e| e.to_string()));
+        });
+        let info = match rx.recv_timeout(opts.timeout) {
+            Ok(r) => r.map_err(|e| fail("(repository info)", e))?,
+            Err(_) => {
+                return Err(fail(
+                    "(repository info)",
+                    format!(
+                        "no answer from {} within {:?} (set TENSORMERGE_HUB_TIMEOUT to wait longer, \
+                         or HF_HUB_OFFLINE=1 to use the cache only)",
+                        opts.endpoint, opts.timeout
+                    ),
+                ));
+            }
+        };
         if !is_commit(&info.sha) {
             return Err(fail(
                 "(repository info)",
@@ -426,8 +455,8 @@ mod download {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .max_redirects(0)
                 .http_status_as_error(false)
-                .timeout_connect(Some(Duration::from_secs(30)))
-                .timeout_recv_response(Some(Duration::from_secs(120)))
+                .timeout_connect(Some(opts.timeout))
+                .timeout_recv_response(Some(opts.timeout))
                 .user_agent(concat!("tensormerge/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .into();

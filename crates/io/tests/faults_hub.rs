@@ -192,6 +192,7 @@ fn opts(cache: &Path, endpoint: &str, token: Option<&str>) -> HubOptions {
         endpoint: endpoint.to_string(),
         token: token.map(str::to_string),
         offline: false,
+        timeout: HubOptions::DEFAULT_TIMEOUT,
     }
 }
 
@@ -400,4 +401,47 @@ fn redirect_without_location_is_an_error_not_a_panic() {
     let e = open("org/noloc", opts(cache.path(), &hub.endpoint, None)).unwrap_err();
     assert!(e.contains("org/noloc"), "{e}");
     assert_eq!(complete_looking(cache.path()), Vec::<PathBuf>::new());
+}
+
+/// A hub that accepts connections and never answers: the open fails after
+/// `HubOptions::timeout` with an error that says so, instead of hanging.
+#[test]
+fn a_hub_that_never_answers_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Accept and hold connections (never reading or answering) until stopped.
+    let holder = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let mut o = opts(cache.path(), &endpoint, None);
+    o.timeout = Duration::from_millis(800);
+    let started = Instant::now();
+    let err = open("org/silent", o).expect_err("a silent hub cannot give a model");
+    let waited = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    holder.join().unwrap();
+    assert!(
+        err.contains("no answer") || err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+    assert!(
+        err.contains("org/silent"),
+        "the error names the repository: {err}"
+    );
+    assert!(
+        waited < Duration::from_secs(15),
+        "gave up only after {waited:?}"
+    );
+    assert!(complete_looking(cache.path()).is_empty());
 }

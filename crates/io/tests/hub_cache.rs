@@ -18,6 +18,7 @@ fn offline(cache: &Path) -> HubOptions {
         endpoint: "http://127.0.0.1:9".into(),
         token: None,
         offline: true,
+        timeout: HubOptions::DEFAULT_TIMEOUT,
     }
 }
 

@@ -345,6 +345,7 @@ fn downloads_from_a_loopback_hub_and_then_works_offline() {
         endpoint: server.endpoint.clone(),
         token: Some("hf_test_token".into()),
         offline: false,
+        timeout: HubOptions::DEFAULT_TIMEOUT,
     };
 
     // Single file: weights and support files land in the standard layout.
