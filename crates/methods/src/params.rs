@@ -105,6 +105,28 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// The per-model `weight` most methods share: any real number, default
+    /// 1.0 (mergekit's name; a negative weight subtracts a task).
+    pub const WEIGHT: ParamSpec = ParamSpec::per_model_float(
+        "weight",
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        Default::Float(1.0),
+        "the model's weight w_i",
+    );
+
+    /// The global `lambda` of task-vector methods: the factor on the merged
+    /// task vector, default 1.0.
+    pub const LAMBDA: ParamSpec = ParamSpec::global(
+        "lambda",
+        ParamKind::Float {
+            min: f64::NEG_INFINITY,
+            max: f64::INFINITY,
+        },
+        Default::Float(1.0),
+        "factor λ on the merged task vector",
+    );
+
     /// A per-model real-valued parameter.
     pub const fn per_model_float(
         name: &'static str,

@@ -65,13 +65,7 @@ pub struct Breadcrumbs;
 #[derive(Debug, Clone, Copy)]
 pub struct BreadcrumbsTies;
 
-const WEIGHT: ParamSpec = ParamSpec::per_model_float(
-    "weight",
-    f64::NEG_INFINITY,
-    f64::INFINITY,
-    Default::Float(1.0),
-    "the model's weight w_i",
-);
+const WEIGHT: ParamSpec = ParamSpec::WEIGHT;
 const DENSITY: ParamSpec = ParamSpec::per_model_float(
     "density",
     0.0,
@@ -86,15 +80,7 @@ const GAMMA: ParamSpec = ParamSpec::per_model_float(
     Default::Float(0.01),
     "share of the largest-magnitude entries dropped as outliers",
 );
-const LAMBDA: ParamSpec = ParamSpec::global(
-    "lambda",
-    ParamKind::Float {
-        min: f64::NEG_INFINITY,
-        max: f64::INFINITY,
-    },
-    Default::Float(1.0),
-    "factor λ on the merged task vector",
-);
+const LAMBDA: ParamSpec = ParamSpec::LAMBDA;
 const RESCALE: ParamSpec = ParamSpec::global(
     "rescale",
     ParamKind::Bool,

@@ -73,13 +73,7 @@ pub struct DareLinear;
 #[derive(Debug, Clone, Copy)]
 pub struct DareTies;
 
-const WEIGHT: ParamSpec = ParamSpec::per_model_float(
-    "weight",
-    f64::NEG_INFINITY,
-    f64::INFINITY,
-    Default::Float(1.0),
-    "the model's weight w_i",
-);
+const WEIGHT: ParamSpec = ParamSpec::WEIGHT;
 const DENSITY: ParamSpec = ParamSpec::per_model_float(
     "density",
     0.0,
@@ -87,15 +81,7 @@ const DENSITY: ParamSpec = ParamSpec::per_model_float(
     Default::Float(1.0),
     "probability d_i that an entry of the task vector is kept",
 );
-const LAMBDA: ParamSpec = ParamSpec::global(
-    "lambda",
-    ParamKind::Float {
-        min: f64::NEG_INFINITY,
-        max: f64::INFINITY,
-    },
-    Default::Float(1.0),
-    "factor λ on the merged task vector",
-);
+const LAMBDA: ParamSpec = ParamSpec::LAMBDA;
 const RESCALE: ParamSpec = ParamSpec::global(
     "rescale",
     ParamKind::Choice(&["true", "false", "density"]),

@@ -72,13 +72,7 @@ pub struct Della;
 #[derive(Debug, Clone, Copy)]
 pub struct DellaLinear;
 
-const WEIGHT: ParamSpec = ParamSpec::per_model_float(
-    "weight",
-    f64::NEG_INFINITY,
-    f64::INFINITY,
-    Default::Float(1.0),
-    "the model's weight w_i",
-);
+const WEIGHT: ParamSpec = ParamSpec::WEIGHT;
 const DENSITY: ParamSpec = ParamSpec::per_model_float(
     "density",
     0.0,
@@ -93,15 +87,7 @@ const EPSILON: ParamSpec = ParamSpec::per_model_float(
     Default::Float(0.15),
     "spread ε of keep probabilities: d − ε for the smallest magnitude of a row, d + ε for the largest",
 );
-const LAMBDA: ParamSpec = ParamSpec::global(
-    "lambda",
-    ParamKind::Float {
-        min: f64::NEG_INFINITY,
-        max: f64::INFINITY,
-    },
-    Default::Float(1.0),
-    "factor λ on the merged task vector",
-);
+const LAMBDA: ParamSpec = ParamSpec::LAMBDA;
 const RESCALE: ParamSpec = ParamSpec::global(
     "rescale",
     ParamKind::Choice(&["true", "false", "density"]),

@@ -43,13 +43,7 @@ pub struct Linear;
 
 /// Declared parameters of `linear`.
 pub const PARAMS: &[ParamSpec] = &[
-    ParamSpec::per_model_float(
-        "weight",
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        Default::Float(1.0),
-        "the model's weight w_i",
-    ),
+    ParamSpec::WEIGHT,
     ParamSpec::global(
         "normalize",
         ParamKind::Bool,

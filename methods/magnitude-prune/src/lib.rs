@@ -50,13 +50,7 @@ use tensormerge_methods::{
 pub struct MagnitudePrune;
 
 static PARAMS: &[ParamSpec] = &[
-    ParamSpec::per_model_float(
-        "weight",
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        Default::Float(1.0),
-        "the model's weight w_i",
-    ),
+    ParamSpec::WEIGHT,
     ParamSpec::per_model_float(
         "density",
         0.0,

@@ -80,13 +80,7 @@ pub struct Ties;
 
 /// Declared parameters of `ties`.
 pub const PARAMS: &[ParamSpec] = &[
-    ParamSpec::per_model_float(
-        "weight",
-        f64::NEG_INFINITY,
-        f64::INFINITY,
-        Default::Float(1.0),
-        "the model's weight w_i",
-    ),
+    ParamSpec::WEIGHT,
     ParamSpec::per_model_float(
         "density",
         0.0,
@@ -94,15 +88,7 @@ pub const PARAMS: &[ParamSpec] = &[
         Default::Float(1.0),
         "share d_i of the task vector's entries kept by magnitude (≥ 1 keeps all)",
     ),
-    ParamSpec::global(
-        "lambda",
-        ParamKind::Float {
-            min: f64::NEG_INFINITY,
-            max: f64::INFINITY,
-        },
-        Default::Float(1.0),
-        "factor λ on the merged task vector",
-    ),
+    ParamSpec::LAMBDA,
     ParamSpec::global(
         "normalize",
         ParamKind::Bool,
