@@ -21,9 +21,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tensormerge_core::{DType, convert};
+use tensormerge_core::convert;
 use tensormerge_io::{Model, ModelWriter, SUPPORT_FILES, WriterOptions};
-use tensormerge_methods::{ChunkData, Stats, TensorContext, chunk_ranges, merge_tensor};
+use tensormerge_methods::{
+    ChunkData, ChunkInput, MergeBuffers, Stats, TensorContext, chunk_ranges, merge_tensor_reusing,
+};
 
 use crate::config::MergeConfig;
 use crate::error::{EngineError, Mismatch};
@@ -115,41 +117,42 @@ impl Source {
             .clone()
     }
 
-    fn read(&self, name: &str, range: Range<usize>) -> Result<(Vec<f32>, u64), EngineError> {
+    /// Decodes elements `range` of tensor `name` into `out` (resized to the
+    /// range's length; its old contents are overwritten, not cleared first).
+    /// Returns the bytes read.
+    fn read(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<u64, EngineError> {
         let model = self.model();
-        let dtype = model.layout().get(name).map(|t| t.dtype);
-        let size = dtype.map_or(0, |d| d.size_in_bytes() as u64);
+        let size = model
+            .layout()
+            .get(name)
+            .map_or(0, |t| t.dtype.size_in_bytes() as u64);
         let bytes = range.len() as u64 * size;
         let first = range.start;
-        let err = |source| {
-            EngineError::io(
-                format!("cannot read tensor `{name}` of `{}`", self.reference),
-                source,
-            )
-        };
-        // F32 and BF16 are decoded straight from the map into a new vector
-        // (no zeroing pass); the other dtypes, and every error case, go
-        // through the io crate's checked reader.
-        let fast = match dtype {
-            Some(d @ (DType::F32 | DType::BF16)) if range.start <= range.end => {
-                let all = model.tensor_bytes(name).map_err(err)?;
-                let s = d.size_in_bytes();
-                all.get(range.start * s..range.end * s)
-                    .map(|b| decode(d, b))
-            }
-            _ => None,
-        };
-        let v = match fast {
-            Some(v) => v,
-            None => {
-                let mut v = vec![0f32; range.len()];
-                model.read_f32_range(name, range, &mut v).map_err(err)?;
-                v
-            }
-        };
+        out.resize(range.len(), 0.0);
+        // Decoding and the NaN/infinity check are one pass over the data.
+        let bad = model
+            .read_f32_range_checked(name, range, out)
+            .map_err(|source| {
+                EngineError::io(
+                    format!("cannot read tensor `{name}` of `{}`", self.reference),
+                    source,
+                )
+            })?;
         drop(model);
-        if self.check_finite {
-            crate::error::check_finite(&v, &self.reference, name, first)?;
+        if self.check_finite
+            && let Some(i) = bad
+        {
+            return Err(EngineError::NonFinite {
+                model: self.reference.clone(),
+                tensor: name.to_owned(),
+                index: (first + i) as u64,
+                value: out[i],
+            });
         }
         let since = self.since.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if since >= REMAP_BYTES
@@ -168,22 +171,7 @@ impl Source {
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         }
-        Ok((v, bytes))
-    }
-}
-
-/// Decodes little-endian F32 or BF16 bytes (exactly as
-/// `tensormerge_core::convert::decode_f32`: both are exact).
-fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        Ok(bytes)
     }
 }
 
@@ -219,49 +207,43 @@ impl Sources {
     }
 }
 
-/// Reads one chunk of one tensor from every input taking part.
+/// Reads one chunk of one tensor from every input taking part into `data`
+/// (its buffers reused). Returns the bytes read.
 fn fetch(
     src: &Sources,
     name: &str,
     aux_has: &[bool],
     base_aux_has: bool,
     range: Range<usize>,
-) -> Result<(ChunkData, u64), EngineError> {
+    data: &mut ChunkData,
+) -> Result<u64, EngineError> {
     src.check_cancel()?;
     let mut bytes = 0u64;
-    let mut rd = |s: &Source| {
-        let (v, b) = s.read(name, range.clone())?;
-        bytes += b;
-        Ok::<_, EngineError>(v)
-    };
-    let base = src.base.as_ref().map(&mut rd).transpose()?;
-    let models = src
-        .models
-        .iter()
-        .map(&mut rd)
-        .collect::<Result<Vec<_>, _>>()?;
-    let aux = src
+    let aux_present: Vec<bool> = src
         .aux
         .iter()
         .zip(aux_has)
-        .map(|(a, has)| match (a, has) {
-            (Some(a), true) => rd(a).map(Some),
-            _ => Ok(None),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let base_aux = match (&src.base_aux, base_aux_has) {
-        (Some(a), true) => Some(rd(a)?),
-        _ => None,
-    };
-    Ok((
-        ChunkData {
-            base,
-            models,
-            aux,
-            base_aux,
+        .map(|(a, &has)| a.is_some() && has)
+        .collect();
+    data.refill(
+        src.base.is_some(),
+        src.models.len(),
+        &aux_present,
+        src.base_aux.is_some() && base_aux_has,
+        |input, buf| {
+            let s = match input {
+                ChunkInput::Base => src.base.as_ref(),
+                ChunkInput::Model(i) => src.models.get(i),
+                ChunkInput::Aux(i) => src.aux.get(i).and_then(Option::as_ref),
+                ChunkInput::BaseAux => src.base_aux.as_ref(),
+            };
+            if let Some(s) = s {
+                bytes += s.read(name, range.clone(), buf)?;
+            }
+            Ok::<_, EngineError>(())
         },
-        bytes,
-    ))
+    )?;
+    Ok(bytes)
 }
 
 /// In-order admission of tensors under a memory budget.
@@ -553,19 +535,20 @@ pub fn execute(
     let errors: Mutex<Vec<(usize, EngineError)>> = Mutex::new(Vec::new());
     let read_total = Mutex::new(0u64);
     progress.start("merging", expected_reads(plan, chunk_len), n as u64);
+    let job = Job {
+        plan,
+        sources: &sources,
+        chunk_len,
+        model_stats: model_stats.as_ref(),
+        output: &output,
+        progress,
+    };
     pool.scope(|s| {
         for _ in 0..threads {
             s.spawn(|_| {
+                let mut worker = Worker::default();
                 while let Some(idx) = sched.acquire() {
-                    let r = process(
-                        plan,
-                        &sources,
-                        idx,
-                        chunk_len,
-                        model_stats.as_ref(),
-                        &output,
-                        progress,
-                    );
+                    let r = process(job, idx, &mut worker);
                     sched.release(working[idx]);
                     let r = r.and_then(|b| {
                         *read_total.lock().unwrap_or_else(|e| e.into_inner()) += b;
@@ -716,17 +699,37 @@ fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
     total
 }
 
+/// One worker thread's buffers, reused from chunk to chunk and tensor to
+/// tensor (no allocation, and no page faults, per chunk).
+#[derive(Default)]
+struct Worker {
+    merge: MergeBuffers,
+    /// The encoded result chunk.
+    encoded: Vec<u8>,
+}
+
+/// What every worker of the merge pass shares.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    plan: &'a Plan,
+    sources: &'a Sources,
+    chunk_len: usize,
+    model_stats: Option<&'a Stats>,
+    output: &'a Output<'a>,
+    progress: &'a dyn Progress,
+}
+
 /// Merges (or copies) tensor `idx`, streaming its result into `output`.
 /// Returns the input bytes read.
-fn process(
-    plan: &Plan,
-    sources: &Sources,
-    idx: usize,
-    chunk_len: usize,
-    model_stats: Option<&Stats>,
-    output: &Output<'_>,
-    progress: &dyn Progress,
-) -> Result<u64, EngineError> {
+fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineError> {
+    let Job {
+        plan,
+        sources,
+        chunk_len,
+        model_stats,
+        output,
+        progress,
+    } = job;
     sources.check_cancel()?;
     let t = &plan.tensors[idx];
     let name = &t.out.name;
@@ -786,19 +789,22 @@ fn process(
             };
             let mut read_bytes = 0u64;
             let out_dtype = t.out.dtype;
-            merge_tensor::<EngineError>(
+            let Worker { merge, encoded } = worker;
+            merge_tensor_reusing::<EngineError>(
                 plan.method,
                 &ctx,
                 chunk_len,
-                |r| {
-                    let (data, b) = fetch(sources, name, aux, *base_aux, r)?;
+                merge,
+                |r, data| {
+                    let b = fetch(sources, name, aux, *base_aux, r, data)?;
                     read_bytes += b;
                     progress.advance(b, 0);
-                    Ok(data)
+                    Ok(())
                 },
                 |_, vals| {
-                    let bytes = convert::encode_f32_vec(out_dtype, vals)?;
-                    output.push(idx, std::borrow::Cow::Owned(bytes))
+                    encoded.resize(vals.len() * out_dtype.size_in_bytes(), 0);
+                    convert::encode_f32(out_dtype, vals, encoded)?;
+                    output.push(idx, std::borrow::Cow::Borrowed(&encoded[..]))
                 },
             )?;
             Ok(read_bytes)
@@ -847,6 +853,7 @@ fn model_pass(
         .sum();
     progress.start("whole-model statistics", float_bytes * sweeps as u64, 0);
     let mut bytes = 0u64;
+    let mut data = ChunkData::default();
     for sweep in 0..sweeps {
         for t in &plan.tensors {
             let Action::Merge {
@@ -868,7 +875,7 @@ fn model_pass(
             };
             for r in chunk_ranges(method, t.out.numel(), chunk_len) {
                 let offset = r.start;
-                let (data, b) = fetch(sources, &t.out.name, aux, *base_aux, r)?;
+                let b = fetch(sources, &t.out.name, aux, *base_aux, r, &mut data)?;
                 bytes += b;
                 progress.advance(b, 0);
                 data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;
@@ -878,31 +885,4 @@ fn model_pass(
     }
     progress.finish();
     Ok((Some(pass.finish()?), bytes))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fast_decode_agrees_with_core() {
-        let vals: Vec<f32> = (0..1000)
-            .map(|i| ((i * 7919) % 2001) as f32 / 37.0 - 20.0)
-            .chain([f32::INFINITY, -0.0, f32::MIN_POSITIVE, 1e-40])
-            .collect();
-        for d in [DType::F32, DType::BF16] {
-            let bytes = convert::encode_f32_vec(d, &vals).unwrap();
-            let mut want = vec![0f32; vals.len()];
-            convert::decode_f32(d, &bytes, &mut want).unwrap();
-            let got = decode(d, &bytes);
-            assert_eq!(
-                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-            );
-            // Unaligned input.
-            let mut shifted = vec![0u8; bytes.len() + 1];
-            shifted[1..].copy_from_slice(&bytes);
-            assert_eq!(decode(d, &shifted[1..]), got);
-        }
-    }
 }

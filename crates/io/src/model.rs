@@ -359,6 +359,18 @@ impl Model {
         range: Range<usize>,
         out: &mut [f32],
     ) -> Result<(), IoError> {
+        self.read_f32_range_checked(name, range, out).map(|_| ())
+    }
+
+    /// [`read_f32_range`](Self::read_f32_range) that also finds, in the same
+    /// pass, the first value that is NaN or infinite: `Some(i)` when `out[i]`
+    /// is (every value is decoded either way).
+    pub fn read_f32_range_checked(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<Option<usize>, IoError> {
         let (info, bytes) = self.raw(name)?;
         if !info.dtype.is_float() {
             return Err(IoError::NotFloat {
@@ -387,7 +399,7 @@ impl Model {
             )));
         }
         let size = info.dtype.size_in_bytes();
-        convert::decode_f32(
+        convert::decode_f32_checked(
             info.dtype,
             &bytes[range.start * size..range.end * size],
             out,

@@ -49,6 +49,80 @@ impl ChunkData {
     }
 }
 
+/// Which input a buffer of a [`ChunkData`] holds (see [`ChunkData::refill`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkInput {
+    /// The base.
+    Base,
+    /// Model `i`.
+    Model(usize),
+    /// Model `i`'s auxiliary values.
+    Aux(usize),
+    /// The base's auxiliary values.
+    BaseAux,
+}
+
+impl ChunkData {
+    /// Refills this chunk in place, reusing its buffers: `fill(input, buf)`
+    /// is called for the base (when `base`), each of `models` models, each
+    /// model `i` with `aux[i]`, and the base's auxiliary values (when
+    /// `base_aux`), in that order; `buf` holds whatever the previous chunk
+    /// left there and must be set to the new values (any length). Buffers of
+    /// inputs not present are dropped.
+    ///
+    /// ```
+    /// use tensormerge_methods::{ChunkData, ChunkInput};
+    /// let mut data = ChunkData::default();
+    /// data.refill::<()>(true, 2, &[false, true], false, |input, buf| {
+    ///     buf.clear();
+    ///     buf.push(match input {
+    ///         ChunkInput::Base => 0.0,
+    ///         ChunkInput::Model(i) => 1.0 + i as f32,
+    ///         ChunkInput::Aux(i) => 10.0 + i as f32,
+    ///         ChunkInput::BaseAux => unreachable!(),
+    ///     });
+    ///     Ok(())
+    /// }).unwrap();
+    /// assert_eq!(data.base, Some(vec![0.0]));
+    /// assert_eq!(data.models, vec![vec![1.0], vec![2.0]]);
+    /// assert_eq!(data.aux, vec![None, Some(vec![11.0])]);
+    /// ```
+    pub fn refill<E>(
+        &mut self,
+        base: bool,
+        models: usize,
+        aux: &[bool],
+        base_aux: bool,
+        mut fill: impl FnMut(ChunkInput, &mut Vec<f32>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        fill_slot(base, ChunkInput::Base, &mut self.base, &mut fill)?;
+        self.models.resize_with(models, Vec::new);
+        for (i, m) in self.models.iter_mut().enumerate() {
+            fill(ChunkInput::Model(i), m)?;
+        }
+        self.aux.resize(aux.len(), None);
+        for (i, (a, &has)) in self.aux.iter_mut().zip(aux).enumerate() {
+            fill_slot(has, ChunkInput::Aux(i), a, &mut fill)?;
+        }
+        fill_slot(base_aux, ChunkInput::BaseAux, &mut self.base_aux, &mut fill)
+    }
+}
+
+/// Fills an optional buffer when its input is present, drops it otherwise.
+fn fill_slot<E>(
+    present: bool,
+    input: ChunkInput,
+    buf: &mut Option<Vec<f32>>,
+    fill: &mut impl FnMut(ChunkInput, &mut Vec<f32>) -> Result<(), E>,
+) -> Result<(), E> {
+    if present {
+        fill(input, buf.get_or_insert_with(Vec::new))
+    } else {
+        *buf = None;
+        Ok(())
+    }
+}
+
 /// The chunk ranges of a tensor of `numel` elements: one range when the method
 /// is not chunkable or `chunk_len` covers it.
 pub fn chunk_ranges(method: &dyn MergeMethod, numel: usize, chunk_len: usize) -> Vec<Range<usize>> {
@@ -100,47 +174,121 @@ pub fn check_inputs(
 /// `fetch`, then merges each chunk and hands it to `sink(offset, values)` in
 /// order. Generic over the caller's error type so the engine can report I/O
 /// failures from `fetch` and `sink`.
+///
+/// Each chunk is a new [`ChunkData`] here; [`merge_tensor_reusing`] is the
+/// same protocol with buffers reused across chunks and tensors.
 pub fn merge_tensor<E: From<MethodError>>(
     method: &dyn MergeMethod,
     tensor: &TensorContext<'_>,
     chunk_len: usize,
     mut fetch: impl FnMut(Range<usize>) -> Result<ChunkData, E>,
+    sink: impl FnMut(usize, &[f32]) -> Result<(), E>,
+) -> Result<(), E> {
+    merge_tensor_reusing(
+        method,
+        tensor,
+        chunk_len,
+        &mut MergeBuffers::default(),
+        |r, data| {
+            *data = fetch(r)?;
+            Ok(())
+        },
+        sink,
+    )
+}
+
+/// Working memory of [`merge_tensor_reusing`]: the decoded inputs of one
+/// chunk and the merged chunk. Keep one per worker thread, so that merging a
+/// model allocates (and the kernel zeroes) these buffers once instead of once
+/// per chunk.
+#[derive(Debug, Default)]
+pub struct MergeBuffers {
+    data: ChunkData,
+    out: Vec<f32>,
+}
+
+/// [`merge_tensor`] with `fetch(range, data)` refilling `data` in place:
+/// the vectors it holds from the previous chunk (of this tensor or an
+/// earlier one) are there to be overwritten, so that a fetch which resizes
+/// them to the chunk's length and writes every element allocates nothing.
+///
+/// ```
+/// use tensormerge_methods::{ChunkData, MergeBuffers, merge_tensor_reusing, registry, Merge};
+/// # use tensormerge_methods::TensorContext;
+/// # fn linear() -> &'static dyn tensormerge_methods::MergeMethod { registry().get("linear").unwrap() }
+/// # tensormerge_methods::register_method!(Doc);
+/// # struct Doc;
+/// # static INFO: tensormerge_methods::MethodInfo = tensormerge_methods::MethodInfo { name: "doc_mean", summary: "", paper: "",
+/// #     base: tensormerge_methods::BaseModel::Unused, min_models: 1, max_models: None, params: &[] };
+/// # impl tensormerge_methods::MergeMethod for Doc {
+/// #     fn info(&self) -> &'static tensormerge_methods::MethodInfo { &INFO }
+/// #     fn merge(&self, c: &tensormerge_methods::Chunk<'_>, out: &mut [f32]) -> Result<(), tensormerge_methods::MethodError> {
+/// #         for (i, o) in out.iter_mut().enumerate() { *o = (c.models[0][i] + c.models[1][i]) / 2.0; }
+/// #         Ok(())
+/// #     }
+/// # }
+/// let mean = registry().get("doc_mean").unwrap();
+/// let merge = Merge::with_defaults(mean, 2).unwrap();
+/// let (a, b) = (vec![1.0f32; 10], vec![3.0f32; 10]);
+/// let ctx = TensorContext { name: "w", shape: &[10], global: &merge.global, models: &merge.models,
+///                           seed: 0, model_stats: None };
+/// let mut bufs = MergeBuffers::default();
+/// let mut out = vec![0.0; 10];
+/// merge_tensor_reusing::<tensormerge_methods::MethodError>(
+///     mean, &ctx, 4, &mut bufs,
+///     |r, data: &mut ChunkData| {
+///         data.models.resize_with(2, Vec::new);
+///         data.models[0].clear();
+///         data.models[0].extend_from_slice(&a[r.clone()]);
+///         data.models[1].clear();
+///         data.models[1].extend_from_slice(&b[r]);
+///         Ok(())
+///     },
+///     |off, v| { out[off..off + v.len()].copy_from_slice(v); Ok(()) },
+/// ).unwrap();
+/// assert_eq!(out, vec![2.0; 10]);
+/// ```
+pub fn merge_tensor_reusing<E: From<MethodError>>(
+    method: &dyn MergeMethod,
+    tensor: &TensorContext<'_>,
+    chunk_len: usize,
+    bufs: &mut MergeBuffers,
+    mut fetch: impl FnMut(Range<usize>, &mut ChunkData) -> Result<(), E>,
     mut sink: impl FnMut(usize, &[f32]) -> Result<(), E>,
 ) -> Result<(), E> {
     let ranges = chunk_ranges(method, tensor.numel(), chunk_len);
     let single = ranges.len() == 1;
-    let mut cached: Option<ChunkData> = None;
+    let MergeBuffers { data, out } = bufs;
+    // Whether `data` holds the (single) chunk already.
+    let mut loaded = false;
     let stats = match method.tensor_pass(tensor) {
         None => None,
         Some(mut pass) => {
             for sweep in 0..pass.sweeps() {
                 for r in &ranges {
-                    let data = match cached.take() {
-                        Some(d) if single => d,
-                        _ => fetch(r.clone())?,
-                    };
-                    data.with_chunk(tensor, r.start, None, |c| pass.observe(sweep, c))?;
-                    if single {
-                        cached = Some(data);
+                    if !(single && loaded) {
+                        fetch(r.clone(), data)?;
+                        loaded = single;
                     }
+                    data.with_chunk(tensor, r.start, None, |c| pass.observe(sweep, c))?;
                 }
                 pass.end_sweep(sweep)?;
             }
             Some(pass.finish()?)
         }
     };
-    let mut out = Vec::new();
     for r in &ranges {
-        let data = match cached.take() {
-            Some(d) => d,
-            None => fetch(r.clone())?,
-        };
+        if !loaded {
+            fetch(r.clone(), data)?;
+        }
+        // Zeroed for every chunk, as a method that writes only some entries
+        // may expect (cheap: the buffer is reused, so it is in cache).
         out.clear();
         out.resize(r.len(), 0.0);
         data.with_chunk(tensor, r.start, stats.as_ref(), |c| {
-            method.merge(c, &mut out)
+            method.merge(c, &mut out[..])
         })?;
-        sink(r.start, &out)?;
+        sink(r.start, &out[..])?;
     }
     Ok(())
 }
@@ -288,21 +436,29 @@ impl<'m> Merge<'m> {
                 return Err(e.into());
             }
         }
-        let slice = |v: &ParamVector, r: &Range<usize>| v.values().map(|s| s[r.clone()].to_vec());
-        let fetch_range = |r: Range<usize>| -> Result<ChunkData, MethodError> {
-            Ok(ChunkData {
-                base: base.map(|b| slice(b, &r)).transpose()?,
-                models: models
-                    .iter()
-                    .map(|m| slice(m, &r))
-                    .collect::<Result<_, _>>()?,
-                aux: aux
-                    .iter()
-                    .map(|a| a.map(|a| slice(a, &r)).transpose())
-                    .collect::<Result<_, _>>()?,
-                base_aux: base_aux.map(|b| slice(b, &r)).transpose()?,
-            })
+        let aux_has: Vec<bool> = aux.iter().map(Option::is_some).collect();
+        let fill_range = |r: Range<usize>, data: &mut ChunkData| -> Result<(), MethodError> {
+            data.refill(
+                base.is_some(),
+                models.len(),
+                &aux_has,
+                base_aux.is_some(),
+                |input, buf| {
+                    let src = match input {
+                        ChunkInput::Base => base,
+                        ChunkInput::Model(i) => Some(models[i]),
+                        ChunkInput::Aux(i) => aux[i],
+                        ChunkInput::BaseAux => base_aux,
+                    };
+                    buf.clear();
+                    if let Some(src) = src {
+                        buf.extend_from_slice(&src.values()?[r.clone()]);
+                    }
+                    Ok(())
+                },
+            )
         };
+        let mut bufs = MergeBuffers::default();
 
         // Whole-model pass.
         let model_stats = match self.method.model_pass(&self.global, &self.models) {
@@ -312,7 +468,8 @@ impl<'m> Merge<'m> {
                     for (t, r) in layout.float_tensors() {
                         let ctx = self.context(&t.name, &t.shape, None);
                         for cr in chunk_ranges(self.method, r.len(), self.chunk_len) {
-                            let data = fetch_range(r.start + cr.start..r.start + cr.end)?;
+                            let data = &mut bufs.data;
+                            fill_range(r.start + cr.start..r.start + cr.end, data)?;
                             data.with_chunk(&ctx, cr.start, None, |c| pass.observe(sweep, c))?;
                         }
                     }
@@ -327,11 +484,12 @@ impl<'m> Merge<'m> {
         for (t, r) in layout.float_tensors() {
             let ctx = self.context(&t.name, &t.shape, model_stats.as_ref());
             let dest = &mut values[r.clone()];
-            merge_tensor::<MethodError>(
+            merge_tensor_reusing::<MethodError>(
                 self.method,
                 &ctx,
                 self.chunk_len,
-                |cr| fetch_range(r.start + cr.start..r.start + cr.end),
+                &mut bufs,
+                |cr, data| fill_range(r.start + cr.start..r.start + cr.end, data),
                 |off, vals| {
                     dest[off..off + vals.len()].copy_from_slice(vals);
                     Ok(())

@@ -65,7 +65,10 @@ pub mod rng;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use driver::{ChunkData, Merge, check_inputs, chunk_ranges, merge_tensor};
+pub use driver::{
+    ChunkData, ChunkInput, Merge, MergeBuffers, check_inputs, chunk_ranges, merge_tensor,
+    merge_tensor_reusing,
+};
 pub use error::MethodError;
 pub use method::{BaseModel, Chunk, MergeMethod, MethodInfo, Stats, StatsPass, TensorContext};
 pub use params::{Default, ParamKind, ParamSpec, ParamValue, Params, Scope};
