@@ -45,6 +45,10 @@ use crate::{MethodError, Params, TensorContext};
 /// Number of elements processed at a time by block-wise kernels.
 pub const BLOCK: usize = 1024;
 
+/// Elements per block in [`combine_blocks`]: small enough that every model's
+/// block and the scratch stay in the L1 cache.
+const COMBINE_BLOCK: usize = 128;
+
 // ---------------------------------------------------------------------------
 // Exact summation
 // ---------------------------------------------------------------------------
@@ -424,10 +428,15 @@ pub struct TopK {
     part: Vec<u32>,
     /// Keys counted in `part` since the last flush.
     pending: u64,
-    /// One segment: the positions and low 16 bits of the keys seen in the
-    /// low-bits sweep (in index order), so that the last kept tie is found
-    /// without another sweep; dropped when more than [`CANDIDATES`].
-    cands: Vec<(u64, u16)>,
+    /// One segment: the positions and keys seen in the low-bits sweep (in
+    /// index order), or in the first sweep those inside the guessed
+    /// `window`, so that the last kept tie (or the whole selection) is found
+    /// without another sweep; dropped when more than [`TopK::cap`].
+    cands: Vec<(u64, u32)>,
+    /// A guess of the high-16-bit bins holding the k-th largest key
+    /// (inclusive), from [`guess`](TopK::guess): the first sweep records the
+    /// keys of these bins as candidates.
+    window: Option<(u32, u32)>,
     /// Whether `cands` holds every key of the low-bits sweep's bin.
     cands_ok: bool,
     /// The segment name the candidates came with.
@@ -486,7 +495,67 @@ impl TopK {
             cands: Vec::new(),
             cands_ok: false,
             cand_segment: String::new(),
+            window: None,
         }
+    }
+
+    /// Most candidates recorded (16 MiB, or 1 per 16 keys of a larger
+    /// input: memory stays below the input's size).
+    fn cap(&self) -> usize {
+        CANDIDATES.max((self.n / 16).min(usize::MAX as u64) as usize)
+    }
+
+    /// Sample size [`guess`](Self::guess) makes good use of.
+    pub const SAMPLE: usize = 1 << 16;
+
+    /// Before the first sweep of a one-segment selection of known size: a
+    /// sample of the keys (any sample, e.g. evenly spaced positions; it is
+    /// reordered) from which to guess where the `k`-th largest key lies.
+    /// The first sweep then also records the keys near the guess, and when
+    /// the guess holds (the usual case) the selection is known after one
+    /// sweep. The result never depends on the sample: a wrong guess only
+    /// costs the sweeps it would have taken anyway.
+    pub fn guess(&mut self, sample: &mut [u32]) {
+        if !self.one_segment
+            || !matches!(self.stage, Stage::High)
+            || self.density.is_some()
+            || self.seen != 0
+            || sample.is_empty()
+        {
+            return;
+        }
+        let s = sample.len();
+        // Rank (0-based, from the top) of the k-th largest in the sample,
+        // and a margin of 5 standard deviations of a random sample's rank.
+        let q = self.k as f64 / self.n as f64;
+        let r = q * s as f64;
+        let margin = 5.0 * (s as f64 * q * (1.0 - q)).sqrt() + 2.0;
+        let top = (r - margin).floor();
+        let bottom = (r + margin).ceil();
+        let hi = if top < 0.0 {
+            0xffff
+        } else {
+            let i = (top as usize).min(s - 1);
+            *sample.select_nth_unstable_by(i, |a, b| b.cmp(a)).1 >> 16
+        };
+        let lo = if bottom >= s as f64 {
+            0
+        } else {
+            *sample
+                .select_nth_unstable_by(bottom as usize, |a, b| b.cmp(a))
+                .1
+                >> 16
+        };
+        let hi = hi.max(lo);
+        self.window = Some((lo, hi));
+        // Room for the expected candidates and a quarter more.
+        let inside = sample
+            .iter()
+            .filter(|&&k| (lo..=hi).contains(&(k >> 16)))
+            .count();
+        let expect = (inside as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024;
+        self.cands = Vec::with_capacity(expect.min(self.cap()));
+        self.cands_ok = true;
     }
 
     /// The number of keys kept (known after the first sweep with
@@ -516,11 +585,21 @@ impl TopK {
 
     /// Sees the keys of positions `offset..offset + keys.len()` of `segment`.
     pub fn observe(&mut self, segment: &str, offset: u64, keys: &[u32]) {
+        let cap = self.cap();
         match &mut self.stage {
             Stage::Done(_) => {}
             Stage::High => {
                 if self.hist.is_empty() {
                     self.hist = vec![0; 1 << 16];
+                }
+                if let (Some((lo, hi)), true) = (self.window, self.cands_ok) {
+                    if self.seen == 0 {
+                        self.cand_segment = segment.to_string();
+                    }
+                    if !record_window(&mut self.cands, cap, offset, keys, lo, hi - lo) {
+                        self.cands_ok = false;
+                        self.cands = Vec::new();
+                    }
                 }
                 if self.n <= SMALL {
                     for &key in keys {
@@ -565,9 +644,9 @@ impl TopK {
                             if key >> 16 == hi {
                                 self.hist[(key & 0xffff) as usize] += 1;
                                 if self.cands_ok {
-                                    if self.cands.len() < CANDIDATES {
+                                    if self.cands.len() < cap {
                                         let at = offset + (g * 16 + t) as u64;
-                                        self.cands.push((at, key as u16));
+                                        self.cands.push((at, key));
                                     } else {
                                         self.cands_ok = false;
                                         self.cands = Vec::new();
@@ -657,49 +736,33 @@ impl TopK {
                 }
                 check(seen, self.n)?;
                 let (bin, need) = locate(&self.hist, self.k);
+                let hi = bin as u32;
                 if self.hist[bin] == need {
-                    self.finish(Selection::AtLeast((bin as u32) << 16));
-                } else {
-                    self.hist.iter_mut().for_each(|c| *c = 0);
-                    self.cands.clear();
-                    self.cands_ok = self.one_segment;
-                    self.stage = Stage::Low {
-                        hi: bin as u32,
-                        need,
-                    };
+                    self.finish(Selection::AtLeast(hi << 16));
+                    return Ok(());
+                }
+                self.hist.iter_mut().for_each(|c| *c = 0);
+                match self.window.take() {
+                    Some((lo, top)) if self.cands_ok && (lo..=top).contains(&hi) => {
+                        // Every key of the bin is a candidate (in index
+                        // order): the low-bits sweep is done from them.
+                        self.cands.retain(|c| c.1 >> 16 == hi);
+                        for c in &self.cands {
+                            self.hist[(c.1 & 0xffff) as usize] += 1;
+                        }
+                        self.end_low(hi, need);
+                    }
+                    _ => {
+                        self.cands.clear();
+                        self.cands_ok = self.one_segment;
+                        self.stage = Stage::Low { hi, need };
+                    }
                 }
                 Ok(())
             }
             Stage::Low { hi, need } => {
                 check(seen, self.n)?;
-                let (bin, need) = locate(&self.hist, need);
-                let key = (hi << 16) | bin as u32;
-                if self.hist[bin] == need {
-                    self.finish(Selection::AtLeast(key));
-                } else if let Some(&(index, _)) = self
-                    .cands_ok
-                    .then(|| {
-                        self.cands
-                            .iter()
-                            .filter(|c| c.1 as usize == bin)
-                            .nth(need as usize - 1)
-                    })
-                    .flatten()
-                {
-                    // One segment, candidates in index order: the need-th
-                    // tie is the last kept one (no tie sweep needed).
-                    let segment = std::mem::take(&mut self.cand_segment);
-                    self.finish(Selection::Ties {
-                        key,
-                        segment,
-                        index,
-                    });
-                } else {
-                    self.hist = Vec::new();
-                    self.cands = Vec::new();
-                    self.cands_ok = false;
-                    self.stage = Stage::TieCount { key, need };
-                }
+                self.end_low(hi, need);
                 Ok(())
             }
             Stage::TieCount { key, need } => {
@@ -738,6 +801,39 @@ impl TopK {
         }
     }
 
+    /// Ends the low-bits stage: `hist` counts the low 16 bits of the keys
+    /// whose high bits are `hi`, and `need` of them are kept.
+    fn end_low(&mut self, hi: u32, need: u64) {
+        let (bin, need) = locate(&self.hist, need);
+        let key = (hi << 16) | bin as u32;
+        if self.hist[bin] == need {
+            self.finish(Selection::AtLeast(key));
+        } else if let Some(&(index, _)) = self
+            .cands_ok
+            .then(|| {
+                self.cands
+                    .iter()
+                    .filter(|c| c.1 == key)
+                    .nth(need as usize - 1)
+            })
+            .flatten()
+        {
+            // One segment, candidates in index order: the need-th tie is the
+            // last kept one (no tie sweep needed).
+            let segment = std::mem::take(&mut self.cand_segment);
+            self.finish(Selection::Ties {
+                key,
+                segment,
+                index,
+            });
+        } else {
+            self.hist = Vec::new();
+            self.cands = Vec::new();
+            self.cands_ok = false;
+            self.stage = Stage::TieCount { key, need };
+        }
+    }
+
     /// Adds the 32-bit partial histograms into the 64-bit one.
     fn flush(&mut self) {
         if self.pending == 0 || self.part.is_empty() {
@@ -757,8 +853,44 @@ impl TopK {
         self.part = Vec::new();
         self.cands = Vec::new();
         self.cands_ok = false;
+        self.window = None;
         self.stage = Stage::Done(s);
     }
+}
+
+/// Appends to `cands` the keys (with their positions, from `offset`) whose
+/// high 16 bits are within `lo..=lo + span`. Returns false (and stops) when
+/// that would exceed `cap` candidates.
+#[inline(always)]
+fn record_window(
+    cands: &mut Vec<(u64, u32)>,
+    cap: usize,
+    offset: u64,
+    keys: &[u32],
+    lo: u32,
+    span: u32,
+) -> bool {
+    let inside = |k: u32| (k >> 16).wrapping_sub(lo) <= span;
+    // Test 16 keys at a time without branches (vectorises), then append the
+    // hits of a group by their bit mask.
+    for (g, group) in keys.chunks(16).enumerate() {
+        let mut hits = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (t, &k)| m | (u32::from(inside(k)) << t));
+        if hits != 0 {
+            if cands.len() + hits.count_ones() as usize > cap {
+                return false;
+            }
+            let at = offset + (g * 16) as u64;
+            while hits != 0 {
+                let t = hits.trailing_zeros() as usize;
+                cands.push((at + t as u64, group[t]));
+                hits &= hits - 1;
+            }
+        }
+    }
+    true
 }
 
 /// The bin (scanning from the top) holding the `k`-th largest, and how many
@@ -798,6 +930,21 @@ pub fn keep_count(density: f64, n: u64) -> u64 {
 pub fn dare_keep(draw: u32, density: f64) -> bool {
     // Same rule as `rng::keep`, written out so that it inlines and vectorises.
     (draw as f64) < density * 4_294_967_296.0
+}
+
+/// [`dare_keep`] as an integer comparison: `Some(l)` when the draws kept at
+/// `density` are exactly those `≤ l`, `None` when none is kept. (`u < T` for
+/// an integer `u` and real `T = density · 2³²` is `u < ⌈T⌉`, and `density ·
+/// 2³²` is exact in `f64`.) Faster in bulk than converting every draw.
+pub fn dare_limit(density: f64) -> Option<u32> {
+    let t = (density * 4_294_967_296.0).ceil();
+    if t.is_nan() || t <= 0.0 {
+        None
+    } else if t >= 4_294_967_296.0 {
+        Some(u32::MAX)
+    } else {
+        Some(t as u32 - 1)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1006,6 +1153,23 @@ impl Scratch {
     }
 }
 
+/// What [`combine_blocks`] takes its task vectors from: any
+/// `FnMut(i, start, buf)` closure, or a type of its own whose
+/// [`fill`](BlockFill::fill) is `#[inline(always)]`, so that it is compiled
+/// into the AVX2 block loop too (a large closure may not be inlined there).
+pub trait BlockFill {
+    /// Writes model `i`'s task vector for `start..start + buf.len()` into
+    /// `buf` (as `f64`).
+    fn fill(&mut self, i: usize, start: usize, buf: &mut [f64]);
+}
+
+impl<F: FnMut(usize, usize, &mut [f64])> BlockFill for F {
+    #[inline(always)]
+    fn fill(&mut self, i: usize, start: usize, buf: &mut [f64]) {
+        self(i, start, buf)
+    }
+}
+
 /// Runs `combine` over a chunk block by block: for each block of at most
 /// [`BLOCK`] elements starting at `start`, `fill(i, start, buf)` writes model
 /// `i`'s task vector for `start..start + buf.len()` into `buf` (as `f64`),
@@ -1020,6 +1184,16 @@ pub fn combine_blocks(
     base: Option<&[f32]>,
     out: &mut [f32],
     fill: impl FnMut(usize, usize, &mut [f64]),
+) {
+    combine_blocks_with(combine, base, out, fill)
+}
+
+/// [`combine_blocks`] taking any [`BlockFill`].
+pub fn combine_blocks_with(
+    combine: &Combine,
+    base: Option<&[f32]>,
+    out: &mut [f32],
+    fill: impl BlockFill,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -1037,7 +1211,7 @@ fn combine_blocks_avx2(
     combine: &Combine,
     base: Option<&[f32]>,
     out: &mut [f32],
-    fill: impl FnMut(usize, usize, &mut [f64]),
+    fill: impl BlockFill,
 ) {
     combine_blocks_portable(combine, base, out, fill)
 }
@@ -1047,17 +1221,17 @@ fn combine_blocks_portable(
     combine: &Combine,
     base: Option<&[f32]>,
     out: &mut [f32],
-    mut fill: impl FnMut(usize, usize, &mut [f64]),
+    mut fill: impl BlockFill,
 ) {
     let m = combine.weights.len();
     let inv = combine.inverse_weight_sum();
     let mut scratch = Scratch::new();
-    let mut buf = vec![0.0f64; m * BLOCK.min(out.len())];
-    for start in (0..out.len()).step_by(BLOCK) {
-        let bl = BLOCK.min(out.len() - start);
+    let mut buf = vec![0.0f64; m * COMBINE_BLOCK.min(out.len())];
+    for start in (0..out.len()).step_by(COMBINE_BLOCK) {
+        let bl = COMBINE_BLOCK.min(out.len() - start);
         let buf = &mut buf[..m * bl];
         for (i, part) in buf.chunks_exact_mut(bl).enumerate() {
-            fill(i, start, part);
+            fill.fill(i, start, part);
         }
         combine.apply_with(
             inv,
@@ -1209,6 +1383,47 @@ mod tests {
     }
 
     #[test]
+    fn dare_limit_is_the_keep_rule() {
+        let third = 1.0 / 3.0;
+        for p in [
+            0.0,
+            -0.5,
+            1e-300,
+            1e-9,
+            2.0f64.powi(-32),
+            third,
+            0.25,
+            0.5,
+            0.7,
+            0.999_999,
+            1.0 - 2.0f64.powi(-33),
+            1.0,
+            1.5,
+            f64::NAN,
+        ] {
+            let t = p * 4_294_967_296.0;
+            let mut draws = vec![
+                0u32,
+                1,
+                2,
+                1 << 30,
+                1 << 31,
+                3_000_000_000,
+                u32::MAX - 1,
+                u32::MAX,
+            ];
+            if t.is_finite() && (1.0..4_294_967_295.0).contains(&t) {
+                let f = t.floor() as u32;
+                draws.extend([f - 1, f, f + 1]);
+            }
+            for u in draws {
+                let fast = dare_limit(p).is_some_and(|l| u <= l);
+                assert_eq!(fast, dare_keep(u, p), "u={u} p={p}");
+            }
+        }
+    }
+
+    #[test]
     fn dare_keep_is_the_rng_keep_rule() {
         for p in [0.0, 1e-9, 0.25, 0.5, 0.7, 0.999_999, 1.0, 1.5] {
             for u in [
@@ -1340,6 +1555,64 @@ mod tests {
                 }),
                 "k={k}"
             );
+        }
+    }
+
+    /// `select` with a guess from `sample` before the first sweep; also
+    /// returns whether the first sweep settled the selection.
+    fn select_guessed(keys: &[u32], k: u64, chunk: usize, sample: &[u32]) -> (Vec<bool>, bool) {
+        let mut t = TopK::new(keys.len() as u64, k, true);
+        t.guess(&mut sample.to_vec());
+        let mut after_first = false;
+        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+            for (c, part) in keys.chunks(chunk.max(1)).enumerate() {
+                t.observe("", (c * chunk) as u64, part);
+            }
+            t.end_sweep(sweep).unwrap();
+            if sweep == 0 {
+                after_first = t.is_done();
+            }
+        }
+        let s = t.selection().unwrap().clone();
+        let kept = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &key)| s.keeps("", i as u64, key))
+            .collect();
+        (kept, after_first)
+    }
+
+    #[test]
+    fn a_good_guess_settles_the_top_k_in_one_sweep_and_a_bad_one_changes_nothing() {
+        let n = 200_000usize;
+        // Many ties: values on a coarse grid.
+        let keys: Vec<u32> = (0..n)
+            .map(|i| magnitude_key(((i * 2_654_435_761) % 1009) as f32 / 64.0 - 7.0))
+            .collect();
+        let even: Vec<u32> = keys.iter().step_by(7).copied().collect();
+        for k in [1usize, 17, n / 5, n / 2, n - 3] {
+            let expect = reference(&keys, k);
+            for chunk in [4096, 70_001, n] {
+                let (kept, one) = select_guessed(&keys, k as u64, chunk, &even);
+                assert_eq!(kept, expect, "k={k} chunk={chunk}");
+                assert!(one, "k={k} chunk={chunk}: an even sample should settle it");
+                // Samples far off (all small, all large, one key): exact anyway.
+                for bad in [
+                    vec![0u32; 100],
+                    vec![magnitude_key(1e30); 100],
+                    vec![keys[5]],
+                ] {
+                    let (kept, _) = select_guessed(&keys, k as u64, chunk, &bad);
+                    assert_eq!(kept, expect, "k={k} chunk={chunk} bad guess");
+                }
+            }
+        }
+        // Every key equal: the guess holds, the ties are candidates.
+        let same = vec![magnitude_key(0.5); 5000];
+        for k in [1usize, 2500, 4999] {
+            let (kept, one) = select_guessed(&same, k as u64, 999, &same[..64]);
+            assert_eq!(kept, reference(&same, k), "k={k}");
+            assert!(one);
         }
     }
 

@@ -168,7 +168,7 @@ impl StatsPass for TopKPass {
         self.sweeps
     }
 
-    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+    fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
         let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
             method: INFO.name.to_string(),
         })?;
@@ -177,6 +177,19 @@ impl StatsPass for TopKPass {
         } else {
             ""
         };
+        if sweep == 0 && chunk.offset == 0 && !self.by_tensor {
+            // A guess of each threshold from evenly spaced keys of the first
+            // chunk, so that the first sweep usually settles the selection.
+            let stride = (base.len() / TopK::SAMPLE).max(1);
+            for (sel, x) in self.selectors.iter_mut().zip(chunk.models) {
+                let mut sample: Vec<u32> = (0..base.len())
+                    .step_by(stride)
+                    .take(TopK::SAMPLE)
+                    .map(|p| magnitude_key(x[p] - base[p]))
+                    .collect();
+                sel.guess(&mut sample);
+            }
+        }
         // Block by block, every model in turn: the base block stays in cache.
         for start in (0..base.len()).step_by(BLOCK) {
             let end = (start + BLOCK).min(base.len());
