@@ -214,28 +214,91 @@ fn word_runs(first: usize, n: usize, mut f: impl FnMut(usize, usize, u32, usize)
     }
 }
 
-/// Records the keep decisions of `draws` (positions `first..`) in `mask`.
-fn record(mask: &mut [u64], first: usize, draws: &[u32], d: f64) {
-    word_runs(first, draws.len(), |e, w, bit, len| {
-        let mut word = 0u64;
-        for (j, &u) in draws[e..e + len].iter().enumerate() {
-            word |= u64::from(ops::dare_keep(u, d)) << j;
-        }
-        mask[w] |= word << bit;
-    });
+/// Splits positions `first..first + n` into a head before the first
+/// multiple of 64, whole mask words, and a tail: `(head, words)`.
+#[inline(always)]
+fn aligned(first: usize, n: usize) -> (usize, usize) {
+    let head = ((64 - first % 64) % 64).min(n);
+    (head, (n - head) / 64)
 }
 
-/// `out[e] = delta(e)` where `mask` keeps position `first + e`, else 0.
-#[inline]
-fn masked(mask: &[u64], first: usize, out: &mut [f64], delta: impl Fn(usize) -> f64) {
-    word_runs(first, out.len(), |e, w, bit, len| {
-        let word = mask[w] >> bit;
-        for (j, o) in out[e..e + len].iter_mut().enumerate() {
-            let keep = (word >> j) & 1 != 0;
-            let v = delta(e + j);
-            *o = if keep { v } else { 0.0 };
+/// The keep rule at density `d` as `(limit, any)`: a draw `u` is kept iff
+/// `any && u <= limit` ([`ops::dare_limit`], the same decisions as
+/// [`ops::dare_keep`]).
+#[inline(always)]
+fn keep_rule(d: f64) -> (u32, bool) {
+    match ops::dare_limit(d) {
+        Some(l) => (l, true),
+        None => (0, false),
+    }
+}
+
+/// Records the keep decisions of `draws` (positions `first..`) in `mask`.
+#[inline(always)]
+fn record(mask: &mut [u64], first: usize, draws: &[u32], d: f64) {
+    let (limit, any) = keep_rule(d);
+    let keep = |u: u32| any & (u <= limit);
+    let n = draws.len();
+    let (head, words) = aligned(first, n);
+    let runs = |mask: &mut [u64], from: usize, to: usize| {
+        word_runs(first + from, to - from, |e, w, bit, len| {
+            let mut word = 0u64;
+            for (j, &u) in draws[from + e..from + e + len].iter().enumerate() {
+                word |= u64::from(keep(u)) << j;
+            }
+            mask[w] |= word << bit;
+        })
+    };
+    runs(mask, 0, head);
+    let w0 = (first + head) / 64;
+    for (c, us) in draws[head..head + 64 * words].chunks_exact(64).enumerate() {
+        // 8 bits at a time (a vector compare and a move-mask).
+        let mut word = 0u64;
+        for (g, oct) in us.chunks_exact(8).enumerate() {
+            let byte = oct
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (j, &u)| m | (u64::from(keep(u)) << j));
+            word |= byte << (8 * g);
         }
-    });
+        mask[w0 + c] |= word;
+    }
+    runs(mask, head + 64 * words, n);
+}
+
+/// `out[e] = (x[e] − b[e]) · s` (in `f64`) where `mask` keeps position
+/// `first + e`, else 0.
+#[inline(always)]
+fn masked(mask: &[u64], first: usize, out: &mut [f64], x: &[f32], b: &[f32], s: f64) {
+    let n = out.len();
+    let (x, b) = (&x[..n], &b[..n]);
+    let (head, words) = aligned(first, n);
+    let runs = |out: &mut [f64], from: usize, to: usize| {
+        word_runs(first + from, to - from, |e, w, bit, len| {
+            let word = mask[w] >> bit;
+            let at = from + e..from + e + len;
+            let (o, x, b) = (&mut out[at.clone()], &x[at.clone()], &b[at]);
+            for (j, ((o, &x), &b)) in o.iter_mut().zip(x).zip(b).enumerate() {
+                let v = (x as f64 - b as f64) * s;
+                *o = if (word >> j) & 1 != 0 { v } else { 0.0 };
+            }
+        })
+    };
+    runs(out, 0, head);
+    let w0 = (first + head) / 64;
+    let body = head..head + 64 * words;
+    let blocks = out[body.clone()]
+        .chunks_exact_mut(64)
+        .zip(x[body.clone()].chunks_exact(64))
+        .zip(b[body].chunks_exact(64));
+    for (c, ((o, x), b)) in blocks.enumerate() {
+        let word = mask[w0 + c];
+        for (j, ((o, &x), &b)) in o.iter_mut().zip(x).zip(b).enumerate() {
+            let v = (x as f64 - b as f64) * s;
+            *o = if (word >> j) & 1 != 0 { v } else { 0.0 };
+        }
+    }
+    runs(out, head + 64 * words, n);
 }
 
 /// The L1 norms of each model's task vector and of its kept entries, summed
@@ -248,7 +311,6 @@ struct L1Pass {
     /// Each model's keep decisions, recorded while drawing them so that the
     /// merge does not draw again (empty for models that drop nothing).
     masks: Vec<Vec<u64>>,
-    buf: (Box<[f64; BLOCK]>, Box<[f64; BLOCK]>),
 }
 
 impl L1Pass {
@@ -264,7 +326,7 @@ impl L1Pass {
     /// norms.
     #[inline(always)]
     fn blocks(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
-        let (all, kept) = &mut self.buf;
+        let (mut all, mut kept) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
         let mut draws = [0u32; BLOCK];
         let mut rngs: Vec<_> = (0..self.densities.len())
             .map(|i| chunk.tensor.rng(i, chunk.offset))
@@ -282,6 +344,7 @@ impl L1Pass {
                 let x = &chunk.models[i][start..end];
                 let draws = &mut draws[..n];
                 draw(&mut rngs[i], draws);
+                let (limit, any) = keep_rule(d);
                 let (all, kept) = (&mut all[..n], &mut kept[..n]);
                 for ((((a, k), &u), &x), &b) in all
                     .iter_mut()
@@ -290,8 +353,9 @@ impl L1Pass {
                     .zip(x)
                     .zip(b)
                 {
-                    *a = (x as f64 - b as f64).abs();
-                    *k = if ops::dare_keep(u, d) { *a } else { 0.0 };
+                    let v = (x as f64 - b as f64).abs();
+                    *a = v;
+                    *k = if any & (u <= limit) { v } else { 0.0 };
                 }
                 record(&mut self.masks[i], at, draws, d);
                 self.total[i].add_at(at as u64, all);
@@ -374,7 +438,6 @@ fn tensor_pass(
         total: vec![PositionalSum::new(); m],
         kept: vec![PositionalSum::new(); m],
         masks,
-        buf: (Box::new([0.0; BLOCK]), Box::new([0.0; BLOCK])),
     }))
 }
 
@@ -463,29 +526,73 @@ fn merge(
         .collect();
     let mut rngs: Vec<_> = (0..dens.len()).map(|i| t.rng(i, chunk.offset)).collect();
     let mut draws = [0u32; ops::BLOCK];
-    ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
-        let x = &chunk.models[i][start..start + buf.len()];
-        let b = &base[start..start + buf.len()];
-        let (d, s) = (dens[i], scales[i]);
-        if let (true, Some(mask)) = (drops(d), masks[i]) {
-            masked(mask, chunk.offset + start, buf, |e| {
-                (x[e] as f64 - b[e] as f64) * s
-            });
-        } else if drops(d) {
-            let rng = &mut rngs[i];
-            let draws = &mut draws[..buf.len()];
-            draw(rng, draws);
-            for (((o, &x), &b), &u) in buf.iter_mut().zip(x).zip(b).zip(draws.iter()) {
-                let delta = (x as f64 - b as f64) * s;
-                *o = if ops::dare_keep(u, d) { delta } else { 0.0 };
-            }
-        } else {
-            for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {
-                *o = (x as f64 - b as f64) * s;
-            }
-        }
-    });
+    let fill = Fill {
+        chunk,
+        base,
+        dens: &dens,
+        scales: &scales,
+        masks: &masks,
+        rngs: &mut rngs,
+        draws: &mut draws,
+    };
+    ops::combine_blocks_with(&combine, Some(base), out, fill);
     Ok(())
+}
+
+/// The task vectors DARE hands to [`ops::combine_blocks_with`].
+struct Fill<'a, 'c, R> {
+    chunk: &'a Chunk<'c>,
+    base: &'a [f32],
+    dens: &'a [f64],
+    scales: &'a [f64],
+    masks: &'a [Option<&'a [u64]>],
+    rngs: &'a mut [R],
+    draws: &'a mut [u32; ops::BLOCK],
+}
+
+impl<R: RngCore> ops::BlockFill for Fill<'_, '_, R> {
+    #[inline(always)]
+    fn fill(&mut self, i: usize, start: usize, buf: &mut [f64]) {
+        let x = &self.chunk.models[i][start..start + buf.len()];
+        let b = &self.base[start..start + buf.len()];
+        let first = self.chunk.offset + start;
+        let (d, s, mask) = (self.dens[i], self.scales[i], self.masks[i]);
+        fill(x, b, d, s, mask, first, &mut self.rngs[i], self.draws, buf)
+    }
+}
+
+/// Model `i`'s rescaled, dropped task vector `τ̃_i = keep ⊙ (x − b) · s` at
+/// positions `first..first + buf.len()` (as `f64`), from the pass's `mask`
+/// when there is one, else from draws of `rng`. Inlined into the (AVX2)
+/// block loop of [`ops::combine_blocks_with`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    x: &[f32],
+    b: &[f32],
+    d: f64,
+    s: f64,
+    mask: Option<&[u64]>,
+    first: usize,
+    rng: &mut impl RngCore,
+    draws: &mut [u32; ops::BLOCK],
+    buf: &mut [f64],
+) {
+    if let (true, Some(mask)) = (drops(d), mask) {
+        masked(mask, first, buf, x, b, s);
+    } else if drops(d) {
+        let draws = &mut draws[..buf.len()];
+        draw(rng, draws);
+        let (limit, any) = keep_rule(d);
+        for (((o, &u), &x), &b) in buf.iter_mut().zip(draws.iter()).zip(x).zip(b) {
+            let v = (x as f64 - b as f64) * s;
+            *o = if any & (u <= limit) { v } else { 0.0 };
+        }
+    } else {
+        for ((o, &x), &b) in buf.iter_mut().zip(x).zip(b) {
+            *o = (x as f64 - b as f64) * s;
+        }
+    }
 }
 
 impl MergeMethod for DareLinear {
@@ -569,7 +676,8 @@ mod tests {
             record(&mut m, first, &draws[..77], 0.5);
             record(&mut m, first + 77, &draws[77..], 0.5);
             let mut out = vec![0.0; 200];
-            masked(&m, first, &mut out, |e| e as f64 + 1.0);
+            let xs: Vec<f32> = (0..200).map(|e| e as f32 + 1.0).collect();
+            masked(&m, first, &mut out, &xs, &[0.0; 200], 1.0);
             for (e, &u) in draws.iter().enumerate() {
                 let keep = ops::dare_keep(u, 0.5);
                 assert_eq!(mask_keeps(&m, first + e), keep);
