@@ -47,6 +47,38 @@ impl ChunkData {
         };
         f(&chunk)
     }
+
+    /// Borrows elements `part` of this data (positions relative to the start
+    /// of the data, which is at `offset` in the tensor) as a [`Chunk`] at
+    /// `offset + part.start`.
+    fn with_part<R>(
+        &self,
+        tensor: &TensorContext<'_>,
+        offset: usize,
+        part: Range<usize>,
+        tensor_stats: Option<&Stats>,
+        f: impl FnOnce(&Chunk<'_>) -> R,
+    ) -> R {
+        fn cut<'a>(v: &'a [f32], part: &Range<usize>) -> &'a [f32] {
+            &v[part.clone()]
+        }
+        let models: Vec<&[f32]> = self.models.iter().map(|m| cut(m, &part)).collect();
+        let aux: Vec<Option<&[f32]>> = self
+            .aux
+            .iter()
+            .map(|a| a.as_deref().map(|a| cut(a, &part)))
+            .collect();
+        let chunk = Chunk {
+            tensor,
+            offset: offset + part.start,
+            base: self.base.as_deref().map(|b| cut(b, &part)),
+            models: &models,
+            aux: &aux,
+            base_aux: self.base_aux.as_deref().map(|b| cut(b, &part)),
+            tensor_stats,
+        };
+        f(&chunk)
+    }
 }
 
 /// Which input a buffer of a [`ChunkData`] holds (see [`ChunkData::refill`]).
@@ -172,7 +204,8 @@ pub fn check_inputs(
 
 /// Merges one tensor: runs the method's per-tensor pass over the chunks from
 /// `fetch`, then merges each chunk and hands it to `sink(offset, values)` in
-/// order. Generic over the caller's error type so the engine can report I/O
+/// order (a chunkable method's chunk in parts of at most 65 536 elements, so
+/// that `sink` sees pieces that are still in cache). Generic over the caller's error type so the engine can report I/O
 /// failures from `fetch` and `sink`.
 ///
 /// Each chunk is a new [`ChunkData`] here; [`merge_tensor_reusing`] is the
@@ -196,6 +229,10 @@ pub fn merge_tensor<E: From<MethodError>>(
         sink,
     )
 }
+
+/// Most elements merged at once by [`merge_tensor_reusing`] (a chunk that
+/// the pass needed whole is merged in parts of this size).
+const MERGE_PART: usize = 1 << 16;
 
 /// Working memory of [`merge_tensor_reusing`]: the decoded inputs of one
 /// chunk and the merged chunk. Keep one per worker thread, so that merging a
@@ -277,18 +314,29 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
             Some(pass.finish()?)
         }
     };
+    // A chunkable method merges a loaded chunk in parts of at most
+    // `MERGE_PART` elements: the result (and its encoding by the caller)
+    // stays in cache, and results do not depend on how a tensor is cut.
+    let part_len = if method.chunkable() {
+        MERGE_PART
+    } else {
+        usize::MAX
+    };
     for r in &ranges {
         if !loaded {
             fetch(r.clone(), data)?;
         }
-        // Zeroed for every chunk, as a method that writes only some entries
-        // may expect (cheap: the buffer is reused, so it is in cache).
-        out.clear();
-        out.resize(r.len(), 0.0);
-        data.with_chunk(tensor, r.start, stats.as_ref(), |c| {
-            method.merge(c, &mut out[..])
-        })?;
-        sink(r.start, &out[..])?;
+        for part in chunk_ranges(method, r.len(), part_len) {
+            // Zeroed for every part, as a method that writes only some
+            // entries may expect (cheap: the buffer is reused, in cache).
+            out.clear();
+            out.resize(part.len(), 0.0);
+            let at = r.start + part.start;
+            data.with_part(tensor, r.start, part, stats.as_ref(), |c| {
+                method.merge(c, &mut out[..])
+            })?;
+            sink(at, &out[..])?;
+        }
     }
     Ok(())
 }
