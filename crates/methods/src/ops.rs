@@ -1053,7 +1053,7 @@ impl Combine {
     ) {
         let len = out.len();
         debug_assert_eq!(deltas.len(), self.weights.len() * len);
-        let Scratch { merged, vote, div } = scratch;
+        let Scratch { merged } = scratch;
         for start in (0..len).step_by(BLOCK) {
             let bl = BLOCK.min(len - start);
             let merged = &mut merged[..bl];
@@ -1071,48 +1071,32 @@ impl Combine {
                     }
                 }
                 Rule::Ties(consensus) => {
-                    // Loops over models outside and elements inside, without
-                    // branches, so that they vectorise; the sums are still
-                    // taken in model order per element.
-                    let vote = &mut vote[..bl];
-                    let div = &mut div[..bl];
-                    vote.iter_mut().for_each(|v| *v = 0.0);
-                    merged.iter_mut().for_each(|v| *v = 0.0);
-                    div.iter_mut().for_each(|v| *v = 0.0);
-                    for (i, &w) in self.weights.iter().enumerate() {
-                        let d = &deltas[i * len + start..i * len + start + bl];
-                        match consensus {
-                            Consensus::Sum => {
-                                vote.iter_mut().zip(d).for_each(|(v, &x)| *v += w * x)
+                    // Eight elements at a time, every model in turn, the
+                    // sums held in registers (vectorises); the sums are taken
+                    // in model order per element, as the scalar rule reads.
+                    let groups = bl / 8;
+                    let (w, n) = (&self.weights[..], self.normalize);
+                    let at = |e: usize| start + e;
+                    match consensus {
+                        Consensus::Sum => {
+                            for g in 0..groups {
+                                let o = &mut merged[8 * g..8 * g + 8];
+                                ties_lanes::<8, false>(w, n, deltas, len, at(8 * g), o);
                             }
-                            Consensus::Count => {
-                                vote.iter_mut().zip(d).for_each(|(v, &x)| *v += sign(w * x))
+                            for e in 8 * groups..bl {
+                                let o = &mut merged[e..e + 1];
+                                ties_lanes::<1, false>(w, n, deltas, len, at(e), o);
                             }
                         }
-                    }
-                    // The elected sign as ±1 (a zero vote elects +).
-                    vote.iter_mut()
-                        .for_each(|v| *v = if *v >= 0.0 { 1.0 } else { -1.0 });
-                    for (i, &w) in self.weights.iter().enumerate() {
-                        let d = &deltas[i * len + start..i * len + start + bl];
-                        for (((acc, dv), &s), &x) in merged
-                            .iter_mut()
-                            .zip(div.iter_mut())
-                            .zip(vote.iter())
-                            .zip(d)
-                        {
-                            let d = w * x;
-                            // agrees with the elected sign, and is not 0
-                            let agree = d * s > 0.0;
-                            *acc += if agree { d } else { 0.0 };
-                            *dv += if agree { w } else { 0.0 };
-                        }
-                    }
-                    if self.normalize {
-                        for (acc, &dv) in merged.iter_mut().zip(div.iter()) {
-                            // branch-free: divide by 1 where the divisor is 0, then zero it
-                            let zero = u8::from(dv == 0.0) as f64;
-                            *acc = *acc / (dv + zero) * (1.0 - zero) + 0.0; // + 0.0: no -0
+                        Consensus::Count => {
+                            for g in 0..groups {
+                                let o = &mut merged[8 * g..8 * g + 8];
+                                ties_lanes::<8, true>(w, n, deltas, len, at(8 * g), o);
+                            }
+                            for e in 8 * groups..bl {
+                                let o = &mut merged[e..e + 1];
+                                ties_lanes::<1, true>(w, n, deltas, len, at(e), o);
+                            }
                         }
                     }
                 }
@@ -1135,20 +1119,61 @@ impl Combine {
     }
 }
 
+/// The TIES election and disjoint merge of the `L` elements at `e..e + L` of
+/// a block (`deltas[i * len + e]`: model `i`'s task vector), written to
+/// `out`: `δ_i = w_i x_i`; the sign of `Σ δ_i` (or of `Σ sign(δ_i)` with
+/// `COUNT`) is elected, a zero sum electing `+`; the agreeing non-zero `δ_i`
+/// are summed, divided by the sum of their weights when `normalize` (a zero
+/// divisor giving 0).
+#[inline(always)]
+fn ties_lanes<const L: usize, const COUNT: bool>(
+    weights: &[f64],
+    normalize: bool,
+    deltas: &[f64],
+    len: usize,
+    e: usize,
+    out: &mut [f64],
+) {
+    let mut vote = [0.0f64; L];
+    for (i, &w) in weights.iter().enumerate() {
+        let d = &deltas[i * len + e..i * len + e + L];
+        for (v, &x) in vote.iter_mut().zip(d) {
+            *v += if COUNT { sign(w * x) } else { w * x };
+        }
+    }
+    // The elected sign as ±1 (a zero vote elects +).
+    let s = vote.map(|v| if v >= 0.0 { 1.0 } else { -1.0 });
+    let (mut acc, mut div) = ([0.0f64; L], [0.0f64; L]);
+    for (i, &w) in weights.iter().enumerate() {
+        let d = &deltas[i * len + e..i * len + e + L];
+        for j in 0..L {
+            let d = w * d[j];
+            // agrees with the elected sign, and is not 0
+            let agree = d * s[j] > 0.0;
+            acc[j] += if agree { d } else { 0.0 };
+            div[j] += if agree { w } else { 0.0 };
+        }
+    }
+    if normalize {
+        for (a, &dv) in acc.iter_mut().zip(&div) {
+            // branch-free: divide by 1 where the divisor is 0, then zero it
+            let zero = u8::from(dv == 0.0) as f64;
+            *a = *a / (dv + zero) * (1.0 - zero) + 0.0; // + 0.0: no -0
+        }
+    }
+    out[..L].copy_from_slice(&acc);
+}
+
 /// Per-block working memory of [`Combine`] (allocated once per chunk, not
 /// zeroed per block).
 struct Scratch {
     merged: Box<[f64; BLOCK]>,
-    vote: Box<[f64; BLOCK]>,
-    div: Box<[f64; BLOCK]>,
 }
 
 impl Scratch {
     fn new() -> Self {
         Scratch {
             merged: Box::new([0.0; BLOCK]),
-            vote: Box::new([0.0; BLOCK]),
-            div: Box::new([0.0; BLOCK]),
         }
     }
 }

@@ -375,11 +375,24 @@ impl MergeMethod for Ties {
             // Ties at the threshold are kept at indices < tie_end.
             let tie_end = lim.map_or(0, |l| l.saturating_add(1));
             let first = (chunk.offset + start) as u64;
-            for (e, ((d, &x), &b)) in buf.iter_mut().zip(x).zip(b).enumerate() {
-                let key = magnitude_key(x - b);
-                let keep = (key > thr) | ((key == thr) & (first + (e as u64) < tie_end));
-                let delta = x as f64 - b as f64;
-                *d = if keep { delta } else { 0.0 };
+            let last = first + buf.len() as u64;
+            if tie_end <= first || tie_end >= last {
+                // The ties at the threshold in this block are all dropped or
+                // all kept: no position test.
+                let ties = tie_end >= last;
+                for ((d, &x), &b) in buf.iter_mut().zip(x).zip(b) {
+                    let key = magnitude_key(x - b);
+                    let keep = (key > thr) | (ties & (key == thr));
+                    let delta = x as f64 - b as f64;
+                    *d = if keep { delta } else { 0.0 };
+                }
+            } else {
+                for (e, ((d, &x), &b)) in buf.iter_mut().zip(x).zip(b).enumerate() {
+                    let key = magnitude_key(x - b);
+                    let keep = (key > thr) | ((key == thr) & (first + (e as u64) < tie_end));
+                    let delta = x as f64 - b as f64;
+                    *d = if keep { delta } else { 0.0 };
+                }
             }
         });
         Ok(())
