@@ -163,6 +163,36 @@ struct TopKPass {
     keys: Box<[u32; BLOCK]>,
 }
 
+impl TopKPass {
+    /// [`blocks`](Self::blocks) compiled for AVX2 (integer and `f32`
+    /// operations only: the same keys either way).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn blocks_avx2(&mut self, chunk: &Chunk<'_>, base: &[f32], segment: &str) {
+        self.blocks(chunk, base, segment)
+    }
+
+    /// Feeds the keys `|x_i − b|` of a chunk to each model's selector.
+    #[inline(always)]
+    fn blocks(&mut self, chunk: &Chunk<'_>, base: &[f32], segment: &str) {
+        // Block by block, every model in turn: the base block stays in cache.
+        for start in (0..base.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(base.len());
+            let b = &base[start..end];
+            for (i, sel) in self.selectors.iter_mut().enumerate() {
+                if sel.is_done() {
+                    continue;
+                }
+                let keys = &mut self.keys[..end - start];
+                for ((k, &x), &b) in keys.iter_mut().zip(&chunk.models[i][start..end]).zip(b) {
+                    *k = magnitude_key(x - b);
+                }
+                sel.observe(segment, (chunk.offset + start) as u64, keys);
+            }
+        }
+    }
+}
+
 impl StatsPass for TopKPass {
     fn sweeps(&self) -> usize {
         self.sweeps
@@ -190,21 +220,13 @@ impl StatsPass for TopKPass {
                 sel.guess(&mut sample);
             }
         }
-        // Block by block, every model in turn: the base block stays in cache.
-        for start in (0..base.len()).step_by(BLOCK) {
-            let end = (start + BLOCK).min(base.len());
-            let b = &base[start..end];
-            for (i, sel) in self.selectors.iter_mut().enumerate() {
-                if sel.is_done() {
-                    continue;
-                }
-                let keys = &mut self.keys[..end - start];
-                for ((k, &x), &b) in keys.iter_mut().zip(&chunk.models[i][start..end]).zip(b) {
-                    *k = magnitude_key(x - b);
-                }
-                sel.observe(segment, (chunk.offset + start) as u64, keys);
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.blocks_avx2(chunk, base, segment) };
+            return Ok(());
         }
+        self.blocks(chunk, base, segment);
         Ok(())
     }
 
