@@ -79,55 +79,39 @@ pub fn run_merge(
     execute(&plan, out, opts, progress)
 }
 
-/// An input as the executor reads it: the model is re-opened every
-/// [`REMAP_BYTES`] bytes read, so that the pages of the memory map already
-/// consumed leave the process (the kernel counts mapped file pages in the
-/// resident set; dropping the map releases them, the page cache keeps them).
+/// An input as the executor reads it. Float tensors are read through the
+/// file (positioned reads into the worker's buffers), not through the
+/// model's memory map: a map's pages count in the process's resident set
+/// for as long as it exists, which would make the peak memory of a merge
+/// grow with the model; read pages stay in the page cache only.
 struct Source {
     reference: String,
-    /// Path to re-open from (local models only; hub models stay mapped).
-    path: Option<PathBuf>,
-    current: Mutex<Arc<Model>>,
-    since: AtomicU64,
-    remapping: Mutex<()>,
+    model: Arc<Model>,
     /// Check every value read for NaN and infinity.
     check_finite: bool,
 }
 
-/// Bytes read from one input between two re-openings.
-const REMAP_BYTES: u64 = 16 << 20;
-
 impl Source {
     fn new(input: &Input, check_finite: bool) -> Source {
-        let p = Path::new(&input.reference);
         Source {
             reference: input.reference.clone(),
-            path: p.exists().then(|| p.to_path_buf()),
-            current: Mutex::new(input.model.clone()),
-            since: AtomicU64::new(0),
-            remapping: Mutex::new(()),
+            model: input.model.clone(),
             check_finite,
         }
     }
 
-    fn model(&self) -> Arc<Model> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
     /// Decodes elements `range` of tensor `name` into `out` (resized to the
-    /// range's length; its old contents are overwritten, not cleared first).
-    /// Returns the bytes read.
+    /// range's length; its old contents are overwritten, not cleared first),
+    /// with `scratch` for the stored bytes. Returns the bytes read.
     fn read(
         &self,
         name: &str,
         range: Range<usize>,
         out: &mut Vec<f32>,
+        scratch: &mut Vec<u8>,
     ) -> Result<u64, EngineError> {
-        let model = self.model();
-        let size = model
+        let size = self
+            .model
             .layout()
             .get(name)
             .map_or(0, |t| t.dtype.size_in_bytes() as u64);
@@ -135,15 +119,15 @@ impl Source {
         let first = range.start;
         out.resize(range.len(), 0.0);
         // Decoding and the NaN/infinity check are one pass over the data.
-        let bad = model
-            .read_f32_range_checked(name, range, out)
+        let bad = self
+            .model
+            .read_f32_range_copied(name, range, out, scratch)
             .map_err(|source| {
                 EngineError::io(
                     format!("cannot read tensor `{name}` of `{}`", self.reference),
                     source,
                 )
             })?;
-        drop(model);
         if self.check_finite
             && let Some(i) = bad
         {
@@ -153,23 +137,6 @@ impl Source {
                 index: (first + i) as u64,
                 value: out[i],
             });
-        }
-        let since = self.since.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if since >= REMAP_BYTES
-            && let Some(path) = &self.path
-            && let Ok(_guard) = self.remapping.try_lock()
-        {
-            self.since.store(0, Ordering::Relaxed);
-            let fresh = Model::open_path(path).map_err(|source| {
-                EngineError::io(format!("cannot re-open model `{}`", self.reference), source)
-            })?;
-            if fresh.layout() != self.model().layout() {
-                return Err(EngineError::Option(format!(
-                    "model `{}` changed on disk during the merge",
-                    self.reference
-                )));
-            }
-            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         }
         Ok(bytes)
     }
@@ -216,6 +183,7 @@ fn fetch(
     base_aux_has: bool,
     range: Range<usize>,
     data: &mut ChunkData,
+    scratch: &mut Vec<u8>,
 ) -> Result<u64, EngineError> {
     src.check_cancel()?;
     let mut bytes = 0u64;
@@ -238,7 +206,7 @@ fn fetch(
                 ChunkInput::BaseAux => src.base_aux.as_ref(),
             };
             if let Some(s) = s {
-                bytes += s.read(name, range.clone(), buf)?;
+                bytes += s.read(name, range.clone(), buf, scratch)?;
             }
             Ok::<_, EngineError>(())
         },
@@ -706,6 +674,8 @@ struct Worker {
     merge: MergeBuffers,
     /// The encoded result chunk.
     encoded: Vec<u8>,
+    /// Stored bytes of an input chunk, before decoding.
+    scratch: Vec<u8>,
 }
 
 /// What every worker of the merge pass shares.
@@ -789,14 +759,18 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
             };
             let mut read_bytes = 0u64;
             let out_dtype = t.out.dtype;
-            let Worker { merge, encoded } = worker;
+            let Worker {
+                merge,
+                encoded,
+                scratch,
+            } = worker;
             merge_tensor_reusing::<EngineError>(
                 plan.method,
                 &ctx,
                 chunk_len,
                 merge,
                 |r, data| {
-                    let b = fetch(sources, name, aux, *base_aux, r, data)?;
+                    let b = fetch(sources, name, aux, *base_aux, r, data, scratch)?;
                     read_bytes += b;
                     progress.advance(b, 0);
                     Ok(())
@@ -854,6 +828,7 @@ fn model_pass(
     progress.start("whole-model statistics", float_bytes * sweeps as u64, 0);
     let mut bytes = 0u64;
     let mut data = ChunkData::default();
+    let mut scratch = Vec::new();
     for sweep in 0..sweeps {
         for t in &plan.tensors {
             let Action::Merge {
@@ -875,7 +850,15 @@ fn model_pass(
             };
             for r in chunk_ranges(method, t.out.numel(), chunk_len) {
                 let offset = r.start;
-                let b = fetch(sources, &t.out.name, aux, *base_aux, r, &mut data)?;
+                let b = fetch(
+                    sources,
+                    &t.out.name,
+                    aux,
+                    *base_aux,
+                    r,
+                    &mut data,
+                    &mut scratch,
+                )?;
                 bytes += b;
                 progress.advance(b, 0);
                 data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;

@@ -372,17 +372,104 @@ impl Model {
         out: &mut [f32],
     ) -> Result<Option<usize>, IoError> {
         let (info, bytes) = self.raw(name)?;
+        let size = self.check_range(info, &range, out.len())?;
+        convert::decode_f32_checked(
+            info.dtype,
+            &bytes[range.start * size..range.end * size],
+            out,
+        )
+        .map_err(|source| IoError::Core {
+            context: format!("{}: tensor `{}`", self.name, info.name),
+            source,
+        })
+    }
+
+    /// [`read_f32_range_checked`](Self::read_f32_range_checked) through the
+    /// file instead of the memory map: the bytes are read with positioned
+    /// reads (`pread`), F32 straight into `out`, other dtypes into `scratch`
+    /// (grown as needed, reused by the caller) and decoded from there.
+    ///
+    /// For streaming over a model once: the pages read never enter this
+    /// process's resident set (a map's pages do, until it is dropped), and
+    /// there are no page faults or unmapping costs. A file cut short is an
+    /// error, never a crash.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use tensormerge_core::{convert, DType, TensorInfo};
+    /// use tensormerge_io::{Model, ModelWriter, WriterOptions};
+    /// let mut w = ModelWriter::create(dir.path().join("m").as_path(),
+    ///     vec![TensorInfo::new("w", vec![4], DType::BF16)], WriterOptions::default()).unwrap();
+    /// w.write("w", &convert::encode_f32_vec(DType::BF16, &[1.0, 2.0, f32::NAN, 4.0]).unwrap()).unwrap();
+    /// let m = Model::open_path(&w.finish().unwrap()).unwrap();
+    /// let (mut out, mut scratch) = ([0f32; 3], Vec::new());
+    /// let bad = m.read_f32_range_copied("w", 1..4, &mut out, &mut scratch).unwrap();
+    /// assert_eq!((out[0], out[2], bad), (2.0, 4.0, Some(1)));
+    /// ```
+    pub fn read_f32_range_copied(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+        scratch: &mut Vec<u8>,
+    ) -> Result<Option<usize>, IoError> {
+        use std::os::unix::fs::FileExt;
+        let i = self
+            .layout
+            .position(name)
+            .ok_or_else(|| self.unknown(name))?;
+        let info = &self.layout.tensors()[i];
+        let size = self.check_range(info, &range, out.len())?;
+        let loc = &self.located[i];
+        let shard = &self.shards[loc.shard];
+        let at = (loc.bytes.start + range.start * size) as u64;
+        let n = range.len() * size;
+        let read = |buf: &mut [u8]| {
+            shard.file.read_exact_at(buf, at).map_err(|e| {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::other(format!(
+                        "the file ends before tensor `{name}` does (cut short or modified by another program?)"
+                    ))
+                } else {
+                    e
+                };
+                IoError::io(&shard.path, e)
+            })
+        };
+        let core = |source| IoError::Core {
+            context: format!("{}: tensor `{name}`", self.name),
+            source,
+        };
+        if info.dtype == DType::F32 && cfg!(target_endian = "little") {
+            read(bytemuck::cast_slice_mut(out))?;
+            return Ok(convert::first_non_finite(out));
+        }
+        if scratch.len() < n {
+            scratch.resize(n, 0);
+        }
+        read(&mut scratch[..n])?;
+        convert::decode_f32_checked(info.dtype, &scratch[..n], out).map_err(core)
+    }
+
+    /// Checks that `info` is a float tensor with elements `range` and that
+    /// the output holds `out_len` values; returns the element size.
+    fn check_range(
+        &self,
+        info: &TensorInfo,
+        range: &Range<usize>,
+        out_len: usize,
+    ) -> Result<usize, IoError> {
         if !info.dtype.is_float() {
             return Err(IoError::NotFloat {
                 model: self.name.clone(),
-                tensor: name.to_string(),
+                tensor: info.name.clone(),
                 dtype: info.dtype,
             });
         }
         let numel = info.numel();
         let bad = |detail: String| IoError::BadRange {
             model: self.name.clone(),
-            tensor: name.to_string(),
+            tensor: info.name.clone(),
             detail,
         };
         if range.start > range.end || range.end > numel {
@@ -391,23 +478,13 @@ impl Model {
                 range.start, range.end
             )));
         }
-        if out.len() != range.len() {
+        if out_len != range.len() {
             return Err(bad(format!(
-                "output buffer holds {} values, range has {}",
-                out.len(),
+                "output buffer holds {out_len} values, range has {}",
                 range.len()
             )));
         }
-        let size = info.dtype.size_in_bytes();
-        convert::decode_f32_checked(
-            info.dtype,
-            &bytes[range.start * size..range.end * size],
-            out,
-        )
-        .map_err(|source| IoError::Core {
-            context: format!("{}: tensor `{name}`", self.name),
-            source,
-        })
+        Ok(info.dtype.size_in_bytes())
     }
 
     /// The values of a floating-point tensor as `f32`: borrowed straight from
