@@ -300,7 +300,9 @@ struct OutState {
 
 #[derive(Default)]
 struct Pending {
-    chunks: Vec<Vec<u8>>,
+    /// The encoded result so far, in one buffer (allocated once, at the
+    /// tensor's full size: pieces arrive small and many).
+    bytes: Vec<u8>,
     done: bool,
 }
 
@@ -322,11 +324,12 @@ impl Output<'_> {
         if idx == st.next {
             self.write_now(&mut st, idx, &bytes)
         } else {
-            st.pending
-                .entry(idx)
-                .or_default()
-                .chunks
-                .push(bytes.into_owned());
+            let p = st.pending.entry(idx).or_default();
+            if p.bytes.capacity() == 0 {
+                let total = self.plan.tensors[idx].out.checked_byte_len().unwrap_or(0);
+                p.bytes.reserve_exact(total.max(bytes.len()));
+            }
+            p.bytes.extend_from_slice(&bytes);
             Ok(())
         }
     }
@@ -347,10 +350,10 @@ impl Output<'_> {
             let Some(p) = st.pending.get_mut(&n) else {
                 break;
             };
-            let chunks = std::mem::take(&mut p.chunks);
+            let bytes = std::mem::take(&mut p.bytes);
             let done = p.done;
-            for c in chunks {
-                self.write_now(&mut st, n, &c)?;
+            if !bytes.is_empty() {
+                self.write_now(&mut st, n, &bytes)?;
             }
             if !done {
                 break;
