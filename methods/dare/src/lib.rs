@@ -58,8 +58,8 @@
 
 use std::sync::Arc;
 
-use rand::{Rng, RngCore};
 use tensormerge_methods::ops::{self, BLOCK, Combine, Consensus, PositionalSum, Rule};
+use tensormerge_methods::rng;
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
     Stats, StatsPass, TensorContext, register_method,
@@ -180,11 +180,15 @@ fn drops(d: f64) -> bool {
     d < 1.0
 }
 
-/// Fills `draws` with the next words of `rng`: the same words, in the same
-/// order, as one `next_u32` per entry (checked by a test), but generated in
-/// bulk.
-fn draw(rng: &mut impl RngCore, draws: &mut [u32]) {
-    rng.fill(draws);
+/// The draws of model `i` on `tensor` from element `offset` on: the words
+/// of [`TensorContext::rng`], generated in bulk ([`rng::Draws`]).
+fn stream_of(tensor: &TensorContext<'_>, i: usize, offset: usize) -> rng::Draws {
+    rng::Draws::new(tensor.seed, tensor.name, i, offset)
+}
+
+/// Fills `out` with the next words of `rng`.
+fn draw(rng: &mut rng::Draws, out: &mut [u32]) {
+    rng.fill(out);
 }
 
 /// A keep mask over a whole tensor, one bit per entry (bit `p % 64` of word
@@ -329,7 +333,7 @@ impl L1Pass {
         let (mut all, mut kept) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
         let mut draws = [0u32; BLOCK];
         let mut rngs: Vec<_> = (0..self.densities.len())
-            .map(|i| chunk.tensor.rng(i, chunk.offset))
+            .map(|i| stream_of(chunk.tensor, i, chunk.offset))
             .collect();
         // Block by block, every model in turn: the base block stays in cache.
         for start in (0..base.len()).step_by(BLOCK) {
@@ -524,7 +528,9 @@ fn merge(
                 .map(|m| m.as_slice())
         })
         .collect();
-    let mut rngs: Vec<_> = (0..dens.len()).map(|i| t.rng(i, chunk.offset)).collect();
+    let mut rngs: Vec<_> = (0..dens.len())
+        .map(|i| stream_of(t, i, chunk.offset))
+        .collect();
     let mut draws = [0u32; ops::BLOCK];
     let fill = Fill {
         chunk,
@@ -540,17 +546,17 @@ fn merge(
 }
 
 /// The task vectors DARE hands to [`ops::combine_blocks_with`].
-struct Fill<'a, 'c, R> {
+struct Fill<'a, 'c> {
     chunk: &'a Chunk<'c>,
     base: &'a [f32],
     dens: &'a [f64],
     scales: &'a [f64],
     masks: &'a [Option<&'a [u64]>],
-    rngs: &'a mut [R],
+    rngs: &'a mut [rng::Draws],
     draws: &'a mut [u32; ops::BLOCK],
 }
 
-impl<R: RngCore> ops::BlockFill for Fill<'_, '_, R> {
+impl ops::BlockFill for Fill<'_, '_> {
     #[inline(always)]
     fn fill(&mut self, i: usize, start: usize, buf: &mut [f64]) {
         let x = &self.chunk.models[i][start..start + buf.len()];
@@ -574,7 +580,7 @@ fn fill(
     s: f64,
     mask: Option<&[u64]>,
     first: usize,
-    rng: &mut impl RngCore,
+    rng: &mut rng::Draws,
     draws: &mut [u32; ops::BLOCK],
     buf: &mut [f64],
 ) {
@@ -647,11 +653,12 @@ mod tests {
 
     #[test]
     fn bulk_draws_are_the_next_u32_words_in_order() {
+        use rand::RngCore;
         let ctx_stream = |offset| tensormerge_methods::rng::stream(42, "t.weight", 1, offset);
         for (offset, len) in [(0usize, 1000usize), (3, 1), (5, 70), (61, 257), (0, 4096)] {
             let mut one = ctx_stream(offset);
             let expect: Vec<u32> = (0..2 * len).map(|_| one.next_u32()).collect();
-            let mut bulk = ctx_stream(offset);
+            let mut bulk = rng::Draws::new(42, "t.weight", 1, offset);
             let mut got = vec![0u32; 2 * len];
             // two calls: the second continues where the first stopped
             draw(&mut bulk, &mut got[..len]);
