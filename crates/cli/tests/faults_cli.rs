@@ -161,11 +161,10 @@ fn sigkill_during_overwrite_keeps_a_complete_output_and_the_inputs() {
             killed += 1;
         }
 
-        // The output is exactly one of the two complete results. (The writer
-        // replaces it by two renames, out -> .out.tensormerge-old-*, then the
-        // temp dir -> out; a kill landing in the microseconds between them
-        // would leave no `out` at all and fail here: an atomic exchange,
-        // renameat2(RENAME_EXCHANGE) on Linux, would close that window.)
+        // The output is exactly one of the two complete results. (On Linux
+        // the writer swaps the temporary directory and `out` in one
+        // renameat2(RENAME_EXCHANGE), so there is no moment without `out`;
+        // elsewhere it falls back to two renames.)
         let now = snapshot(&out);
         assert!(
             now == old_result || now == new_result,

@@ -378,14 +378,23 @@ impl ModelWriter {
                     path: self.out.clone(),
                 });
             }
-            std::fs::rename(&self.out, &old).map_err(|e| IoError::io(&self.out, e))?;
-            if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
-                let _ = std::fs::rename(&old, &self.out);
-                return Err(IoError::io(&self.out, e));
+            if exchange(&self.tmp, &self.out).is_ok() {
+                // One atomic step: the new model is at `out`, the old one at
+                // the temporary name. A kill at any moment leaves one of them
+                // in place under the output's name.
+                let _ = remove_path(&self.tmp);
+            } else {
+                // No atomic exchange here (not Linux, or a file system
+                // without it): two renames, the old output hidden in between.
+                std::fs::rename(&self.out, &old).map_err(|e| IoError::io(&self.out, e))?;
+                if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
+                    let _ = std::fs::rename(&old, &self.out);
+                    return Err(IoError::io(&self.out, e));
+                }
+                // The new model is in place; failing to delete the old one
+                // (hidden name) must not turn a finished write into an error.
+                let _ = remove_path(&old);
             }
-            // The new model is in place; failing to delete the old one (hidden
-            // name) must not turn a finished write into an error.
-            let _ = remove_path(&old);
         } else {
             std::fs::rename(&self.tmp, &self.out).map_err(|e| IoError::io(&self.out, e))?;
         }
@@ -594,4 +603,61 @@ fn resolve_nonexistent(p: &Path) -> PathBuf {
         }
     }
     abs
+}
+
+/// Atomically exchanges two paths (`renameat2` with `RENAME_EXCHANGE`, Linux
+/// 3.15+ on most local file systems); an error where that is not available.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the
+    // call; AT_FDCWD resolves relative paths as `rename` does.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// No atomic exchange off Linux.
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod exchange_tests {
+    use super::exchange;
+
+    #[test]
+    fn exchange_swaps_two_directories_in_one_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(a.join("new"), "1").unwrap();
+        std::fs::write(b.join("old"), "2").unwrap();
+        exchange(&a, &b).unwrap();
+        assert!(b.join("new").exists() && !b.join("old").exists());
+        assert!(a.join("old").exists() && !a.join("new").exists());
+        // A missing side is an error, and nothing moves.
+        let missing = tmp.path().join("missing");
+        assert!(exchange(&a, &missing).is_err());
+        assert!(a.join("old").exists());
+    }
 }
