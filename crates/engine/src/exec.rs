@@ -624,50 +624,56 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), EngineError> {
 /// Input bytes the merge pass will read: a tensor merged in several chunks by
 /// a method with a per-tensor pass is read once per sweep and once more.
 fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
-    let mut total = 0u64;
-    for t in &plan.tensors {
-        let name = &t.out.name;
-        let size = |i: &Input| {
-            i.model
-                .layout()
-                .get(name)
-                .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
-        };
-        match &t.action {
-            Action::Copy => total += size(plan.copy_source()),
-            Action::Merge {
+    plan.tensors
+        .iter()
+        .map(|t| expected_tensor_reads(plan, t, chunk_len))
+        .sum()
+}
+
+/// Input bytes the merge pass reads for tensor `t` at most (a per-tensor
+/// pass that is [`done`](tensormerge_methods::StatsPass::done) early reads
+/// less).
+fn expected_tensor_reads(plan: &Plan, t: &crate::plan::TensorPlan, chunk_len: usize) -> u64 {
+    let name = &t.out.name;
+    let size = |i: &Input| {
+        i.model
+            .layout()
+            .get(name)
+            .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
+    };
+    match &t.action {
+        Action::Copy => size(plan.copy_source()),
+        Action::Merge {
+            global,
+            models,
+            aux,
+            base_aux,
+        } => {
+            let mut once: u64 = plan.base.iter().chain(&plan.models).map(size).sum();
+            for (a, has) in plan.aux.iter().zip(aux) {
+                if let (Some(a), true) = (a, has) {
+                    once += size(a);
+                }
+            }
+            if *base_aux {
+                once += plan.base_aux.iter().map(size).sum::<u64>();
+            }
+            let ctx = TensorContext {
+                name,
+                shape: &t.out.shape,
                 global,
                 models,
-                aux,
-                base_aux,
-            } => {
-                let mut once: u64 = plan.base.iter().chain(&plan.models).map(size).sum();
-                for (a, has) in plan.aux.iter().zip(aux) {
-                    if let (Some(a), true) = (a, has) {
-                        once += size(a);
-                    }
-                }
-                if *base_aux {
-                    once += plan.base_aux.iter().map(size).sum::<u64>();
-                }
-                let ctx = TensorContext {
-                    name,
-                    shape: &t.out.shape,
-                    global,
-                    models,
-                    seed: plan.seed,
-                    model_stats: None,
-                };
-                let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
-                let passes = match plan.method.tensor_pass(&ctx) {
-                    Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
-                    _ => 1,
-                };
-                total += once * passes;
-            }
+                seed: plan.seed,
+                model_stats: None,
+            };
+            let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
+            let passes = match plan.method.tensor_pass(&ctx) {
+                Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
+                _ => 1,
+            };
+            once * passes
         }
     }
-    total
 }
 
 /// One worker thread's buffers, reused from chunk to chunk and tensor to
@@ -784,6 +790,9 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                     output.push(idx, std::borrow::Cow::Borrowed(&encoded[..]))
                 },
             )?;
+            // Sweeps a pass skipped: keep the progress total honest.
+            let expected = expected_tensor_reads(plan, t, chunk_len);
+            progress.advance(expected.saturating_sub(read_bytes), 0);
             Ok(read_bytes)
         }
     }
@@ -868,6 +877,10 @@ fn model_pass(
             }
         }
         pass.end_sweep(sweep)?;
+        if pass.done() {
+            progress.advance(float_bytes * (sweeps - sweep - 1) as u64, 0);
+            break;
+        }
     }
     progress.finish();
     Ok((Some(pass.finish()?), bytes))

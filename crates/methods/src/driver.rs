@@ -310,6 +310,9 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
                     data.with_chunk(tensor, r.start, None, |c| pass.observe(sweep, c))?;
                 }
                 pass.end_sweep(sweep)?;
+                if pass.done() {
+                    break;
+                }
             }
             Some(pass.finish()?)
         }
@@ -522,6 +525,9 @@ impl<'m> Merge<'m> {
                         }
                     }
                     pass.end_sweep(sweep)?;
+                    if pass.done() {
+                        break;
+                    }
                 }
                 Some(pass.finish()?)
             }

@@ -139,6 +139,15 @@ pub trait StatsPass: Send {
         Ok(())
     }
 
+    /// Whether the statistics are complete before [`sweeps`](Self::sweeps)
+    /// sweeps have run (asked after each [`end_sweep`](Self::end_sweep)):
+    /// the driver then skips the remaining sweeps, and with them the reads
+    /// of the data they would have seen. Only return `true` when the
+    /// remaining sweeps would change nothing. Default: `false`.
+    fn done(&self) -> bool {
+        false
+    }
+
     /// The gathered statistics.
     fn finish(self: Box<Self>) -> Result<Stats, MethodError>;
 }

@@ -299,6 +299,9 @@ pub fn run_parallel(
                     }
                 }
                 pass.end_sweep(sweep)?;
+                if pass.done() {
+                    break;
+                }
             }
             Some(pass.finish()?)
         }
