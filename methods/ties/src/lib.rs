@@ -198,6 +198,11 @@ impl StatsPass for TopKPass {
         self.sweeps
     }
 
+    // Every threshold known: the remaining sweeps would see nothing.
+    fn done(&self) -> bool {
+        self.selectors.iter().all(|s| s.is_done())
+    }
+
     fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
         let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
             method: INFO.name.to_string(),
