@@ -902,34 +902,92 @@ fn guess_sweep(
     hi: u32,
 ) -> (u64, bool) {
     let span = hi - lo;
-    let inside = |k: u32| k.wrapping_sub(lo) <= span;
     let mut above = 0u64;
     let mut ok = cap > 0;
-    // Test 16 keys at a time without branches (vectorises), then append the
-    // hits of a group by their bit mask.
-    for (g, group) in keys.chunks(16).enumerate() {
-        above += group.iter().map(|&k| u32::from(k > hi)).sum::<u32>() as u64;
+    // A bit per key within the range (one word per 64 keys), then the set
+    // bits: few keys are within the range.
+    let mut bits = [0u64; BLOCK / 64];
+    for (c, part) in keys.chunks(BLOCK).enumerate() {
+        let words = part.len().div_ceil(64);
+        above += range_bits(part, lo, span, hi, &mut bits[..words]);
         if !ok {
             continue;
         }
-        let mut hits = group
-            .iter()
-            .enumerate()
-            .fold(0u32, |m, (t, &k)| m | (u32::from(inside(k)) << t));
-        if hits != 0 {
-            if cands.len() + hits.count_ones() as usize > cap {
-                ok = false;
-                continue;
-            }
-            let at = offset + (g * 16) as u64;
-            while hits != 0 {
-                let t = hits.trailing_zeros() as usize;
-                cands.push((at + t as u64, group[t]));
-                hits &= hits - 1;
+        let hits: usize = bits[..words].iter().map(|w| w.count_ones() as usize).sum();
+        if cands.len() + hits > cap {
+            ok = false;
+            continue;
+        }
+        for (w, &word) in bits[..words].iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let t = 64 * w + word.trailing_zeros() as usize;
+                cands.push((offset + (c * BLOCK + t) as u64, part[t]));
+                word &= word - 1;
             }
         }
     }
     (above, ok)
+}
+
+/// Sets bit `e % 64` of `bits[e / 64]` when `keys[e]` is within `lo..=lo +
+/// span` (other bits cleared; `keys.len() <= 64 · bits.len()`), and returns
+/// how many keys are above `hi`.
+#[inline(always)]
+fn range_bits(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { range_bits_avx2(keys, lo, span, hi, bits) };
+    }
+    range_bits_portable(keys, lo, span, hi, bits)
+}
+
+fn range_bits_portable(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+    bits.iter_mut().for_each(|w| *w = 0);
+    let mut above = 0u64;
+    for (e, &k) in keys.iter().enumerate() {
+        bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
+        above += u64::from(k > hi);
+    }
+    above
+}
+
+/// [`range_bits_portable`] with AVX2 compares and move-masks (the same bits
+/// and count).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn range_bits_avx2(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+    use std::arch::x86_64::*;
+    // Unsigned comparisons as signed ones on values with the top bit flipped.
+    let flip = _mm256_set1_epi32(i32::MIN);
+    let lo_v = _mm256_set1_epi32(lo as i32);
+    let span_f = _mm256_set1_epi32((span ^ 0x8000_0000) as i32);
+    let hi_f = _mm256_set1_epi32((hi ^ 0x8000_0000) as i32);
+    let mut acc = _mm256_setzero_si256();
+    let octets = keys.len() / 8;
+    bits.iter_mut().for_each(|w| *w = 0);
+    for g in 0..octets {
+        // SAFETY: `8 g + 8 <= keys.len()`; unaligned load.
+        let v = unsafe { _mm256_loadu_si256(keys.as_ptr().add(8 * g) as *const __m256i) };
+        let gt = _mm256_cmpgt_epi32(_mm256_xor_si256(v, flip), hi_f);
+        acc = _mm256_sub_epi32(acc, gt);
+        let d = _mm256_xor_si256(_mm256_sub_epi32(v, lo_v), flip);
+        let outside = _mm256_cmpgt_epi32(d, span_f);
+        let m = !_mm256_movemask_ps(_mm256_castsi256_ps(outside)) as u32 & 0xff;
+        bits[g / 8] |= (m as u64) << (8 * (g % 8));
+    }
+    let mut lanes = [0u32; 8];
+    // SAFETY: `lanes` holds 8 words; unaligned store.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+    // (each lane counts at most keys.len() / 8 < 2^32 keys)
+    let mut above: u64 = lanes.iter().map(|&l| l as u64).sum();
+    for e in 8 * octets..keys.len() {
+        let k = keys[e];
+        bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
+        above += u64::from(k > hi);
+    }
+    above
 }
 
 /// The bin (scanning from the top) holding the `k`-th largest, and how many
@@ -1676,6 +1734,34 @@ mod tests {
             let (kept, one) = select_guessed(&same, k as u64, 999, &same[..64]);
             assert_eq!(kept, reference(&same, k), "k={k}");
             assert!(one);
+        }
+    }
+
+    #[test]
+    fn range_bits_with_avx2_are_the_portable_bits() {
+        let keys: Vec<u32> = (0..1000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) >> (i % 7))
+            .chain([0, 1, u32::MAX, 0x8000_0000, 0x7fff_ffff])
+            .collect();
+        for (lo, hi) in [
+            (0u32, u32::MAX),
+            (1 << 28, 1 << 30),
+            (5, 5),
+            (0x7fff_0000, u32::MAX),
+        ] {
+            for len in [0usize, 7, 8, 63, 64, 65, 1000, keys.len()] {
+                let words = len.div_ceil(64).max(1);
+                let mut a = vec![u64::MAX; words];
+                let mut b = vec![0u64; words];
+                let n_a = range_bits(&keys[..len], lo, hi - lo, hi, &mut a);
+                let n_b = range_bits_portable(&keys[..len], lo, hi - lo, hi, &mut b);
+                assert_eq!((n_a, &a), (n_b, &b), "lo {lo} hi {hi} len {len}");
+                let above = keys[..len].iter().filter(|&&k| k > hi).count() as u64;
+                assert_eq!(n_b, above);
+                for (e, &k) in keys[..len].iter().enumerate() {
+                    assert_eq!((b[e / 64] >> (e % 64)) & 1 == 1, (lo..=hi).contains(&k));
+                }
+            }
         }
     }
 
