@@ -930,6 +930,13 @@ fn guess_sweep(
     (above, ok)
 }
 
+/// Sets bit `e % 64` of `bits[e / 64]` when `values[e] <= limit`, clears
+/// the others (`values.len() <= 64 · bits.len()`): DARE's keep mask from its
+/// draws ([`dare_limit`]), with AVX2 where the CPU has it.
+pub fn bits_at_most(values: &[u32], limit: u32, bits: &mut [u64]) {
+    range_bits(values, 0, limit, u32::MAX, bits);
+}
+
 /// Sets bit `e % 64` of `bits[e / 64]` when `keys[e]` is within `lo..=lo +
 /// span` (other bits cleared; `keys.len() <= 64 · bits.len()`), and returns
 /// how many keys are above `hi`.
@@ -1753,6 +1760,11 @@ mod tests {
                 let words = len.div_ceil(64).max(1);
                 let mut a = vec![u64::MAX; words];
                 let mut b = vec![0u64; words];
+                if lo == 0 {
+                    let mut c = vec![u64::MAX; words];
+                    bits_at_most(&keys[..len], hi, &mut c);
+                    assert_eq!(c, b, "at most {hi}, len {len}");
+                }
                 let n_a = range_bits(&keys[..len], lo, hi - lo, hi, &mut a);
                 let n_b = range_bits_portable(&keys[..len], lo, hi - lo, hi, &mut b);
                 assert_eq!((n_a, &a), (n_b, &b), "lo {lo} hi {hi} len {len}");

@@ -255,17 +255,13 @@ fn record(mask: &mut [u64], first: usize, draws: &[u32], d: f64) {
     };
     runs(mask, 0, head);
     let w0 = (first + head) / 64;
-    for (c, us) in draws[head..head + 64 * words].chunks_exact(64).enumerate() {
-        // 8 bits at a time (a vector compare and a move-mask).
-        let mut word = 0u64;
-        for (g, oct) in us.chunks_exact(8).enumerate() {
-            let byte = oct
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (j, &u)| m | (u64::from(keep(u)) << j));
-            word |= byte << (8 * g);
-        }
-        mask[w0 + c] |= word;
+    if any {
+        // Whole words, which no other block writes.
+        ops::bits_at_most(
+            &draws[head..head + 64 * words],
+            limit,
+            &mut mask[w0..w0 + words],
+        );
     }
     runs(mask, head + 64 * words, n);
 }
