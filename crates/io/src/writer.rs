@@ -79,7 +79,9 @@ struct ShardPlan {
 /// (`.<name>.tensormerge-tmp-<pid>-<n>`); [`finish`](ModelWriter::finish) renames
 /// it into place. Dropping the writer without `finish` (an error, a panic, an
 /// interrupt that unwinds) removes the temporary directory, so nothing that
-/// looks like a finished model is ever left behind.
+/// looks like a finished model is ever left behind. A process killed outright
+/// (SIGKILL, power loss) cannot clean up: the next writer to the same output
+/// removes such hidden directories whose process no longer exists.
 ///
 /// ```
 /// use tensormerge_core::{DType, TensorInfo};
@@ -152,6 +154,7 @@ impl ModelWriter {
             _ => {}
         }
         std::fs::create_dir_all(&parent).map_err(|e| IoError::io(&parent, e))?;
+        remove_stale_temps(&parent, &name);
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let tmp = parent.join(format!(
             ".{name}.tensormerge-tmp-{}-{}",
@@ -605,6 +608,42 @@ fn resolve_nonexistent(p: &Path) -> PathBuf {
     abs
 }
 
+/// Removes the hidden temporary directories of earlier writers to
+/// `parent/name` whose process is gone (killed before it could clean up):
+/// `.<name>.tensormerge-tmp-<pid>-<n>` and `.<name>.tensormerge-old-<pid>-<n>`
+/// with no `/proc/<pid>`. Best effort: where `/proc` is missing nothing is
+/// removed, and failures are ignored.
+fn remove_stale_temps(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let ours = std::process::id();
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(file) = file.to_str() else {
+            continue;
+        };
+        let Some(rest) = [".tensormerge-tmp-", ".tensormerge-old-"]
+            .iter()
+            .find_map(|kind| file.strip_prefix(&format!(".{name}{kind}")))
+        else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), true) = (pid.parse::<u32>(), n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        if pid != ours && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = remove_path(&e.path());
+        }
+    }
+}
+
 /// Atomically exchanges two paths (`renameat2` with `RENAME_EXCHANGE`, Linux
 /// 3.15+ on most local file systems); an error where that is not available.
 #[cfg(target_os = "linux")]
@@ -642,7 +681,47 @@ fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
 
 #[cfg(all(test, target_os = "linux"))]
 mod exchange_tests {
-    use super::exchange;
+    use super::{ModelWriter, WriterOptions, exchange};
+    use tensormerge_core::{DType, TensorInfo};
+
+    #[test]
+    fn leftovers_of_dead_writers_to_the_same_output_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        // pid_max is at most 2^22: 999999999 is never a live process; 1 always is.
+        let dead = [
+            ".out.tensormerge-tmp-999999999-0",
+            ".out.tensormerge-old-999999999-3",
+        ];
+        let kept = [
+            ".out.tensormerge-tmp-1-0".to_string(),
+            format!(".out.tensormerge-tmp-{me}-12345"),
+            ".other.tensormerge-tmp-999999999-0".to_string(),
+            ".out.tensormerge-tmp-999999999-x".to_string(),
+            "out.tensormerge-tmp-999999999-0".to_string(),
+        ];
+        for d in dead
+            .iter()
+            .map(|s| s.to_string())
+            .chain(kept.iter().cloned())
+        {
+            std::fs::create_dir(tmp.path().join(&d)).unwrap();
+            std::fs::write(tmp.path().join(&d).join("model.safetensors"), "x").unwrap();
+        }
+        let w = ModelWriter::create(
+            &tmp.path().join("out"),
+            vec![TensorInfo::new("w", vec![1], DType::F32)],
+            WriterOptions::default(),
+        )
+        .unwrap();
+        for d in dead {
+            assert!(!tmp.path().join(d).exists(), "{d} should be gone");
+        }
+        for d in &kept {
+            assert!(tmp.path().join(d).exists(), "{d} should be kept");
+        }
+        drop(w);
+    }
 
     #[test]
     fn exchange_swaps_two_directories_in_one_step() {
