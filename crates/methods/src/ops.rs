@@ -1175,32 +1175,22 @@ impl Combine {
                     }
                 }
                 Rule::Ties(consensus) => {
-                    // Eight elements at a time, every model in turn, the
-                    // sums held in registers (vectorises); the sums are taken
-                    // in model order per element, as the scalar rule reads.
-                    let groups = bl / 8;
                     let (w, n) = (&self.weights[..], self.normalize);
-                    let at = |e: usize| start + e;
-                    match consensus {
-                        Consensus::Sum => {
-                            for g in 0..groups {
-                                let o = &mut merged[8 * g..8 * g + 8];
-                                ties_lanes::<8, false>(w, n, deltas, len, at(8 * g), o);
-                            }
-                            for e in 8 * groups..bl {
-                                let o = &mut merged[e..e + 1];
-                                ties_lanes::<1, false>(w, n, deltas, len, at(e), o);
-                            }
+                    let m = &mut merged[..];
+                    // Weights of exactly 1 multiply nothing (1 · x = x for
+                    // every x that arithmetic produces): skip the products.
+                    match (consensus, w.iter().all(|&w| w == 1.0)) {
+                        (Consensus::Sum, false) => {
+                            ties_block::<false, false>(w, n, deltas, len, start, m)
                         }
-                        Consensus::Count => {
-                            for g in 0..groups {
-                                let o = &mut merged[8 * g..8 * g + 8];
-                                ties_lanes::<8, true>(w, n, deltas, len, at(8 * g), o);
-                            }
-                            for e in 8 * groups..bl {
-                                let o = &mut merged[e..e + 1];
-                                ties_lanes::<1, true>(w, n, deltas, len, at(e), o);
-                            }
+                        (Consensus::Sum, true) => {
+                            ties_block::<false, true>(w, n, deltas, len, start, m)
+                        }
+                        (Consensus::Count, false) => {
+                            ties_block::<true, false>(w, n, deltas, len, start, m)
+                        }
+                        (Consensus::Count, true) => {
+                            ties_block::<true, true>(w, n, deltas, len, start, m)
                         }
                     }
                 }
@@ -1229,8 +1219,33 @@ impl Combine {
 /// `COUNT`) is elected, a zero sum electing `+`; the agreeing non-zero `δ_i`
 /// are summed, divided by the sum of their weights when `normalize` (a zero
 /// divisor giving 0).
+/// [`ties_lanes`] over `merged.len()` elements from `e`, eight at a time.
 #[inline(always)]
-fn ties_lanes<const L: usize, const COUNT: bool>(
+fn ties_block<const COUNT: bool, const UNIT: bool>(
+    weights: &[f64],
+    normalize: bool,
+    deltas: &[f64],
+    len: usize,
+    e: usize,
+    merged: &mut [f64],
+) {
+    // Eight elements at a time, every model in turn, the sums held in
+    // registers (vectorises); the sums are taken in model order per
+    // element, as the rule reads.
+    let bl = merged.len();
+    let groups = bl / 8;
+    for g in 0..groups {
+        let o = &mut merged[8 * g..8 * g + 8];
+        ties_lanes::<8, COUNT, UNIT>(weights, normalize, deltas, len, e + 8 * g, o);
+    }
+    for r in 8 * groups..bl {
+        let o = &mut merged[r..r + 1];
+        ties_lanes::<1, COUNT, UNIT>(weights, normalize, deltas, len, e + r, o);
+    }
+}
+
+#[inline(always)]
+fn ties_lanes<const L: usize, const COUNT: bool, const UNIT: bool>(
     weights: &[f64],
     normalize: bool,
     deltas: &[f64],
@@ -1242,7 +1257,8 @@ fn ties_lanes<const L: usize, const COUNT: bool>(
     for (i, &w) in weights.iter().enumerate() {
         let d = &deltas[i * len + e..i * len + e + L];
         for (v, &x) in vote.iter_mut().zip(d) {
-            *v += if COUNT { sign(w * x) } else { w * x };
+            let d = if UNIT { x } else { w * x };
+            *v += if COUNT { sign(d) } else { d };
         }
     }
     // The elected sign as ±1 (a zero vote elects +).
@@ -1251,7 +1267,7 @@ fn ties_lanes<const L: usize, const COUNT: bool>(
     for (i, &w) in weights.iter().enumerate() {
         let d = &deltas[i * len + e..i * len + e + L];
         for j in 0..L {
-            let d = w * d[j];
+            let d = if UNIT { d[j] } else { w * d[j] };
             // agrees with the elected sign, and is not 0
             let agree = d * s[j] > 0.0;
             acc[j] += if agree { d } else { 0.0 };
@@ -1772,6 +1788,62 @@ mod tests {
                 assert_eq!(n_b, above);
                 for (e, &k) in keys[..len].iter().enumerate() {
                     assert_eq!((b[e / 64] >> (e % 64)) & 1 == 1, (lo..=hi).contains(&k));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ties_combine_matches_a_plain_loop_with_unit_and_other_weights() {
+        let n = 1003;
+        let val = |i: usize| (((i * 2_654_435_761) % 1_000_003) as f64 / 1_000_003.0 - 0.5) * 0.02;
+        let base: Vec<f32> = (0..n).map(|i| val(i + 11) as f32).collect();
+        let deltas = |i: usize, p: usize| {
+            if (p + 2 * i).is_multiple_of(7) {
+                0.0
+            } else {
+                val(p * 5 + i)
+            }
+        };
+        for weights in [vec![1.0, 1.0, 1.0], vec![1.0, -0.5, 2.0]] {
+            for consensus in [Consensus::Sum, Consensus::Count] {
+                for normalize in [false, true] {
+                    let combine = Combine {
+                        weights: weights.clone(),
+                        lambda: 0.75,
+                        normalize,
+                        rule: Rule::Ties(consensus),
+                    };
+                    let mut out = vec![0.0f32; n];
+                    combine_blocks(&combine, Some(&base), &mut out, |i, start, buf| {
+                        for (e, d) in buf.iter_mut().enumerate() {
+                            *d = deltas(i, start + e);
+                        }
+                    });
+                    for (p, &o) in out.iter().enumerate() {
+                        let d: Vec<f64> = (0..3).map(|i| weights[i] * deltas(i, p)).collect();
+                        let vote: f64 = match consensus {
+                            Consensus::Sum => d.iter().fold(0.0, |a, &x| a + x),
+                            Consensus::Count => d.iter().fold(0.0, |a, &x| a + sign(x)),
+                        };
+                        let s = if vote >= 0.0 { 1.0 } else { -1.0 };
+                        let (mut acc, mut div) = (0.0f64, 0.0f64);
+                        for (i, &x) in d.iter().enumerate() {
+                            if x * s > 0.0 {
+                                acc += x;
+                                div += weights[i];
+                            }
+                        }
+                        if normalize {
+                            acc = if div == 0.0 { 0.0 } else { acc / div };
+                        }
+                        let expect = (base[p] as f64 + 0.75 * acc) as f32;
+                        assert_eq!(
+                            o.to_bits(),
+                            expect.to_bits(),
+                            "{weights:?} {consensus:?} {normalize} at {p}"
+                        );
+                    }
                 }
             }
         }
