@@ -634,32 +634,12 @@ fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
 /// pass that is [`done`](tensormerge_methods::StatsPass::done) early reads
 /// less).
 fn expected_tensor_reads(plan: &Plan, t: &crate::plan::TensorPlan, chunk_len: usize) -> u64 {
-    let name = &t.out.name;
-    let size = |i: &Input| {
-        i.model
-            .layout()
-            .get(name)
-            .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
-    };
+    let once = plan.tensor_bytes_to_read(t);
     match &t.action {
-        Action::Copy => size(plan.copy_source()),
-        Action::Merge {
-            global,
-            models,
-            aux,
-            base_aux,
-        } => {
-            let mut once: u64 = plan.base.iter().chain(&plan.models).map(size).sum();
-            for (a, has) in plan.aux.iter().zip(aux) {
-                if let (Some(a), true) = (a, has) {
-                    once += size(a);
-                }
-            }
-            if *base_aux {
-                once += plan.base_aux.iter().map(size).sum::<u64>();
-            }
+        Action::Copy => once,
+        Action::Merge { global, models, .. } => {
             let ctx = TensorContext {
-                name,
+                name: &t.out.name,
                 shape: &t.out.shape,
                 global,
                 models,

@@ -620,32 +620,37 @@ impl Plan {
     /// Bytes read by the merge pass: each merged tensor from every input that
     /// takes part, each copied tensor once.
     pub fn bytes_to_read(&self) -> u64 {
-        let mut total = 0u64;
-        for t in &self.tensors {
-            let name = &t.out.name;
-            let size = |i: &Input| {
-                i.model
-                    .layout()
-                    .get(name)
-                    .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
-            };
-            match &t.action {
-                Action::Copy => total += size(self.copy_source()),
-                Action::Merge { aux, base_aux, .. } => {
-                    total += self.base.iter().map(size).sum::<u64>();
-                    total += self.models.iter().map(size).sum::<u64>();
-                    for (a, has) in self.aux.iter().zip(aux) {
-                        if let (Some(a), true) = (a, has) {
-                            total += size(a);
-                        }
-                    }
-                    if *base_aux {
-                        total += self.base_aux.iter().map(size).sum::<u64>();
+        self.tensors
+            .iter()
+            .map(|t| self.tensor_bytes_to_read(t))
+            .sum()
+    }
+
+    /// Bytes one read of tensor `t` takes: from every input that takes part
+    /// in merging it, or from the copy source.
+    pub fn tensor_bytes_to_read(&self, t: &TensorPlan) -> u64 {
+        let name = &t.out.name;
+        let size = |i: &Input| {
+            i.model
+                .layout()
+                .get(name)
+                .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
+        };
+        match &t.action {
+            Action::Copy => size(self.copy_source()),
+            Action::Merge { aux, base_aux, .. } => {
+                let mut total: u64 = self.base.iter().chain(&self.models).map(size).sum();
+                for (a, has) in self.aux.iter().zip(aux) {
+                    if let (Some(a), true) = (a, has) {
+                        total += size(a);
                     }
                 }
+                if *base_aux {
+                    total += self.base_aux.iter().map(size).sum::<u64>();
+                }
+                total
             }
         }
-        total
     }
 
     /// Bytes of tensor data written.
