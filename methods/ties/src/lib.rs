@@ -213,15 +213,20 @@ impl StatsPass for TopKPass {
             ""
         };
         if sweep == 0 && chunk.offset == 0 && !self.by_tensor {
-            // A guess of each threshold from evenly spaced keys of the first
-            // chunk, so that the first sweep usually settles the selection.
-            let stride = (base.len() / TopK::SAMPLE).max(1);
+            // A guess of each threshold from evenly spaced runs of 16 keys
+            // (a cache line each) of the first chunk, so that the first
+            // sweep usually settles the selection.
+            const RUN: usize = 16;
+            let runs = TopK::SAMPLE / RUN;
+            let stride = (base.len() / runs).max(RUN) / RUN * RUN;
+            let mut sample = Vec::with_capacity(TopK::SAMPLE);
             for (sel, x) in self.selectors.iter_mut().zip(chunk.models) {
-                let mut sample: Vec<u32> = (0..base.len())
-                    .step_by(stride)
-                    .take(TopK::SAMPLE)
-                    .map(|p| magnitude_key(x[p] - base[p]))
-                    .collect();
+                sample.clear();
+                for at in (0..base.len()).step_by(stride).take(runs) {
+                    let end = (at + RUN).min(base.len());
+                    let keys = x[at..end].iter().zip(&base[at..end]);
+                    sample.extend(keys.map(|(&x, &b)| magnitude_key(x - b)));
+                }
                 sel.guess(&mut sample);
             }
         }
