@@ -9,8 +9,9 @@
 //!   squares and L1 norms do not depend on the order of addition or on where
 //!   chunks were cut.
 //! - [`TopK`]: exact streaming selection of the `k` largest magnitudes by a
-//!   histogram over `f32` bit patterns refined in a second sweep (no sorting,
-//!   memory independent of the data size), with ties at the threshold broken
+//!   guess from a sample checked in one sweep, or else a histogram over
+//!   `f32` bit patterns refined in a second sweep (no sorting; memory below
+//!   the input's size), with ties at the threshold broken
 //!   by the lowest position. Its result, a [`Selection`], is applied chunk by
 //!   chunk.
 //! - [`Combine`]: the final combination of (sparsified) task vectors: the

@@ -49,7 +49,11 @@
 //! order of lowest position (within a tensor: flat index; over a whole
 //! model: tensor name, then flat index, so that the result does not depend on
 //! the order of tensors in the file). Merging in chunks, on any number of
-//! threads, gives bit-identical output.
+//! threads, gives bit-identical output. Per tensor, the threshold is first
+//! guessed from 65 536 keys sampled from the first chunk, and the first
+//! sweep records the keys near the guess; when the guess holds (usually) the
+//! selection is known after that one sweep, else the histograms decide. The
+//! guess changes only the speed, never the selection.
 //!
 //! ## Differences from mergekit
 //!
