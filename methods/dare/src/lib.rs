@@ -58,7 +58,7 @@
 
 use std::sync::Arc;
 
-use tensormerge_methods::ops::{self, BLOCK, Combine, Consensus, PositionalSum, Rule};
+use tensormerge_methods::ops::{self, Combine, Consensus, PositionalSum, Rule};
 use tensormerge_methods::rng;
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
@@ -174,6 +174,10 @@ fn rescale(method: &str, global: &Params) -> Result<Rescale, MethodError> {
         }),
     }
 }
+
+/// Elements per block of the L1 pass: its buffers (draws, two `f64` rows)
+/// and the inputs' blocks stay well inside the L1 cache.
+const PASS_BLOCK: usize = 256;
 
 /// Whether entries of a model at density `d` are dropped at all.
 fn drops(d: f64) -> bool {
@@ -326,14 +330,14 @@ impl L1Pass {
     /// norms.
     #[inline(always)]
     fn blocks(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
-        let (mut all, mut kept) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
-        let mut draws = [0u32; BLOCK];
+        let (mut all, mut kept) = ([0.0f64; PASS_BLOCK], [0.0f64; PASS_BLOCK]);
+        let mut draws = [0u32; PASS_BLOCK];
         let mut rngs: Vec<_> = (0..self.densities.len())
             .map(|i| stream_of(chunk.tensor, i, chunk.offset))
             .collect();
         // Block by block, every model in turn: the base block stays in cache.
-        for start in (0..base.len()).step_by(BLOCK) {
-            let end = (start + BLOCK).min(base.len());
+        for start in (0..base.len()).step_by(PASS_BLOCK) {
+            let end = (start + PASS_BLOCK).min(base.len());
             let n = end - start;
             let b = &base[start..end];
             let at = chunk.offset + start;
