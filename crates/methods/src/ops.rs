@@ -444,9 +444,10 @@ pub struct TopK {
     part: Vec<u32>,
     /// Keys counted in `part` since the last flush.
     pending: u64,
-    /// [`Stage::Guess`]: the positions and keys within the guessed range,
-    /// in index order (dropped when more than [`TopK::cap`]).
-    cands: Vec<(u64, u32)>,
+    /// [`Stage::Guess`]: the positions (below 2³², see
+    /// [`guess`](TopK::guess)) and keys within the guessed range, in index
+    /// order (dropped when more than [`TopK::cap`]).
+    cands: Vec<(u32, u32)>,
     /// Whether `cands` holds every key within the guessed range.
     cands_ok: bool,
     /// One segment, [`Stage::Low`]: bit `p % 64` of word `p / 64` is set when
@@ -529,9 +530,10 @@ impl TopK {
     /// reordered) from which to guess where the `k`-th largest key lies, so
     /// that sweep 0 usually settles the selection. The result never depends
     /// on the sample: a wrong guess only costs the sweeps it would have
-    /// taken anyway.
+    /// taken anyway. (Ignored for more than 2³² keys.)
     pub fn guess(&mut self, sample: &mut [u32]) {
         if !self.one_segment
+            || self.n > u32::MAX as u64
             || !matches!(self.stage, Stage::High)
             || self.density.is_some()
             || self.seen != 0
@@ -824,7 +826,7 @@ impl TopK {
     /// Finishes from the candidates of a guess (every key within the guessed
     /// range, in index order), `need` of which are kept: those of largest
     /// key, ties at the threshold by lowest position.
-    fn finish_from(&mut self, cands: Vec<(u64, u32)>, need: u64) {
+    fn finish_from(&mut self, cands: Vec<(u32, u32)>, need: u64) {
         let mut keys: Vec<u32> = cands.iter().map(|c| c.1).collect();
         let t = *keys
             .select_nth_unstable_by(need as usize - 1, |a, b| b.cmp(a))
@@ -839,7 +841,7 @@ impl TopK {
                 .iter()
                 .filter(|c| c.1 == t)
                 .nth(kept_ties as usize - 1)
-                .map_or(0, |c| c.0);
+                .map_or(0, |c| c.0 as u64);
             let segment = std::mem::take(&mut self.segment);
             self.finish(Selection::Ties {
                 key: t,
@@ -897,7 +899,7 @@ fn nth_set_bit(bits: &[u64], mut j: u64) -> Option<u64> {
 /// exceed `cap` candidates.
 #[inline(always)]
 fn guess_sweep(
-    cands: &mut Vec<(u64, u32)>,
+    cands: &mut Vec<(u32, u32)>,
     cap: usize,
     offset: u64,
     keys: &[u32],
@@ -925,7 +927,8 @@ fn guess_sweep(
             let mut word = word;
             while word != 0 {
                 let t = 64 * w + word.trailing_zeros() as usize;
-                cands.push((offset + (c * BLOCK + t) as u64, part[t]));
+                // (positions are below n ≤ 2³², checked by `guess`)
+                cands.push(((offset + (c * BLOCK + t) as u64) as u32, part[t]));
                 word &= word - 1;
             }
         }
