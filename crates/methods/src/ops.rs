@@ -383,6 +383,11 @@ enum Stage {
     /// One segment, after a [`guess`](TopK::guess): counting the keys above
     /// `hi` and recording the keys within `lo..=hi` as candidates.
     Guess { lo: u32, hi: u32, above: u64 },
+    /// One segment, after a [`guess`](TopK::guess) whose range holds many
+    /// keys of few values (a large tie, as in BF16 weights): counting the
+    /// keys above `hi`, and for those within `lo..=hi` setting their
+    /// position bit and recording a one-byte code of their value.
+    GuessCoded { lo: u32, hi: u32, above: u64 },
     /// Histogram of the high 16 bits of every key.
     High,
     /// Histogram of the low 16 bits of keys whose high bits are `hi`; `need`
@@ -429,7 +434,11 @@ enum Stage {
 /// lets sweep 0 count the keys above the guessed range and record those
 /// within it instead; when the k-th largest is among them (the usual case),
 /// the selection is known after that single sweep, else sweeps 1 and 2 run
-/// the histograms above.
+/// the histograms above. The keys within the range are recorded with their
+/// positions (8 bytes each, at most `max(2²⁰, n / 16)` of them) or, when
+/// the sample shows more than that in few distinct values (a large tie, as
+/// in BF16 weights, whose differences take few values), as a position bit
+/// each plus a one-byte code of the value (`n / 8` bytes plus one per key).
 #[derive(Debug, Clone)]
 pub struct TopK {
     n: u64,
@@ -456,9 +465,19 @@ pub struct TopK {
     /// One segment, [`Stage::Low`]: the low 16 bits of the keys in the bin,
     /// in index order.
     lows: Vec<u16>,
+    /// [`Stage::GuessCoded`]: the values coded `0..table.len()`, ascending
+    /// (from the sample); other values within the range are coded
+    /// [`ESCAPE`] and recorded in `cands`.
+    table: Vec<u32>,
+    /// [`Stage::GuessCoded`]: the code of each key within the range, in
+    /// index order (positions in `bits`).
+    codes: Vec<u8>,
     /// The name of the one segment.
     segment: String,
 }
+
+/// [`Stage::GuessCoded`]'s code for a value not in its table.
+const ESCAPE: u8 = u8::MAX;
 
 /// Most candidates recorded after a guess (16 MiB).
 const CANDIDATES: usize = 1 << 20;
@@ -515,6 +534,8 @@ impl TopK {
             cands_ok: false,
             bits: Vec::new(),
             lows: Vec::new(),
+            table: Vec::new(),
+            codes: Vec::new(),
             segment: String::new(),
         }
     }
@@ -566,8 +587,26 @@ impl TopK {
         let expect = (inside as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024;
         if inside as f64 / s as f64 * self.n as f64 > self.cap() as f64 {
             // The sample says the range holds more keys than may be recorded
-            // (a large tie at the threshold, as in BF16 weights): the guess
-            // would miss, so do not spend a sweep on it.
+            // as candidates: a large tie at the threshold, as in BF16
+            // weights. With few distinct values there, a position bit and a
+            // one-byte code per key record them (n / 8 bytes plus one per
+            // key: less than the input); otherwise the guess would miss, so
+            // no sweep is spent on it.
+            let mut table: Vec<u32> = sample
+                .iter()
+                .copied()
+                .filter(|k| (lo..=hi).contains(k))
+                .collect();
+            table.sort_unstable();
+            table.dedup();
+            if table.len() < ESCAPE as usize {
+                self.table = table;
+                self.bits = vec![0; self.n.div_ceil(64) as usize];
+                self.codes = Vec::with_capacity(expect);
+                self.cands = Vec::new();
+                self.cands_ok = true;
+                self.stage = Stage::GuessCoded { lo, hi, above: 0 };
+            }
             return;
         }
         self.cands = Vec::with_capacity(expect.min(self.cap()));
@@ -618,6 +657,22 @@ impl TopK {
                     self.cands_ok = false;
                     self.cands = Vec::new();
                 }
+                self.seen += keys.len() as u64;
+            }
+            Stage::GuessCoded { lo, hi, above } => {
+                let (lo, hi) = (*lo, *hi);
+                *above += coded_sweep(
+                    &mut self.bits,
+                    &mut self.codes,
+                    &self.table,
+                    &mut self.cands,
+                    &mut self.cands_ok,
+                    cap,
+                    offset,
+                    keys,
+                    lo,
+                    hi,
+                );
                 self.seen += keys.len() as u64;
             }
             Stage::High => {
@@ -733,6 +788,24 @@ impl TopK {
                     self.finish_from(cands, self.k - above);
                 } else {
                     // The guess missed: the histograms decide.
+                    self.cands_ok = false;
+                    self.stage = Stage::High;
+                }
+                Ok(())
+            }
+            Stage::GuessCoded { above, .. } => {
+                check(seen, self.n)?;
+                let inside = self.codes.len() as u64;
+                let settled = self.cands_ok && above < self.k && self.k <= above + inside && {
+                    let need = self.k - above;
+                    self.finish_coded(need)
+                };
+                if !settled {
+                    // The guess missed: the histograms decide.
+                    self.table = Vec::new();
+                    self.codes = Vec::new();
+                    self.bits = Vec::new();
+                    self.cands = Vec::new();
                     self.cands_ok = false;
                     self.stage = Stage::High;
                 }
@@ -857,6 +930,70 @@ impl TopK {
         }
     }
 
+    /// Finishes a [`Stage::GuessCoded`] sweep whose range holds the
+    /// `need`-th largest of the keys within it; false (nothing changed)
+    /// if the records do not allow it.
+    fn finish_coded(&mut self, need: u64) -> bool {
+        // Every value within the range with its count, largest first.
+        let mut counts = vec![0u64; 256];
+        for &c in &self.codes {
+            counts[c as usize] += 1;
+        }
+        // (escapes are counted from the candidates below)
+        let mut values: Vec<(u32, u64)> = self
+            .table
+            .iter()
+            .copied()
+            .zip(counts.iter().copied())
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        let mut extra: Vec<u32> = self.cands.iter().map(|c| c.1).collect();
+        extra.sort_unstable();
+        for run in extra.chunk_by(|a, b| a == b) {
+            values.push((run[0], run.len() as u64));
+        }
+        values.sort_unstable_by_key(|v| std::cmp::Reverse(v.0));
+        let mut before = 0u64;
+        for (t, n) in values {
+            if before + n < need {
+                before += n;
+                continue;
+            }
+            let kept_ties = need - before;
+            if kept_ties == n {
+                self.finish(Selection::AtLeast(t));
+                return true;
+            }
+            // The kept_ties-th key equal to t, in index order.
+            let index = match self.table.binary_search(&t) {
+                Ok(code) => self
+                    .codes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &c)| c as usize == code)
+                    .nth(kept_ties as usize - 1)
+                    .and_then(|(j, _)| nth_set_bit(&self.bits, j as u64)),
+                Err(_) => self
+                    .cands
+                    .iter()
+                    .filter(|c| c.1 == t)
+                    .nth(kept_ties as usize - 1)
+                    .map(|c| c.0 as u64),
+            };
+            let Some(index) = index else {
+                return false;
+            };
+            let segment = std::mem::take(&mut self.segment);
+            self.finish(Selection::Ties {
+                key: t,
+                segment,
+                index,
+            });
+            return true;
+        }
+        false
+    }
+
     /// Adds the 32-bit partial histograms into the 64-bit one.
     fn flush(&mut self) {
         if self.pending == 0 || self.part.is_empty() {
@@ -878,6 +1015,8 @@ impl TopK {
         self.cands_ok = false;
         self.bits = Vec::new();
         self.lows = Vec::new();
+        self.table = Vec::new();
+        self.codes = Vec::new();
         self.stage = Stage::Done(s);
     }
 }
@@ -940,6 +1079,62 @@ fn guess_sweep(
         }
     }
     (above, ok)
+}
+
+/// Sweep 0 after a coded guess ([`Stage::GuessCoded`]): counts the keys
+/// above `hi` (returned); for each key within `lo..=hi`, sets its position
+/// bit in `bits` and appends its code (its index in `table`, or [`ESCAPE`]
+/// with the key and position appended to `cands` while there is room below
+/// `cap`, else `ok` turns false).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn coded_sweep(
+    bits: &mut [u64],
+    codes: &mut Vec<u8>,
+    table: &[u32],
+    cands: &mut Vec<(u32, u32)>,
+    ok: &mut bool,
+    cap: usize,
+    offset: u64,
+    keys: &[u32],
+    lo: u32,
+    hi: u32,
+) -> u64 {
+    let span = hi - lo;
+    let mut above = 0u64;
+    let mut words = [0u64; BLOCK / 64];
+    // The last value seen and its code: runs of one tied value are common.
+    let (mut last, mut last_code) = (u32::MAX, ESCAPE);
+    for (c, part) in keys.chunks(BLOCK).enumerate() {
+        let n = part.len().div_ceil(64);
+        above += range_bits(part, lo, span, hi, &mut words[..n]);
+        for (w, &word) in words[..n].iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let t = 64 * w + word.trailing_zeros() as usize;
+                word &= word - 1;
+                let p = offset + (c * BLOCK + t) as u64;
+                if let Some(b) = bits.get_mut((p / 64) as usize) {
+                    *b |= 1 << (p % 64);
+                }
+                let key = part[t];
+                if key != last {
+                    last = key;
+                    last_code = table.binary_search(&key).map_or(ESCAPE, |i| i as u8);
+                }
+                if last_code == ESCAPE {
+                    if cands.len() < cap {
+                        // (positions are below n ≤ 2³², checked by `guess`)
+                        cands.push((p as u32, key));
+                    } else {
+                        *ok = false;
+                    }
+                }
+                codes.push(last_code);
+            }
+        }
+    }
+    above
 }
 
 /// Sets bit `e % 64` of `bits[e / 64]` when `values[e] <= limit`, clears
@@ -1687,23 +1882,35 @@ mod tests {
 
     #[test]
     fn top_k_many_ties_are_placed_by_the_position_bits() {
-        // Every key equal: all are ties, more than a guess may record, so
-        // the guess is declined (the sample shows it) and the position of
-        // the last kept tie comes from the position bits of the low-bits
-        // sweep (the second).
+        // Every key equal: all are ties, more than the candidates of a guess
+        // may hold. With a guess, its position bits and value codes settle
+        // it in the first sweep; without one, the position bits of the
+        // low-bits sweep (the second) do.
         let n = CANDIDATES + 1000;
         let keys = vec![magnitude_key(0.25); n];
-        for k in [1usize, 777, n - 1] {
+        for (k, guess) in [
+            (1usize, true),
+            (777, true),
+            (n - 1, true),
+            (777, false),
+            (n - 1, false),
+        ] {
             let mut t = TopK::new(n as u64, k as u64, true);
-            t.guess(&mut keys[..100].to_vec());
-            for sweep in 0..2 {
+            if guess {
+                t.guess(&mut keys[..100].to_vec());
+            }
+            let sweeps = if guess { 1 } else { 2 };
+            for sweep in 0..sweeps {
                 assert!(!t.is_done(), "k={k}: done before sweep {sweep}");
                 for (c, part) in keys.chunks(100_000).enumerate() {
                     t.observe("", (c * 100_000) as u64, part);
                 }
                 t.end_sweep(sweep).unwrap();
             }
-            assert!(t.is_done(), "k={k}: two sweeps settle it");
+            assert!(
+                t.is_done(),
+                "k={k} guess={guess}: {sweeps} sweep(s) settle it"
+            );
             assert_eq!(
                 t.selection(),
                 Some(&Selection::Ties {
@@ -1738,6 +1945,61 @@ mod tests {
             .map(|(i, &key)| s.keeps("", i as u64, key))
             .collect();
         (kept, after_first)
+    }
+
+    #[test]
+    fn a_guess_into_a_large_tie_codes_the_values_and_is_exact() {
+        // BF16-like keys: few distinct values, each tied millions of times
+        // in a real checkpoint; here 2.4M keys, so that the guessed range
+        // holds more keys than candidates may be recorded. Rare values that
+        // an evenly spaced sample misses take the escape code.
+        let n = 2_400_000usize;
+        // Shares 10%, 50%, 30%, 10%: a guess inside the second value's tie
+        // covers more than a million keys.
+        let grid = [
+            0.5f32, 0.25, 0.25, 0.25, 0.25, 0.25, 0.125, 0.125, 0.125, 0.0625,
+        ];
+        let mut keys: Vec<u32> = (0..n)
+            .map(|i| {
+                let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+                magnitude_key(grid[(h % grid.len() as u64) as usize])
+            })
+            .collect();
+        for j in 0..50 {
+            keys[j * 40_009 + 11] = magnitude_key(0.2 + j as f32 * 1e-3); // rare
+        }
+        let even: Vec<u32> = keys.iter().step_by(n / 4096).copied().collect();
+        for k in [480_013u64, 1_000_001, 1_439_999] {
+            // Ranges within or across the large tie: coded.
+            let mut t = TopK::new(n as u64, k, true);
+            t.guess(&mut even.clone());
+            assert!(matches!(t.stage, Stage::GuessCoded { .. }), "k={k}");
+        }
+        // A threshold on a rare value (an escape): keep it and all above.
+        let on_rare = keys
+            .iter()
+            .filter(|&&x| x >= magnitude_key(0.2 + 25e-3))
+            .count();
+        for k in [
+            1usize, 240_000, 480_013, 960_000, 1_000_001, 1_439_999, on_rare, 2_399_999,
+        ] {
+            let expect = reference(&keys, k);
+            for chunk in [n, 333_331] {
+                let (kept, one) = select_guessed(&keys, k as u64, chunk, &even);
+                assert_eq!(kept, expect, "k={k} chunk={chunk}");
+                assert!(one, "k={k} chunk={chunk}: one sweep");
+            }
+        }
+        // Escapes beyond the room for them: the guess misses, still exact.
+        let mut rare = keys.clone();
+        for (j, key) in rare.iter_mut().enumerate().skip(1).step_by(2) {
+            *key = magnitude_key(0.2 + (j % 100_003) as f32 * 1e-7);
+        }
+        let sample: Vec<u32> = keys.iter().step_by(n / 4096).copied().collect();
+        for k in [480_013usize, 1_439_999] {
+            let (kept, _) = select_guessed(&rare, k as u64, 400_000, &sample);
+            assert_eq!(kept, reference(&rare, k), "k={k} with many escapes");
+        }
     }
 
     #[test]
