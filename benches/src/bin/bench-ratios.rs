@@ -1,5 +1,11 @@
 //! Prints each method's throughput as a ratio to a memory copy of the same
-//! input bytes, measured in the same run (median of several runs each).
+//! input bytes, measured in the same run.
+//!
+//! For each method, the copy and the method are timed alternately, `runs`
+//! times each (after one warm-up of both), and the ratio is the median copy
+//! time over the median method time: both medians come from the same
+//! stretch of time, so a machine whose speed drifts (other work, frequency)
+//! biases neither side.
 //!
 //! `cargo run --release -p tensormerge-benches --bin bench-ratios [numel] [runs] [label filter]`
 
@@ -7,17 +13,32 @@ use std::time::{Duration, Instant};
 
 use tensormerge_benches::{CASES, Inputs, NUMEL};
 
-fn median(mut f: impl FnMut(), runs: usize) -> Duration {
-    f(); // warm up (page faults, caches)
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
+fn time(f: &mut impl FnMut()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
+}
+
+/// Times `copy` and `method` alternately `runs` times (after a warm-up of
+/// each: page faults, caches); returns their medians.
+fn side_by_side(
+    mut copy: impl FnMut(),
+    mut method: impl FnMut(),
+    runs: usize,
+) -> (Duration, Duration) {
+    copy();
+    method();
+    let (mut c, mut m) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        c.push(time(&mut copy));
+        m.push(time(&mut method));
+    }
+    (median(c), median(m))
 }
 
 fn main() {
@@ -32,35 +53,32 @@ fn main() {
     let inputs = Inputs::new(numel, 3);
     let gib = |d: Duration| inputs.bytes() as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
     let mut dst = vec![0.0f32; numel * 4];
-    let copy = median(|| inputs.copy_into(&mut dst), runs);
+    let mut out = vec![0.0f32; numel];
     println!(
-        "{numel} elements, 1 base + 3 models, {} MiB of input, median of {runs} runs",
+        "{numel} elements, 1 base + 3 models, {} MiB of input; memcpy and method timed alternately, medians of {runs} runs",
         inputs.bytes() >> 20
     );
     println!(
-        "{:<20} {:>10} {:>10} {:>7} {:>7}",
-        "method", "ms", "GiB/s", "ratio", "target"
+        "{:<20} {:>10} {:>10} {:>10} {:>7} {:>7}",
+        "method", "ms", "GiB/s", "memcpy ms", "ratio", "target"
     );
-    println!(
-        "{:<20} {:>10.1} {:>10.2} {:>7.2} {:>7}",
-        "memcpy",
-        copy.as_secs_f64() * 1e3,
-        gib(copy),
-        1.0,
-        ""
-    );
-    let mut out = vec![0.0f32; numel];
     let mut all_met = true;
     for case in CASES.iter().filter(|c| c.label.contains(only.as_str())) {
-        let t = median(|| case.run(&inputs, &mut out).expect("merge"), runs);
+        let merge = case.merge(inputs.models.len()).expect("merge");
+        let (copy, t) = side_by_side(
+            || inputs.copy_into(&mut dst),
+            || tensormerge_benches::merge_whole(&merge, &inputs, &mut out).expect("merge"),
+            runs,
+        );
         let ratio = copy.as_secs_f64() / t.as_secs_f64();
         let met = ratio >= case.target;
         all_met &= met;
         println!(
-            "{:<20} {:>10.1} {:>10.2} {:>7.2} {:>7} {}",
+            "{:<20} {:>10.1} {:>10.2} {:>10.1} {:>7.2} {:>7} {}",
             case.label,
             t.as_secs_f64() * 1e3,
             gib(t),
+            copy.as_secs_f64() * 1e3,
             ratio,
             format!("≥{}", case.target),
             if met { "ok" } else { "BELOW TARGET" }
