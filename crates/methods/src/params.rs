@@ -115,6 +115,15 @@ impl ParamSpec {
         "the model's weight w_i",
     );
 
+    /// mergekit's global `int8_mask` (a memory saving of its torch code):
+    /// accepted so that mergekit configs load, with no effect here.
+    pub const INT8_MASK: ParamSpec = ParamSpec::global(
+        "int8_mask",
+        ParamKind::Bool,
+        Default::Bool(false),
+        "accepted for mergekit compatibility; no effect",
+    );
+
     /// The global `lambda` of task-vector methods: the factor on the merged
     /// task vector, default 1.0.
     pub const LAMBDA: ParamSpec = ParamSpec::global(

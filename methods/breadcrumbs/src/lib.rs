@@ -87,12 +87,7 @@ const RESCALE: ParamSpec = ParamSpec::global(
     Default::Bool(false),
     "scale the kept entries so each task vector keeps its L1 norm",
 );
-const INT8_MASK: ParamSpec = ParamSpec::global(
-    "int8_mask",
-    ParamKind::Bool,
-    Default::Bool(false),
-    "accepted for mergekit compatibility; no effect",
-);
+const INT8_MASK: ParamSpec = ParamSpec::INT8_MASK;
 
 static PARAMS: &[ParamSpec] = &[
     WEIGHT,

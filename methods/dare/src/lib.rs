@@ -88,12 +88,7 @@ const RESCALE: ParamSpec = ParamSpec::global(
     Default::Choice("true"),
     "rescale kept entries: true = keep the tensor's L1 norm, density = 1/d (paper), false = none",
 );
-const INT8_MASK: ParamSpec = ParamSpec::global(
-    "int8_mask",
-    ParamKind::Bool,
-    Default::Bool(false),
-    "accepted for mergekit compatibility; no effect",
-);
+const INT8_MASK: ParamSpec = ParamSpec::INT8_MASK;
 
 /// Declared parameters of `dare_linear`.
 pub const LINEAR_PARAMS: &[ParamSpec] = &[

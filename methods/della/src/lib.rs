@@ -94,12 +94,7 @@ const RESCALE: ParamSpec = ParamSpec::global(
     Default::Choice("true"),
     "true: keep each task vector's L1 norm (mergekit); density: divide kept entries by their p (paper); false: none",
 );
-const INT8_MASK: ParamSpec = ParamSpec::global(
-    "int8_mask",
-    ParamKind::Bool,
-    Default::Bool(false),
-    "accepted for mergekit compatibility; no effect",
-);
+const INT8_MASK: ParamSpec = ParamSpec::INT8_MASK;
 
 static PARAMS: &[ParamSpec] = &[
     WEIGHT,

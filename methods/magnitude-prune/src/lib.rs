@@ -79,12 +79,7 @@ static PARAMS: &[ParamSpec] = &[
         Default::Bool(false),
         "scale the kept entries so each task vector keeps its L1 norm",
     ),
-    ParamSpec::global(
-        "int8_mask",
-        ParamKind::Bool,
-        Default::Bool(false),
-        "accepted for mergekit compatibility; no effect",
-    ),
+    ParamSpec::INT8_MASK,
 ];
 
 static INFO: MethodInfo = MethodInfo {

@@ -60,12 +60,7 @@ static PARAMS: &[ParamSpec] = &[
         Default::Float(1.0),
         "share of the entries with non-zero variance across models that are kept (1 keeps all)",
     ),
-    ParamSpec::global(
-        "int8_mask",
-        ParamKind::Bool,
-        Default::Bool(false),
-        "accepted for mergekit compatibility; no effect",
-    ),
+    ParamSpec::INT8_MASK,
 ];
 
 static INFO: MethodInfo = MethodInfo {

@@ -63,12 +63,7 @@ pub const PARAMS: &[ParamSpec] = &[
         Default::Bool(false),
         "divide the weighted sum by the sum of the weights",
     ),
-    ParamSpec::global(
-        "int8_mask",
-        ParamKind::Bool,
-        Default::Bool(false),
-        "accepted for mergekit compatibility; no effect",
-    ),
+    ParamSpec::INT8_MASK,
 ];
 
 /// What `task_arithmetic` is.

@@ -111,12 +111,7 @@ pub const PARAMS: &[ParamSpec] = &[
         Default::Choice("tensor"),
         "top-k per tensor (mergekit) or over the whole model (the paper)",
     ),
-    ParamSpec::global(
-        "int8_mask",
-        ParamKind::Bool,
-        Default::Bool(false),
-        "accepted for mergekit compatibility; no effect",
-    ),
+    ParamSpec::INT8_MASK,
 ];
 
 /// What `ties` is.
