@@ -115,6 +115,15 @@ impl ParamSpec {
         "the model's weight w_i",
     );
 
+    /// The global `consensus` of the TIES family's sign election
+    /// ([`ops::Consensus`](crate::ops::Consensus)): `sum` (default) or `count`.
+    pub const CONSENSUS: ParamSpec = ParamSpec::global(
+        "consensus",
+        ParamKind::Choice(&["sum", "count"]),
+        Default::Choice("sum"),
+        "sign election: sign of the weighted sum, or majority of signs",
+    );
+
     /// mergekit's global `int8_mask` (a memory saving of its torch code):
     /// accepted so that mergekit configs load, with no effect here.
     pub const INT8_MASK: ParamSpec = ParamSpec::global(

@@ -117,12 +117,7 @@ pub const TIES_PARAMS: &[ParamSpec] = &[
         "divide by the sum of the weights of the agreeing models, per entry",
     ),
     RESCALE,
-    ParamSpec::global(
-        "consensus",
-        ParamKind::Choice(&["sum", "count"]),
-        Default::Choice("sum"),
-        "sign election: sign of the weighted sum, or majority of signs",
-    ),
+    ParamSpec::CONSENSUS,
     INT8_MASK,
 ];
 

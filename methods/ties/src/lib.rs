@@ -99,12 +99,7 @@ pub const PARAMS: &[ParamSpec] = &[
         Default::Bool(true),
         "divide by the sum of the weights of the agreeing models, per entry",
     ),
-    ParamSpec::global(
-        "consensus",
-        ParamKind::Choice(&["sum", "count"]),
-        Default::Choice("sum"),
-        "sign election: sign of the weighted sum, or majority of signs",
-    ),
+    ParamSpec::CONSENSUS,
     ParamSpec::global(
         "trim_scope",
         ParamKind::Choice(&["tensor", "model"]),
