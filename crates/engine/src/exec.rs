@@ -35,7 +35,7 @@ use crate::progress::Progress;
 /// Smallest chunk, in elements, whatever the budget.
 const MIN_CHUNK: u64 = 4096;
 /// Largest chunk, in elements, for methods without a per-tensor pass.
-const MAX_PLAIN_CHUNK: u64 = 1 << 14;
+const MAX_PLAIN_CHUNK: u64 = 1 << 16;
 
 /// What a finished merge did.
 #[derive(Debug, Clone)]
