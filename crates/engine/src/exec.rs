@@ -840,6 +840,11 @@ fn model_pass(
                 seed: plan.seed,
                 model_stats: None,
             };
+            if !pass.needs(&ctx) {
+                // Not read: keep the progress total honest.
+                progress.advance(plan.tensor_bytes_to_read(t), 0);
+                continue;
+            }
             for r in chunk_ranges(method, t.out.numel(), chunk_len) {
                 let offset = r.start;
                 let b = fetch(

@@ -518,6 +518,9 @@ impl<'m> Merge<'m> {
                 for sweep in 0..pass.sweeps() {
                     for (t, r) in layout.float_tensors() {
                         let ctx = self.context(&t.name, &t.shape, None);
+                        if !pass.needs(&ctx) {
+                            continue;
+                        }
                         for cr in chunk_ranges(self.method, r.len(), self.chunk_len) {
                             let data = &mut bufs.data;
                             fill_range(r.start + cr.start..r.start + cr.end, data)?;

@@ -139,6 +139,14 @@ pub trait StatsPass: Send {
         Ok(())
     }
 
+    /// Whether the coming sweep needs to see `tensor` at all (asked before
+    /// each tensor of a whole-model pass): the driver skips, and does not
+    /// read, the tensors a pass says it does not need. Only return `false`
+    /// when observing the tensor would change nothing. Default: `true`.
+    fn needs(&self, _tensor: &TensorContext<'_>) -> bool {
+        true
+    }
+
     /// Whether the statistics are complete before [`sweeps`](Self::sweeps)
     /// sweeps have run (asked after each [`end_sweep`](Self::end_sweep)):
     /// the driver then skips the remaining sweeps, and with them the reads

@@ -631,6 +631,18 @@ impl TopK {
         matches!(self.stage, Stage::Done(_))
     }
 
+    /// Whether the coming sweep needs to see the keys of `segment`: not once
+    /// the selection is known, and in the last sweep over several segments
+    /// (finding the position of the last kept tie) only the segment that
+    /// holds it.
+    pub fn needs_segment(&self, segment: &str) -> bool {
+        match &self.stage {
+            Stage::Done(_) => false,
+            Stage::TiePosition { segment: s, .. } => s == segment,
+            _ => true,
+        }
+    }
+
     /// The selection, once known.
     pub fn selection(&self) -> Option<&Selection> {
         match &self.stage {
@@ -1732,6 +1744,48 @@ mod tests {
             .collect();
         assert_eq!(kb, [false, true]);
         assert_eq!(ka, [true, true, false]);
+    }
+
+    #[test]
+    fn the_tie_position_sweep_needs_only_the_segment_of_the_last_kept_tie() {
+        // Ties at 1.0: one in "a", three in "b", one in "c"; one key above.
+        // k = 4 keeps the key above, the tie in "a" and two of "b"'s.
+        let segs: [(&str, Vec<u32>); 3] = [
+            ("c", vec![magnitude_key(2.0), magnitude_key(1.0)]),
+            ("a", vec![magnitude_key(0.5), magnitude_key(1.0)]),
+            ("b", [1.0f32, 0.25, 1.0, 1.0].map(magnitude_key).to_vec()),
+        ];
+        let run = |skip: bool| {
+            let mut t = TopK::new(8, 4, false);
+            let mut observed = Vec::new();
+            for sweep in 0..TopK::SWEEPS {
+                for (name, keys) in &segs {
+                    if skip && !t.needs_segment(name) {
+                        continue;
+                    }
+                    observed.push((sweep, *name));
+                    t.observe(name, 0, keys);
+                }
+                t.end_sweep(sweep).unwrap();
+            }
+            (t.selection().unwrap().clone(), observed)
+        };
+        let (all, _) = run(false);
+        let (some, observed) = run(true);
+        assert_eq!(all, some);
+        assert_eq!(
+            all,
+            Selection::Ties {
+                key: magnitude_key(1.0),
+                segment: "b".into(),
+                index: 2
+            }
+        );
+        // The last sweep saw "b" alone; the earlier ones saw everything.
+        let last: Vec<&str> = observed.iter().filter(|o| o.0 == 3).map(|o| o.1).collect();
+        assert_eq!(last, ["b"]);
+        assert_eq!(observed.len(), 3 * 3 + 1);
+        assert!(!TopK::new(8, 0, false).needs_segment("a"), "done: nothing");
     }
 
     #[test]

@@ -293,6 +293,9 @@ pub fn run_parallel(
                         seed: merge.seed,
                         model_stats: None,
                     };
+                    if !pass.needs(&tc) {
+                        continue;
+                    }
                     for cr in chunk_ranges(method, r.len(), merge.chunk_len) {
                         let data = fetch(r.start + cr.start..r.start + cr.end)?;
                         data.with_chunk(&tc, cr.start, None, |c| pass.observe(sweep, c))?;

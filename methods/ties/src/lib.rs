@@ -197,6 +197,11 @@ impl StatsPass for TopKPass {
         self.selectors.iter().all(|s| s.is_done())
     }
 
+    // Over a whole model, the tie-position sweep needs one tensor per model.
+    fn needs(&self, tensor: &TensorContext<'_>) -> bool {
+        !self.by_tensor || self.selectors.iter().any(|s| s.needs_segment(tensor.name))
+    }
+
     fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
         let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
             method: INFO.name.to_string(),
