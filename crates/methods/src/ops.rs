@@ -465,6 +465,13 @@ pub struct TopK {
     /// One segment, [`Stage::Low`]: the low 16 bits of the keys in the bin,
     /// in index order.
     lows: Vec<u16>,
+    /// Several segments, [`Stage::Low`]: per segment, the keys of the bin
+    /// counted by their low 16 bits, sorted (dropped, and the
+    /// tie-count sweep run instead, when a segment has more than
+    /// [`SEGMENT_LOWS`]).
+    seg_lows: BTreeMap<String, Vec<(u16, u64)>>,
+    /// Whether `seg_lows` holds every key of the bin.
+    seg_lows_ok: bool,
     /// [`Stage::GuessCoded`]: the values coded `0..table.len()`, ascending
     /// (from the sample); other values within the range are coded
     /// [`ESCAPE`] and recorded in `cands`.
@@ -475,6 +482,11 @@ pub struct TopK {
     /// The name of the one segment.
     segment: String,
 }
+
+/// Most distinct low 16 bits counted per segment in [`Stage::Low`] over
+/// several segments (heavily tied keys, as in BF16 weights, have few; the
+/// counts are kept sorted by low bits).
+const SEGMENT_LOWS: usize = 4096;
 
 /// [`Stage::GuessCoded`]'s code for a value not in its table.
 const ESCAPE: u8 = u8::MAX;
@@ -536,6 +548,8 @@ impl TopK {
             lows: Vec::new(),
             table: Vec::new(),
             codes: Vec::new(),
+            seg_lows: BTreeMap::new(),
+            seg_lows_ok: false,
             segment: String::new(),
         }
     }
@@ -723,6 +737,15 @@ impl TopK {
             }
             Stage::Low { hi, .. } => {
                 let hi = *hi;
+                let mut seg = if !self.one_segment && self.seg_lows_ok {
+                    if !self.seg_lows.contains_key(segment) {
+                        self.seg_lows.insert(segment.to_string(), Vec::new());
+                    }
+                    self.seg_lows.get_mut(segment)
+                } else {
+                    None
+                };
+                let mut seg_full = false;
                 // Few keys fall in the bin: test 16 at a time without
                 // branches (vectorises), count only in groups with a hit.
                 for (g, group) in keys.chunks(16).enumerate() {
@@ -730,6 +753,19 @@ impl TopK {
                         for (t, &key) in group.iter().enumerate() {
                             if key >> 16 == hi {
                                 self.hist[(key & 0xffff) as usize] += 1;
+                                if let Some(lows) = seg.as_deref_mut() {
+                                    let low = key as u16;
+                                    match lows.binary_search_by_key(&low, |e| e.0) {
+                                        Ok(i) => lows[i].1 += 1,
+                                        Err(i) if lows.len() < SEGMENT_LOWS => {
+                                            lows.insert(i, (low, 1))
+                                        }
+                                        Err(_) => {
+                                            seg_full = true;
+                                            seg = None;
+                                        }
+                                    }
+                                }
                                 if self.one_segment {
                                     let p = offset + (g * 16 + t) as u64;
                                     let w = (p / 64) as usize;
@@ -742,6 +778,11 @@ impl TopK {
                             }
                         }
                     }
+                }
+                if seg_full {
+                    // Too many distinct low bits: the tie-count sweep decides.
+                    self.seg_lows = BTreeMap::new();
+                    self.seg_lows_ok = false;
                 }
                 self.seen += keys.len() as u64;
             }
@@ -844,6 +885,9 @@ impl TopK {
                     if self.one_segment {
                         self.bits = vec![0; self.n.div_ceil(64).min(usize::MAX as u64) as usize];
                         self.lows = Vec::with_capacity(self.hist[bin] as usize);
+                    } else {
+                        self.seg_lows = BTreeMap::new();
+                        self.seg_lows_ok = true;
                     }
                     self.hist.iter_mut().for_each(|c| *c = 0);
                     self.stage = Stage::Low { hi, need };
@@ -875,6 +919,20 @@ impl TopK {
                         segment,
                         index,
                     });
+                } else if self.seg_lows_ok {
+                    // Each segment's ties at the threshold were counted in
+                    // this sweep: no tie-count sweep.
+                    self.hist = Vec::new();
+                    let low = bin as u16;
+                    self.ties = std::mem::take(&mut self.seg_lows)
+                        .into_iter()
+                        .map(|(segment, lows)| {
+                            let n = lows.iter().find(|e| e.0 == low).map_or(0, |e| e.1);
+                            (segment, n)
+                        })
+                        .collect();
+                    self.seg_lows_ok = false;
+                    return self.place_ties(key, need, sweep);
                 } else {
                     self.hist = Vec::new();
                     self.stage = Stage::TieCount { key, need };
@@ -883,35 +941,41 @@ impl TopK {
             }
             Stage::TieCount { key, need } => {
                 check(seen, self.n)?;
-                let mut before = 0u64;
-                for (segment, count) in &self.ties {
-                    if before + count >= need {
-                        let stage = Stage::TiePosition {
-                            key,
-                            segment: segment.clone(),
-                            need: need - before,
-                            seen: 0,
-                        };
-                        self.stage = if before + count == need {
-                            Stage::Done(Selection::Ties {
-                                key,
-                                segment: segment.clone(),
-                                index: u64::MAX,
-                            })
-                        } else {
-                            stage
-                        };
-                        self.ties.clear();
-                        return Ok(());
-                    }
-                    before += count;
-                }
-                Err(format!("top-k sweep {sweep}: fewer ties than counted"))
+                self.place_ties(key, need, sweep)
             }
             Stage::TiePosition { .. } => {
                 Err(format!("top-k sweep {sweep}: tie position not found"))
             }
         }
+    }
+
+    /// With each segment's count of ties at `key` in `ties`, of which `need`
+    /// are kept in segment-name order: the segment of the last kept tie, and
+    /// the sweep to find its position unless all its ties are kept.
+    fn place_ties(&mut self, key: u32, need: u64, sweep: usize) -> Result<(), String> {
+        let mut before = 0u64;
+        for (segment, &count) in &self.ties {
+            if before + count >= need {
+                self.stage = if before + count == need {
+                    Stage::Done(Selection::Ties {
+                        key,
+                        segment: segment.clone(),
+                        index: u64::MAX,
+                    })
+                } else {
+                    Stage::TiePosition {
+                        key,
+                        segment: segment.clone(),
+                        need: need - before,
+                        seen: 0,
+                    }
+                };
+                self.ties.clear();
+                return Ok(());
+            }
+            before += count;
+        }
+        Err(format!("top-k sweep {sweep}: fewer ties than counted"))
     }
 
     /// Finishes from the candidates of a guess (every key within the guessed
@@ -1029,6 +1093,8 @@ impl TopK {
         self.lows = Vec::new();
         self.table = Vec::new();
         self.codes = Vec::new();
+        self.seg_lows = BTreeMap::new();
+        self.seg_lows_ok = false;
         self.stage = Stage::Done(s);
     }
 }
@@ -1781,11 +1847,71 @@ mod tests {
                 index: 2
             }
         );
-        // The last sweep saw "b" alone; the earlier ones saw everything.
-        let last: Vec<&str> = observed.iter().filter(|o| o.0 == 3).map(|o| o.1).collect();
+        // The ties were counted per segment in the low-bits sweep, so the
+        // third sweep places the last kept tie, and sees "b" alone.
+        let last: Vec<&str> = observed.iter().filter(|o| o.0 == 2).map(|o| o.1).collect();
         assert_eq!(last, ["b"]);
-        assert_eq!(observed.len(), 3 * 3 + 1);
+        assert_eq!(observed.len(), 2 * 3 + 1);
         assert!(!TopK::new(8, 0, false).needs_segment("a"), "done: nothing");
+    }
+
+    #[test]
+    fn ties_over_segments_with_many_low_bits_take_the_tie_count_sweep_and_stay_exact() {
+        // One high-bits bin holding many distinct low bits in segment "a"
+        // (more than are counted per segment), ties at the threshold in
+        // both segments: the tie-count sweep runs, and the result is that of
+        // sorting by key, then segment name, then index.
+        let h = magnitude_key(1.0) & 0xffff_0000;
+        let mut a: Vec<u32> = (0..5000u32).map(|l| h | (l * 7 % 5000)).collect();
+        a.extend([h | 100, h | 100, h | 100]);
+        let b: Vec<u32> = vec![h | 150, h | 100, h | 100, h | 5, h | 100];
+        let segs = [("b", b), ("a", a)];
+        let n: usize = segs.iter().map(|s| s.1.len()).sum();
+        let mut all: Vec<(u32, &str, usize)> = segs
+            .iter()
+            .flat_map(|(name, keys)| keys.iter().enumerate().map(move |(i, &k)| (k, *name, i)))
+            .collect();
+        all.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(y.1)).then(x.2.cmp(&y.2)));
+        for k in [
+            1usize,
+            2000,
+            4899,
+            4900,
+            4901,
+            4902,
+            4904,
+            4906,
+            4907,
+            n - 1,
+        ] {
+            let mut t = TopK::new(n as u64, k as u64, false);
+            let mut last_sweep = 0;
+            for sweep in 0..TopK::SWEEPS {
+                for (name, keys) in &segs {
+                    if t.needs_segment(name) {
+                        t.observe(name, 0, keys);
+                        last_sweep = sweep;
+                    }
+                }
+                t.end_sweep(sweep).unwrap();
+            }
+            if (4901..4904).contains(&k) {
+                // High, low, tie count, then the position within "a".
+                assert_eq!(last_sweep, 3, "k={k}: the tie-count sweep ran");
+            }
+            let s = t.selection().unwrap();
+            let kept: std::collections::BTreeSet<(&str, usize)> =
+                all[..k].iter().map(|&(_, name, i)| (name, i)).collect();
+            for (name, keys) in &segs {
+                for (i, &key) in keys.iter().enumerate() {
+                    assert_eq!(
+                        s.keeps(name, i as u64, key),
+                        kept.contains(&(*name, i)),
+                        "k={k} {name}[{i}]"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
