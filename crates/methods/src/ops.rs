@@ -424,11 +424,14 @@ enum Stage {
 /// finds the exact threshold key `t` and how many ties at `t` are kept. With
 /// one segment, sweep 1 also records which positions hold keys of that bin
 /// (one bit per position, and the low 16 bits of each such key), so the last
-/// kept tie is known at its end; with several segments, sweep 2 counts the
-/// ties per segment and sweep 3 finds the last kept one. Memory: two
+/// kept tie is known at its end; with several segments, sweep 1 also
+/// counts each segment's keys of the bin by their low bits (up to 4 096
+/// distinct values per segment, else sweep 2 counts the ties per segment),
+/// and the next sweep finds the last kept tie, looking only at the segment
+/// that holds it ([`needs_segment`](Self::needs_segment)). Memory: two
 /// 65 536-bin histograms, plus, with one segment, `n / 8` bytes and 2 bytes
 /// per key of the bin (at most `2.2 n` bytes: less than the `f32` input),
-/// plus, with several segments, one counter per segment.
+/// plus, with several segments, at most 4 096 counts per segment.
 ///
 /// With one segment, a [`guess`](Self::guess) of the threshold from a sample
 /// lets sweep 0 count the keys above the guessed range and record those
