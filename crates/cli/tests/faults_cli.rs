@@ -105,8 +105,10 @@ fn others(dir: &Path, keep: &[&str]) -> Vec<String> {
 #[test]
 fn sigkill_during_overwrite_keeps_a_complete_output_and_the_inputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = write_model(&tmp.path().join("a"), 8, 0.0);
-    let b = write_model(&tmp.path().join("b"), 8, 0.5);
+    // 24 MB per model: a merge takes long enough (about 0.1 s) for most of
+    // the kills below to land while it writes, however fast the merge gets.
+    let a = write_model(&tmp.path().join("a"), 24, 0.0);
+    let b = write_model(&tmp.path().join("b"), 24, 0.5);
     let inputs = (snapshot(&a), snapshot(&b));
     let out = tmp.path().join("out");
 
