@@ -24,7 +24,7 @@ use std::time::Instant;
 use tensormerge_core::convert;
 use tensormerge_io::{Model, ModelWriter, SUPPORT_FILES, WriterOptions};
 use tensormerge_methods::{
-    ChunkData, ChunkInput, MergeBuffers, Stats, TensorContext, chunk_ranges, merge_tensor_reusing,
+    ChunkData, ChunkInput, MergeBuffers, Stats, chunk_ranges, merge_tensor_reusing,
 };
 
 use crate::config::MergeConfig;
@@ -401,21 +401,11 @@ pub fn execute(
     // small enough for the allocator to reuse their buffers (fresh pages cost
     // a fault and a zeroing each) and for the cache. Methods with a pass read
     // a multi-chunk tensor once per sweep and once more to merge: larger chunks.
-    let has_tensor_pass = plan.tensors.iter().find_map(|t| match &t.action {
-        Action::Merge { global, models, .. } => Some(
-            plan.method
-                .tensor_pass(&TensorContext {
-                    name: &t.out.name,
-                    shape: &t.out.shape,
-                    global,
-                    models,
-                    seed: plan.seed,
-                    model_stats: None,
-                })
-                .is_some(),
-        ),
-        Action::Copy => None,
-    });
+    let has_tensor_pass = plan
+        .tensors
+        .iter()
+        .find_map(|t| plan.context(t, None))
+        .map(|ctx| plan.method.tensor_pass(&ctx).is_some());
     let chunk_len = if has_tensor_pass == Some(true) {
         by_budget
     } else {
@@ -635,25 +625,15 @@ fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
 /// less).
 fn expected_tensor_reads(plan: &Plan, t: &crate::plan::TensorPlan, chunk_len: usize) -> u64 {
     let once = plan.tensor_bytes_to_read(t);
-    match &t.action {
-        Action::Copy => once,
-        Action::Merge { global, models, .. } => {
-            let ctx = TensorContext {
-                name: &t.out.name,
-                shape: &t.out.shape,
-                global,
-                models,
-                seed: plan.seed,
-                model_stats: None,
-            };
-            let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
-            let passes = match plan.method.tensor_pass(&ctx) {
-                Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
-                _ => 1,
-            };
-            once * passes
-        }
-    }
+    let Some(ctx) = plan.context(t, None) else {
+        return once;
+    };
+    let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
+    let passes = match plan.method.tensor_pass(&ctx) {
+        Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
+        _ => 1,
+    };
+    once * passes
 }
 
 /// One worker thread's buffers, reused from chunk to chunk and tensor to
@@ -732,20 +712,10 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
             progress.advance(n, 0);
             Ok(n)
         }
-        Action::Merge {
-            global,
-            models,
-            aux,
-            base_aux,
-        } => {
-            let ctx = TensorContext {
-                name,
-                shape: &t.out.shape,
-                global,
-                models,
-                seed: plan.seed,
-                model_stats,
-            };
+        Action::Merge { aux, base_aux, .. } => {
+            let ctx = plan
+                .context(t, model_stats)
+                .ok_or_else(|| EngineError::Option(format!("tensor `{name}` is not merged")))?;
             let mut read_bytes = 0u64;
             let out_dtype = t.out.dtype;
             let Worker {
@@ -823,22 +793,10 @@ fn model_pass(
     let mut scratch = Vec::new();
     for sweep in 0..sweeps {
         for t in &plan.tensors {
-            let Action::Merge {
-                global,
-                models,
-                aux,
-                base_aux,
-            } = &t.action
+            let (Action::Merge { aux, base_aux, .. }, Some(ctx)) =
+                (&t.action, plan.context(t, None))
             else {
                 continue;
-            };
-            let ctx = TensorContext {
-                name: &t.out.name,
-                shape: &t.out.shape,
-                global,
-                models,
-                seed: plan.seed,
-                model_stats: None,
             };
             if !pass.needs(&ctx) {
                 // Not read: keep the progress total honest.

@@ -617,6 +617,26 @@ impl Plan {
             .expect("a plan has at least one input")
     }
 
+    /// What the method is told about merged tensor `t` (`None` for a copied
+    /// tensor), with the whole-model statistics when there are some.
+    pub fn context<'a>(
+        &'a self,
+        t: &'a TensorPlan,
+        model_stats: Option<&'a tensormerge_methods::Stats>,
+    ) -> Option<tensormerge_methods::TensorContext<'a>> {
+        match &t.action {
+            Action::Copy => None,
+            Action::Merge { global, models, .. } => Some(tensormerge_methods::TensorContext {
+                name: &t.out.name,
+                shape: &t.out.shape,
+                global,
+                models,
+                seed: self.seed,
+                model_stats,
+            }),
+        }
+    }
+
     /// Bytes read by the merge pass: each merged tensor from every input that
     /// takes part, each copied tensor once.
     pub fn bytes_to_read(&self) -> u64 {
