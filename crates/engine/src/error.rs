@@ -201,31 +201,23 @@ pub enum EngineError {
 }
 
 /// Checks that `values` (elements `offset..` of tensor `tensor` of `model`)
-/// are all finite: one branch-free pass per block of 256 values, a search for
-/// the index only when a block has a bad value.
+/// are all finite ([`convert::first_non_finite`](tensormerge_core::convert::first_non_finite):
+/// a branch-free pass, a search for the index only where there is a bad value).
 pub(crate) fn check_finite(
     values: &[f32],
     model: &str,
     tensor: &str,
     offset: usize,
 ) -> Result<(), EngineError> {
-    for (b, block) in values.chunks(256).enumerate() {
-        // Magnitude bits above f32::MAX are NaN or infinity; an unsigned max
-        // over the block vectorizes.
-        let top = block
-            .iter()
-            .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
-        let bad = top > f32::MAX.to_bits();
-        if bad && let Some(i) = block.iter().position(|x| !x.is_finite()) {
-            return Err(EngineError::NonFinite {
-                model: model.to_owned(),
-                tensor: tensor.to_owned(),
-                index: (offset + b * 256 + i) as u64,
-                value: block[i],
-            });
-        }
+    match tensormerge_core::convert::first_non_finite(values) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::NonFinite {
+            model: model.to_owned(),
+            tensor: tensor.to_owned(),
+            index: (offset + i) as u64,
+            value: values[i],
+        }),
     }
-    Ok(())
 }
 
 fn render_mismatches(m: &[Mismatch]) -> String {
