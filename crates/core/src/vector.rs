@@ -295,6 +295,48 @@ impl ParamVector {
             .par_for_each(|a, &b| *a = f(b, *a));
     }
 
+    /// `self ⊕ other` into a new vector: one parallel pass that writes the
+    /// output once (cloning `self` and combining in place reads and writes
+    /// it twice). Faults as [`combine_assign`](Self::combine_assign) does.
+    fn combine_new(
+        &self,
+        other: &ParamVector,
+        f: impl Fn(f32, f32) -> f32 + Sync + Send,
+    ) -> ParamVector {
+        if self.fault.is_some() {
+            return self.clone();
+        }
+        if let Some(e) = &other.fault {
+            return ParamVector {
+                layout: self.layout.clone(),
+                data: Array1::zeros(0),
+                fault: Some(e.clone()),
+            };
+        }
+        if let Some(e) = self.layout_error(other) {
+            return ParamVector::faulted(self.layout.clone(), e);
+        }
+        ParamVector {
+            layout: self.layout.clone(),
+            data: Zip::from(&self.data)
+                .and(&other.data)
+                .par_map_collect(|&a, &b| f(a, b)),
+            fault: None,
+        }
+    }
+
+    /// `f` of every element, into a new vector (one pass).
+    fn map_new(&self, f: impl Fn(f32) -> f32 + Sync + Send) -> ParamVector {
+        if self.fault.is_some() {
+            return self.clone();
+        }
+        ParamVector {
+            layout: self.layout.clone(),
+            data: Zip::from(&self.data).par_map_collect(|&a| f(a)),
+            fault: None,
+        }
+    }
+
     fn scalar_assign(&mut self, f: impl Fn(f32) -> f32 + Sync + Send) {
         if self.fault.is_none() {
             self.data.par_mapv_inplace(f);
@@ -343,7 +385,7 @@ macro_rules! vector_ops {
         impl $Op<&ParamVector> for &ParamVector {
             type Output = ParamVector;
             fn $op(self, rhs: &ParamVector) -> ParamVector {
-                self.clone() $sym rhs
+                self.combine_new(rhs, |a, b| a $sym b)
             }
         }
         impl $Op<f32> for ParamVector {
@@ -356,7 +398,7 @@ macro_rules! vector_ops {
         impl $Op<f32> for &ParamVector {
             type Output = ParamVector;
             fn $op(self, rhs: f32) -> ParamVector {
-                self.clone() $sym rhs
+                self.map_new(|a| a $sym rhs)
             }
         }
         impl $Op<ParamVector> for f32 {
@@ -369,7 +411,7 @@ macro_rules! vector_ops {
         impl $Op<&ParamVector> for f32 {
             type Output = ParamVector;
             fn $op(self, rhs: &ParamVector) -> ParamVector {
-                self $sym rhs.clone()
+                rhs.map_new(|b| self $sym b)
             }
         }
     };
@@ -391,7 +433,7 @@ impl Neg for ParamVector {
 impl Neg for &ParamVector {
     type Output = ParamVector;
     fn neg(self) -> ParamVector {
-        -self.clone()
+        self.map_new(|a| -a)
     }
 }
 
@@ -466,6 +508,12 @@ mod tests {
             x.clone() - y.clone(),
             &y * x.clone(),
             2.0 * (&x / &y) + &x,
+            // a faulted operand by reference, on either side, keeps its fault
+            &(&x + &y) - &x,
+            &x * &(&x - &y),
+            -&(&x + &y),
+            &(&y - &x) / 2.0,
+            2.0 / &(&y - &x),
         ] {
             match r.check() {
                 Err(CoreError::LayoutMismatch { tensor, .. }) => {

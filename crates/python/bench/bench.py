@@ -8,7 +8,8 @@ ratio. Work: `vector + vector` on a synthetic 64M-element model (256 MB per
 vector), tensormerge vs numpy on the same buffers; and a whole
 `task_arithmetic` merge (1 base + 2 fine-tunes, f32) through `tm.merge` vs
 `tensormerge merge` run as a subprocess, vs `tensormerge eval` for the sum
-`a + b` of two models vs `mapper.load` + `+` + `mapper.save`.
+`a + b` of two models vs the same sum in memory (`mapper.load` twice, `+`,
+`mapper.save`) and vs streaming through `tm.eval`.
 """
 
 import argparse
@@ -114,10 +115,18 @@ def main() -> None:
                 capture_output=True,
             )
 
+        def py_eval():
+            tm.eval("a + b", {"a": dirs["a"], "b": dirs["b"]}, tmp / "py_eval", progress=False, overwrite=True)
+
         t_py, t_cli = alternate(py_sum, cli_sum, args.repeat)
-        print(f"a + b, load to save  python      {t_py:8.3f} s    cli   {t_cli:8.3f} s    ratio {t_py / t_cli:.2f}x")
-        same = (tmp / "py_sum" / "model.safetensors").read_bytes() == (tmp / "cli_sum" / "model.safetensors").read_bytes()
-        print(f"  outputs identical: {same}")
+        print(f"a + b, in memory     python      {t_py:8.3f} s    cli   {t_cli:8.3f} s    ratio {t_py / t_cli:.2f}x"
+              "   (mapper.load x2, +, mapper.save vs streaming eval)")
+        t_py, t_cli = alternate(py_eval, cli_sum, args.repeat)
+        print(f"a + b, streaming     python      {t_py:8.3f} s    cli   {t_cli:8.3f} s    ratio {t_py / t_cli:.2f}x"
+              "   (tm.eval vs tensormerge eval)")
+        outputs = [tmp / d / "model.safetensors" for d in ("py_sum", "py_eval", "cli_sum")]
+        same = len({p.read_bytes() for p in outputs[1:]}) == 1
+        print(f"  tm.eval output bytes equal to the CLI's: {same}")
         print(f"machine: load average {os.getloadavg()[0]:.2f} at end")
     finally:
         shutil.rmtree(tmp)

@@ -25,8 +25,9 @@
 //!   sound to release the GIL while Rust reads the buffer.
 //! - [`mapper`]: `ModelTensorMapper` (open, load, save through
 //!   tensormerge-io's `MapperExt`).
-//! - [`merge`]: `merge(...)`, the streaming engine on a thread of its own,
-//!   with progress, warnings and Ctrl-C cancellation relayed to Python.
+//! - [`merge`]: `merge(...)` and `eval(...)`, the streaming engine and the
+//!   expression engine on a thread of their own, with progress, warnings
+//!   and Ctrl-C cancellation relayed to Python.
 //! - [`methods`]: `methods()` and `run_method(...)`, the in-memory `Merge`
 //!   of the methods crate (bit-identical to the engine).
 //! - [`errors`]: library errors as Python exceptions, rendered like the CLI
@@ -56,6 +57,7 @@ fn _tensormerge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<mapper::PyMapper>()?;
     m.add_class::<merge::PyMergeSummary>()?;
     m.add_function(wrap_pyfunction!(merge::_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(merge::_eval, m)?)?;
     m.add_function(wrap_pyfunction!(methods::methods, m)?)?;
     m.add_function(wrap_pyfunction!(methods::run_method, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use tensormerge::builtin;
@@ -103,7 +103,7 @@ enum Event {
     },
     Finish,
     Warning(String),
-    Done(Box<Result<MergeReport, EngineError>>),
+    Done,
 }
 
 /// The engine's [`Progress`]: bytes go to a counter, everything else to the
@@ -245,6 +245,29 @@ pub fn _merge(
     };
     let cancel = Arc::new(AtomicBool::new(false));
     opts.cancel = Some(cancel.clone());
+    let (result, _) = run_relayed(py, &callback, cancel, move |relay| {
+        run_merge(&config, &out, &opts, relay)
+    })?;
+    match result {
+        Ok(report) => Ok(PyMergeSummary::from_report(&report)),
+        Err(e) => Err(errors::engine(
+            py,
+            Some(&format!("merge of `{label}` failed")),
+            &e,
+        )),
+    }
+}
+
+/// Runs `job` on a thread of its own with the GIL released, relaying its
+/// progress to `callback` and checking for signals (see the module docs).
+/// Returns the job's result and the warnings it gave, or the exception that
+/// stopped it (after it has stopped).
+fn run_relayed<T: Send + 'static>(
+    py: Python<'_>,
+    callback: &Callback<'_>,
+    cancel: Arc<AtomicBool>,
+    job: impl FnOnce(&Relay) -> Result<T, EngineError> + Send + 'static,
+) -> PyResult<(Result<T, EngineError>, Vec<String>)> {
     let (tx, rx) = mpsc::channel();
     // `detach` needs a `Send` closure; a `Receiver` is not `Sync`.
     let rx = Mutex::new(rx);
@@ -253,21 +276,24 @@ pub fn _merge(
         bytes: AtomicU64::new(0),
     });
     let engine_relay = relay.clone();
+    let (done_tx, done_rx) = mpsc::channel();
     let worker = std::thread::Builder::new()
-        .name("tensormerge-merge".into())
+        .name("tensormerge-engine".into())
         .spawn(move || {
-            let r = run_merge(&config, &out, &opts, engine_relay.as_ref());
-            engine_relay.send(Event::Done(Box::new(r)));
+            let r = job(engine_relay.as_ref());
+            let _ = done_tx.send(r);
+            engine_relay.send(Event::Done);
         })
         .map_err(|e| {
-            pyo3::exceptions::PyOSError::new_err(format!("cannot start the merge thread: {e}"))
+            pyo3::exceptions::PyOSError::new_err(format!("cannot start the engine thread: {e}"))
         })?;
 
     let mut phase = String::new();
     let mut total = 0u64;
     let mut reported = 0u64;
+    let mut warnings = Vec::new();
     let mut interrupted: Option<PyErr> = None;
-    let result = loop {
+    loop {
         let ev = py.detach(|| {
             rx.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -282,7 +308,7 @@ pub fn _merge(
             }
         }
         let ack = match ev {
-            Ok(Event::Done(r)) => break *r,
+            Ok(Event::Done) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Ok(Event::Start {
                 phase: p,
                 total_bytes,
@@ -306,14 +332,10 @@ pub fn _merge(
                 if interrupted.is_none() {
                     interrupted = callback.call("warning", &w, 0, 0).err();
                 }
+                warnings.push(w);
                 None
             }
             Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break Err(EngineError::Option(
-                    "the merge thread stopped without a result".into(),
-                ));
-            }
         };
         if interrupted.is_none() {
             interrupted = py.check_signals().err();
@@ -323,18 +345,108 @@ pub fn _merge(
         }
         // Lets the engine go on (it sees the cancel flag first, if set).
         drop(ack);
-    };
+    }
     let _ = py.detach(|| worker.join());
     if let Some(e) = interrupted {
         // The engine stopped (Cancelled, or it had just finished): either
         // way the user asked to stop; a finished output stays finished.
         return Err(e);
     }
+    let result = done_rx.try_recv().unwrap_or_else(|_| {
+        Err(EngineError::Option(
+            "the engine thread stopped without a result".into(),
+        ))
+    });
+    Ok((result, warnings))
+}
+
+/// Evaluates expression `expr` over `models` (`name -> reference`) tensor
+/// by tensor into `out`, as `tensormerge eval` does.
+#[pyfunction]
+#[pyo3(signature = (expr, models, out, dtype, template, threads, overwrite, allow_non_finite, max_memory, progress))]
+#[allow(clippy::too_many_arguments)]
+pub fn _eval(
+    py: Python<'_>,
+    expr: String,
+    models: Vec<(String, String)>,
+    out: PathBuf,
+    dtype: Option<String>,
+    template: Option<String>,
+    threads: Option<usize>,
+    overwrite: bool,
+    allow_non_finite: bool,
+    max_memory: Option<u64>,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<PyMergeSummary> {
+    use tensormerge::core::DType;
+    use tensormerge::engine::expr::{EvalOptions, run_eval};
+    let out_dtype = match &dtype {
+        None => None,
+        Some(s) => {
+            let d: DType = s.parse().map_err(|e| errors::core(py, e))?;
+            if !d.is_float() {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "dtype: `{s}` is not a floating-point dtype"
+                )));
+            }
+            Some(d)
+        }
+    };
+    if threads == Some(0) {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "threads must be at least 1",
+        ));
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut opts = EvalOptions {
+        out_dtype,
+        template,
+        overwrite,
+        allow_non_finite,
+        cancel: Some(cancel.clone()),
+        ..EvalOptions::default()
+    };
+    if let Some(m) = max_memory {
+        opts.max_memory = m;
+    }
+    let workers = threads.unwrap_or_else(rayon::current_num_threads);
+    let callback = Callback(progress);
+    let start = Instant::now();
+    let job_expr = expr.clone();
+    let (result, warnings) = run_relayed(py, &callback, cancel, move |relay| {
+        let go = || run_eval(&job_expr, &models, &out, &opts, relay);
+        match threads {
+            Some(n) => rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| EngineError::Option(format!("cannot start {n} worker threads: {e}")))?
+                .install(go),
+            None => go(),
+        }
+    })?;
     match result {
-        Ok(report) => Ok(PyMergeSummary::from_report(&report)),
+        Ok(r) => Ok(PyMergeSummary {
+            out: Some(r.out_dir.display().to_string()),
+            dry_run: false,
+            tensors: r.tensors_evaluated + r.tensors_copied,
+            tensors_merged: r.tensors_evaluated,
+            tensors_copied: r.tensors_copied,
+            bytes_read: r.bytes_read,
+            bytes_written: r.bytes_written,
+            shards: std::fs::read_dir(&r.out_dir).map_or(0, |d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                    .count()
+            }),
+            seconds: start.elapsed().as_secs_f64(),
+            seed: 0,
+            threads: workers,
+            warnings,
+            plan: None,
+        }),
         Err(e) => Err(errors::engine(
             py,
-            Some(&format!("merge of `{label}` failed")),
+            Some(&format!("evaluation of `{expr}` failed")),
             &e,
         )),
     }

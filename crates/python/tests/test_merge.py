@@ -244,3 +244,26 @@ def test_keyboard_interrupt_removes_the_temporary_output(models, tmp_path: Path,
     # the next merge works
     tm.merge(config_text(models), tmp_path / "merged", progress=False)
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_eval_equals_cli_eval_and_vector_arithmetic(models, tmp_path: Path, cli):
+    expr = "base + 0.5 * ((legal - base) + (recipe - base))"
+    args = ["eval", expr, "-o", str(tmp_path / "cli"), "--dtype", "float32"]
+    for name in ("base", "legal", "recipe"):
+        args += ["--model", f"{name}={models[name]}"]
+    r = run_cli(cli, *args)
+    assert r.returncode == 0, r.stderr
+    s = tm.eval(expr, models, tmp_path / "py", dtype="float32", progress=False, threads=2)
+    same_files(tmp_path / "cli", tmp_path / "py")
+    assert s.tensors == 5 and s.tensors_merged == 4 and s.tensors_copied == 1 and s.shards == 1
+    # the in-memory arithmetic gives the same float32 values
+    mapper = tm.ModelTensorMapper.open(models["base"])
+    base, legal, recipe = (mapper.load(models[m]) for m in ("base", "legal", "recipe"))
+    merged = base + 0.5 * ((legal - base) + (recipe - base))
+    written = read_safetensors(tmp_path / "py" / "model.safetensors")
+    for name in merged.names:
+        np.testing.assert_array_equal(written[name][1], merged[name])
+    with pytest.raises(tm.InvalidInputError) as e:
+        tm.eval("base + nobody", models, tmp_path / "bad", progress=False)
+    assert "nobody" in str(e.value)
+    assert not (tmp_path / "bad").exists()

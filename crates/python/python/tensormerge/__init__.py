@@ -24,7 +24,7 @@ Vectors are immutable: numpy views of them are read-only (copy with
 
 import os
 import warnings
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from . import errors
 from ._tensormerge import (
@@ -32,6 +32,7 @@ from ._tensormerge import (
     ModelTensorMapper,
     ParamVector,
     __version__,
+    _eval,
     _merge,
     methods,
     run_method,
@@ -48,6 +49,7 @@ __all__ = [
     "ParamVector",
     "MergeSummary",
     "merge",
+    "eval",
     "methods",
     "run_method",
     "errors",
@@ -185,6 +187,58 @@ def merge(
         out_path,
         dry_run,
         seed,
+        threads,
+        overwrite,
+        allow_non_finite,
+        max_memory,
+        _progress(progress),
+    )
+
+
+def eval(  # noqa: A001 - the CLI's name for it
+    expr: str,
+    models: Mapping[str, Union[str, "os.PathLike[str]"]],
+    out: Union[str, "os.PathLike[str]"],
+    *,
+    dtype: Optional[str] = None,
+    template: Optional[str] = None,
+    threads: Optional[int] = None,
+    progress: Union[bool, ProgressCallback] = True,
+    overwrite: bool = False,
+    allow_non_finite: bool = False,
+    max_memory: Optional[int] = None,
+) -> MergeSummary:
+    """Evaluates a vector expression over models tensor by tensor, streaming,
+    exactly as ``tensormerge eval EXPR --model NAME=REF ... -o OUT`` does
+    (same output bytes; memory bounded by the chunk size, not the model).
+
+    The streaming counterpart of ParamVector arithmetic, for models that do
+    not fit in memory::
+
+        tm.eval("base + 0.5 * ((legal - base) + (recipe - base))",
+                {"base": "b", "legal": "l", "recipe": "r"}, "merged")
+
+    Args:
+        expr: the expression (``+ - * /``, numbers, model names, parentheses).
+        models: expression name -> model reference (path or hub id).
+        out: the output directory (temporary sibling, renamed when complete).
+        dtype: output dtype of float tensors (``--dtype``); default: each
+            tensor's dtype in the template.
+        template: the model name whose non-float tensors and config files the
+            output takes (``--template``); default: the first one used.
+        threads, progress, overwrite, allow_non_finite, max_memory: as for
+            :func:`merge`.
+
+    Returns:
+        A :class:`MergeSummary` (``tensors_merged`` counts evaluated tensors).
+    """
+    pairs = [(str(k), os.fspath(v)) for k, v in models.items()]
+    return _eval(
+        expr,
+        pairs,
+        os.fspath(out),
+        dtype,
+        template,
         threads,
         overwrite,
         allow_non_finite,

@@ -117,6 +117,18 @@ def _merge(
     max_memory: Optional[int],
     progress: Optional[Callable[[str, str, int, int], Any]],
 ) -> MergeSummary: ...
+def _eval(
+    expr: str,
+    models: List[Tuple[str, str]],
+    out: str,
+    dtype: Optional[str],
+    template: Optional[str],
+    threads: Optional[int],
+    overwrite: bool,
+    allow_non_finite: bool,
+    max_memory: Optional[int],
+    progress: Optional[Callable[[str, str, int, int], Any]],
+) -> MergeSummary: ...
 def methods() -> List[Dict[str, Any]]:
     """Every registered merge method with its parameters."""
 @overload
