@@ -10,7 +10,7 @@ import tensormerge as tm
 
 names = st.text(alphabet="abcdefghij.0123456789", min_size=1, max_size=12)
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3)
-dtypes = st.sampled_from(["F32", "BF16", "F16", "F64"])
+dtypes = st.sampled_from(["F32", "BF16", "F16", "F64", "I64"])  # I64: not in the vector
 layouts = st.lists(st.tuples(names, shapes, dtypes), min_size=1, max_size=6, unique_by=lambda t: t[0])
 # finite values whose products and sums stay finite
 floats = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_subnormal=False)
@@ -23,7 +23,7 @@ def layout_and_vectors(draw):
     n = len(mapper)
     a, b = (draw(arrays(np.float32, n, elements=floats)) for _ in range(2))
     s = draw(floats)
-    return mapper, a, b, s
+    return layout, mapper, a, b, s
 
 
 def equal(x, y) -> bool:
@@ -39,9 +39,10 @@ def same(x, y) -> bool:
 @settings(max_examples=60, deadline=None)
 @given(layout_and_vectors())
 def test_identities(case):
-    mapper, a, b, s = case
+    layout, mapper, a, b, s = case
     va, vb = tm.ParamVector.from_numpy(a, mapper), tm.ParamVector.from_numpy(b, mapper)
-    assert len(va) == a.size
+    assert len(va) == a.size == sum(int(np.prod(shape)) for _, shape, d in layout if d != "I64")
+    assert va.names == [name for name, _, d in layout if d != "I64"]
     # against numpy
     assert same(va + vb, a + b)
     assert same(va - vb, a - b)
