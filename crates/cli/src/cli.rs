@@ -76,8 +76,8 @@ pub enum Command {
 /// Options of `merge`.
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// The merge config (mergekit YAML: merge_method, base_model, models,
-    /// parameters, dtype, out_dtype, tokenizer_source, seed). Merging is
+    /// The merge config (mergekit YAML: merge_method, base_model, models or
+    /// slices, parameters, dtype, out_dtype, tokenizer_source, seed). Merging is
     /// always done in f32; `dtype` (or `out_dtype`, which wins) sets the
     /// output dtype of floating-point tensors, which otherwise keep the base's.
     pub config: PathBuf,
@@ -116,6 +116,12 @@ pub struct MergeArgs {
     /// (refused by default, naming the model, tensor and element).
     #[arg(long)]
     pub allow_non_finite: bool,
+
+    /// Write no model card. By default the output gets a `README.md` as
+    /// mergekit writes one: the method and its paper, the models, and the
+    /// config verbatim (a template model's own README is never copied).
+    #[arg(long)]
+    pub no_card: bool,
 }
 
 /// Options of `eval`.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use tensormerge::builtin;
 use tensormerge::core::DType;
-use tensormerge::engine::{EngineError, MergeConfig, RunOptions, plan, run_merge};
+use tensormerge::engine::{EngineError, MergeConfig, RunOptions, execute, plan};
 use tensormerge::methods::{BaseModel, MergeMethod, Scope};
 
 use crate::cli::{Command, DemoArgs, EvalArgs, MergeArgs, MethodsArgs, MethodsCommand};
@@ -67,7 +67,13 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
         return Ok(());
     }
     opts.cancel = Some(cancel_on_signal()?);
-    let report = run_merge(&config, &a.output, &opts, p)
+    let report = plan(&config, &opts)
+        .and_then(|mut plan| {
+            if a.no_card {
+                plan.card = None;
+            }
+            execute(&plan, &a.output, &opts, p)
+        })
         .with_context(|| format!("merge of `{}` failed", a.config.display()))?;
     p.info(&format!(
         "{} threads, chunks of {} elements, {} read",

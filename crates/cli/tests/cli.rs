@@ -474,9 +474,9 @@ fn bad_inputs_have_messages_and_exit_codes() {
     );
     case(
         "slices",
-        "merge_method: linear\nslices:\n  - sources: [{model: $A, layer_range: [0, 2]}]\n",
+        "merge_method: linear\nmodels: [{model: $A}]\nslices:\n  - sources: [{model: $A, layer_range: [0, 2]}]\n",
         1,
-        "`slices`",
+        "`slices` and `models` are mutually exclusive",
     );
     case(
         "union",

@@ -52,8 +52,11 @@
 //!   uses a base, that entry is not merged as a model: its `fisher` (or other
 //!   model-reference parameter) becomes the base's auxiliary input, and its other
 //!   parameters are ignored with a warning, as mergekit ignores them.
-//! * Refused by name rather than ignored: `slices` and `modules` (layer
-//!   surgery), `tokenizer` and `tokenizer_source: union` (vocabulary merging),
+//! * **`slices`** (layer ranges stacked into the output; frankenmerges with
+//!   `passthrough`), mutually exclusive with `models`: see [`crate::slices`]
+//!   for their meaning, parameter precedence and the non-layer tensors.
+//! * Refused by name rather than ignored: `modules` (per-module
+//!   configs), `tokenizer` and `tokenizer_source: union` (vocabulary merging),
 //!   `chat_template`, and LoRA references (`model+lora`).
 //! * Unknown keys, values of the wrong type and impossible values are errors
 //!   naming the key path and its line; parameter names and ranges are checked
@@ -232,12 +235,19 @@ pub struct MergeConfig {
     pub tokenizer_source: Option<TokenizerSource>,
     /// `seed`.
     pub seed: Option<u64>,
+    /// `slices` (layer ranges of models stacked into the output; empty when
+    /// `models` is given). See [`crate::slices`].
+    pub slices: Vec<crate::slices::Slice>,
+    /// The YAML text the config was parsed from, verbatim (written into the
+    /// model card).
+    pub text: Option<String>,
 }
 
 const TOP_KEYS: &[&str] = &[
     "merge_method",
     "base_model",
     "models",
+    "slices",
     "parameters",
     "dtype",
     "out_dtype",
@@ -248,10 +258,6 @@ const TOP_KEYS: &[&str] = &[
 
 /// mergekit features we do not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "slices",
-        "layer slicing (`slices`) is not supported yet; merge whole models with `models`",
-    ),
     (
         "modules",
         "per-module configs (`modules`) are not supported yet; merge whole models with `models`",
@@ -279,7 +285,9 @@ impl MergeConfig {
     pub fn from_yaml_str(text: &str) -> Result<MergeConfig, ConfigError> {
         let root =
             yaml::parse(text).map_err(|(message, pos)| ConfigError::Yaml { message, pos })?;
-        parse_root(&root)
+        let mut cfg = parse_root(&root)?;
+        cfg.text = Some(text.to_string());
+        Ok(cfg)
     }
 
     /// Reads and parses a config file.
@@ -374,11 +382,23 @@ impl MergeConfig {
                 check(p, false)?;
             }
         }
+        for s in &self.slices {
+            // A slice's parameters are defaults for its sources and may set
+            // global parameters for its layers (mergekit's `ConfigReader`).
+            for p in s.parameters.values() {
+                check(p, true)?;
+            }
+            for src in &s.sources {
+                for p in src.parameters.values() {
+                    check(p, false)?;
+                }
+            }
+        }
         Ok(())
     }
 }
 
-fn str_of(node: &Node, path: &str, what: &str) -> Result<String, ConfigError> {
+pub(crate) fn str_of(node: &Node, path: &str, what: &str) -> Result<String, ConfigError> {
     match &node.value {
         Value::Str(s) => Ok(s.clone()),
         _ => Err(ConfigError::WrongType {
@@ -390,7 +410,7 @@ fn str_of(node: &Node, path: &str, what: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn map_of<'a>(node: &'a Node, path: &str) -> Result<&'a [(Node, Node)], ConfigError> {
+pub(crate) fn map_of<'a>(node: &'a Node, path: &str) -> Result<&'a [(Node, Node)], ConfigError> {
     match &node.value {
         Value::Map(m) => Ok(m),
         _ => Err(ConfigError::WrongType {
@@ -402,7 +422,7 @@ fn map_of<'a>(node: &'a Node, path: &str) -> Result<&'a [(Node, Node)], ConfigEr
     }
 }
 
-fn key_of(k: &Node, path: &str) -> Result<String, ConfigError> {
+pub(crate) fn key_of(k: &Node, path: &str) -> Result<String, ConfigError> {
     match &k.value {
         Value::Str(s) => Ok(s.clone()),
         _ => Err(ConfigError::WrongType {
@@ -414,7 +434,7 @@ fn key_of(k: &Node, path: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn join(path: &str, key: &str) -> String {
+pub(crate) fn join(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_string()
     } else {
@@ -422,7 +442,7 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn unknown_key(path: &str, key: &str, pos: Pos, known: &[&str]) -> ConfigError {
+pub(crate) fn unknown_key(path: &str, key: &str, pos: Pos, known: &[&str]) -> ConfigError {
     ConfigError::UnknownKey {
         path: join(path, key),
         pos,
@@ -431,7 +451,7 @@ fn unknown_key(path: &str, key: &str, pos: Pos, known: &[&str]) -> ConfigError {
     }
 }
 
-fn model_ref(node: &Node, path: &str) -> Result<ModelRef, ConfigError> {
+pub(crate) fn model_ref(node: &Node, path: &str) -> Result<ModelRef, ConfigError> {
     let s = match &node.value {
         Value::Str(s) => s.trim().to_string(),
         Value::Map(_) => {
@@ -611,7 +631,7 @@ fn setting(node: &Node, path: &str) -> Result<Setting, ConfigError> {
     }
 }
 
-fn params_of(node: &Node, path: &str) -> Result<ParamMap, ConfigError> {
+pub(crate) fn params_of(node: &Node, path: &str) -> Result<ParamMap, ConfigError> {
     let mut out = ParamMap::new();
     if matches!(node.value, Value::Null) {
         return Ok(out);
@@ -651,7 +671,10 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
         out_dtype: None,
         tokenizer_source: None,
         seed: None,
+        slices: Vec::new(),
+        text: None,
     };
+    let mut slices_pos = None;
     let mut have_method = false;
     let mut have_models = false;
     let mut trim_scope = None;
@@ -696,11 +719,10 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
                             "model" => model = Some(model_ref(mv, &join(&path, "model"))?),
                             "parameters" => parameters = params_of(mv, &join(&path, "parameters"))?,
                             "layer_range" => {
-                                return Err(ConfigError::Unsupported {
+                                return Err(ConfigError::Invalid {
                                     path: join(&path, &mkey),
                                     pos: mk.pos,
-                                    feature: "`layer_range`".into(),
-                                    message: "layer ranges belong to `slices`, which are not supported yet".into(),
+                                    message: "layer ranges belong to the sources of `slices` (`slices: [{sources: [{model, layer_range: [a, b]}]}]`), not to `models`".into(),
                                 });
                             }
                             _ => {
@@ -719,6 +741,10 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
                     })?;
                     cfg.models.push(ModelEntry { model, parameters });
                 }
+            }
+            "slices" => {
+                cfg.slices = crate::slices::parse(v)?;
+                slices_pos = Some(k.pos);
             }
             "parameters" => cfg.parameters = params_of(v, &key)?,
             "dtype" => cfg.dtype = Some(dtype_of(v, &key)?),
@@ -771,7 +797,15 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
             pos: root.pos,
         });
     }
-    if !have_models || cfg.models.is_empty() {
+    if let Some(pos) = slices_pos {
+        if have_models {
+            return Err(ConfigError::Invalid {
+                path: "slices".into(),
+                pos,
+                message: "`slices` and `models` are mutually exclusive: give either whole models under `models` or layer ranges under `slices`, not both".into(),
+            });
+        }
+    } else if !have_models || cfg.models.is_empty() {
         return Err(ConfigError::Missing {
             path: "models".into(),
             pos: root.pos,
@@ -959,8 +993,10 @@ mod tests {
     #[test]
     fn unsupported_mergekit_features_are_refused_by_name() {
         let e = err("merge_method: linear\nslices:\n  - sources: []\n");
-        assert!(matches!(e, ConfigError::Unsupported { ref path, .. } if path == "slices"));
-        assert!(e.to_string().contains("slices"));
+        assert!(
+            matches!(e, ConfigError::Invalid { ref path, .. } if path == "slices[0].sources"),
+            "{e}"
+        );
         let e = err("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union\n");
         assert!(e.to_string().contains("union"), "{e}");
         let e = err("merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  source: base\n");
@@ -968,7 +1004,11 @@ mod tests {
         let e = err("merge_method: linear\nmodels:\n  - model: org/base+org/lora\n");
         assert!(e.to_string().contains("LoRA"), "{e}");
         let e = err("merge_method: linear\nmodels:\n  - model: a\n    layer_range: [0, 4]\n");
-        assert!(matches!(e, ConfigError::Unsupported { .. }), "{e}");
+        assert!(
+            matches!(e, ConfigError::Invalid { ref path, .. } if path == "models[0].layer_range"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("slices"), "{e}");
     }
 
     mod method {

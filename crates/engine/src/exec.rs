@@ -29,7 +29,7 @@ use tensormerge_methods::{
 
 use crate::config::MergeConfig;
 use crate::error::{EngineError, Mismatch};
-use crate::plan::{Action, Input, Plan, RunOptions, plan};
+use crate::plan::{Action, Input, Plan, RunOptions, TensorPlan, plan};
 use crate::progress::Progress;
 
 /// Smallest chunk, in elements, whatever the budget.
@@ -148,6 +148,8 @@ struct Sources {
     models: Vec<Source>,
     aux: Vec<Option<Source>>,
     base_aux: Option<Source>,
+    /// The inputs of a sliced merge (indexed by [`crate::slices::Read::input`]).
+    slice: Vec<Source>,
     /// Set (by a Ctrl-C handler) to stop between chunks.
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -161,6 +163,11 @@ impl Sources {
             models: plan.models.iter().map(new).collect(),
             aux: plan.aux.iter().map(|a| a.as_ref().map(new)).collect(),
             base_aux: plan.base_aux.as_ref().map(new),
+            slice: plan
+                .slices
+                .iter()
+                .flat_map(|s| s.inputs.iter().map(new))
+                .collect(),
             cancel: opts.cancel.clone(),
         }
     }
@@ -174,11 +181,11 @@ impl Sources {
     }
 }
 
-/// Reads one chunk of one tensor from every input taking part into `data`
+/// Reads one chunk of tensor `t` from every input taking part into `data`
 /// (its buffers reused). Returns the bytes read.
 fn fetch(
     src: &Sources,
-    name: &str,
+    t: &TensorPlan,
     aux_has: &[bool],
     base_aux_has: bool,
     range: Range<usize>,
@@ -186,6 +193,7 @@ fn fetch(
     scratch: &mut Vec<u8>,
 ) -> Result<u64, EngineError> {
     src.check_cancel()?;
+    let name = t.out.name.as_str();
     let mut bytes = 0u64;
     let aux_present: Vec<bool> = src
         .aux
@@ -193,17 +201,31 @@ fn fetch(
         .zip(aux_has)
         .map(|(a, &has)| a.is_some() && has)
         .collect();
+    let (has_base, n_models) = match &t.reads {
+        Some(r) => (r.base.is_some(), r.models.len()),
+        None => (src.base.is_some(), src.models.len()),
+    };
+    fn sliced<'s>(src: &'s Sources, r: &'s crate::slices::Read) -> (Option<&'s Source>, &'s str) {
+        (src.slice.get(r.input), r.name.as_str())
+    }
     data.refill(
-        src.base.is_some(),
-        src.models.len(),
+        has_base,
+        n_models,
         &aux_present,
         src.base_aux.is_some() && base_aux_has,
         |input, buf| {
-            let s = match input {
-                ChunkInput::Base => src.base.as_ref(),
-                ChunkInput::Model(i) => src.models.get(i),
-                ChunkInput::Aux(i) => src.aux.get(i).and_then(Option::as_ref),
-                ChunkInput::BaseAux => src.base_aux.as_ref(),
+            let (s, name) = match (&t.reads, input) {
+                (Some(r), ChunkInput::Base) => {
+                    r.base.as_ref().map_or((None, name), |r| sliced(src, r))
+                }
+                (Some(r), ChunkInput::Model(i)) => {
+                    r.models.get(i).map_or((None, name), |r| sliced(src, r))
+                }
+                (Some(_), _) => (None, name),
+                (None, ChunkInput::Base) => (src.base.as_ref(), name),
+                (None, ChunkInput::Model(i)) => (src.models.get(i), name),
+                (None, ChunkInput::Aux(i)) => (src.aux.get(i).and_then(Option::as_ref), name),
+                (None, ChunkInput::BaseAux) => (src.base_aux.as_ref(), name),
             };
             if let Some(s) = s {
                 bytes += s.read(name, range.clone(), buf, scratch)?;
@@ -390,11 +412,7 @@ pub fn execute(
         .map_err(|e| EngineError::Option(format!("cannot start {threads} worker threads: {e}")))?;
 
     // Chunk length: half the budget for the working sets of `threads` tensors.
-    let streams = plan.base.iter().count()
-        + plan.models.len()
-        + plan.aux.iter().flatten().count()
-        + plan.base_aux.iter().count()
-        + 1;
+    let streams = plan.max_streams() + 1;
     let per_elem = 4 * streams as u64 + 4;
     let by_budget = ((opts.max_memory / 2) / (threads as u64 * per_elem)).clamp(MIN_CHUNK, 1 << 28);
     // Methods without a per-tensor pass read every chunk once: keep chunks
@@ -559,6 +577,22 @@ pub fn execute(
     if let Some(dir) = &plan.tokenizer_dir {
         copy_tokenizer(dir, writer.temp_dir())?;
     }
+    if let Some(s) = &plan.slices {
+        let config_json = writer.temp_dir().join("config.json");
+        if config_json.is_file() && !crate::slices::set_layer_count(&config_json, s.layers.len())? {
+            progress.warning(&format!(
+                "config.json of `{}` has none of num_hidden_layers, n_layer, num_layers: the output's layer count ({}) is not recorded in it",
+                plan.template_dir.display(),
+                s.layers.len()
+            ));
+        }
+    }
+    if let Some(card) = &plan.card {
+        let name = out
+            .file_name()
+            .map_or_else(|| "merged".into(), |n| n.to_string_lossy().into_owned());
+        crate::card::write(writer.temp_dir(), card, &name)?;
+    }
     let out_dir = writer
         .finish()
         .map_err(io(format!("cannot finish output `{}`", out.display())))?;
@@ -674,16 +708,17 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
     let name = &t.out.name;
     match &t.action {
         Action::Copy => {
-            let src = plan.copy_source();
-            let bytes = src.model.tensor_bytes(name).map_err(|source| {
+            let (src, src_name) = plan.copy_read(t);
+            let bytes = src.model.tensor_bytes(src_name).map_err(|source| {
                 EngineError::io(
-                    format!("cannot read tensor `{name}` of `{}`", src.reference),
+                    format!("cannot read tensor `{src_name}` of `{}`", src.reference),
                     source,
                 )
             })?;
             let mut mismatches = Vec::new();
-            for m in plan.models.iter().chain(plan.base.iter()) {
-                if std::sync::Arc::ptr_eq(&m.model, &src.model) {
+            let (b, m) = plan.reads_of(t);
+            for (m, name) in m.into_iter().chain(b) {
+                if std::sync::Arc::ptr_eq(&m.model, &src.model) && name == src_name {
                     continue;
                 }
                 let other = m.model.tensor_bytes(name).map_err(|source| {
@@ -695,7 +730,7 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                 if other != bytes {
                     mismatches.push(Mismatch {
                         model: m.reference.clone(),
-                        tensor: name.clone(),
+                        tensor: name.to_string(),
                         detail: format!(
                             "non-float tensor ({}) differs from `{}`; it cannot be merged, only copied when all inputs agree",
                             t.out.dtype,
@@ -729,7 +764,7 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                 chunk_len,
                 merge,
                 |r, data| {
-                    let b = fetch(sources, name, aux, *base_aux, r, data, scratch)?;
+                    let b = fetch(sources, t, aux, *base_aux, r, data, scratch)?;
                     read_bytes += b;
                     progress.advance(b, 0);
                     Ok(())
@@ -805,15 +840,7 @@ fn model_pass(
             }
             for r in chunk_ranges(method, t.out.numel(), chunk_len) {
                 let offset = r.start;
-                let b = fetch(
-                    sources,
-                    &t.out.name,
-                    aux,
-                    *base_aux,
-                    r,
-                    &mut data,
-                    &mut scratch,
-                )?;
+                let b = fetch(sources, t, aux, *base_aux, r, &mut data, &mut scratch)?;
                 bytes += b;
                 progress.advance(b, 0);
                 data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;

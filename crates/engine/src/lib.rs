@@ -68,12 +68,14 @@
 //!   it.
 #![deny(missing_docs)]
 
+pub mod card;
 pub mod config;
 mod error;
 mod exec;
 pub mod expr;
 mod plan;
 mod progress;
+pub mod slices;
 mod yaml;
 
 pub use config::MergeConfig;

@@ -98,6 +98,9 @@ pub struct TensorPlan {
     pub t: f64,
     /// Merge or copy.
     pub action: Action,
+    /// Where the inputs are read from when that is not the plan's base and
+    /// models under the output name (`slices`: other layers, other models).
+    pub reads: Option<crate::slices::TensorReads>,
 }
 
 /// One output shard.
@@ -145,6 +148,13 @@ pub struct Plan {
     pub model_pass: bool,
     /// Things the user should know (ignored parameters, missing Fisher entries).
     pub warnings: Vec<String>,
+    /// The slice plan, for a config given by `slices` (then `base` and
+    /// `models` are empty and each tensor's [`TensorPlan::reads`] says
+    /// where its inputs come from).
+    pub slices: Option<crate::slices::SlicePlan>,
+    /// The model card written as `README.md` into the output (`None`: none;
+    /// set it to `None` to write no card).
+    pub card: Option<crate::card::ModelCard>,
 }
 
 /// The layer index of a tensor: the first purely numeric component of its
@@ -161,7 +171,7 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 /// mergekit's layer position: `t = i / (n − 1)`, `1` when there is a single
 /// layer, `0` for tensors outside the layers.
-fn layer_t(layer: Option<usize>, num_layers: usize) -> f64 {
+pub(crate) fn layer_t(layer: Option<usize>, num_layers: usize) -> f64 {
     match layer {
         None => 0.0,
         Some(_) if num_layers <= 1 => 1.0,
@@ -169,12 +179,13 @@ fn layer_t(layer: Option<usize>, num_layers: usize) -> f64 {
     }
 }
 
-struct Opener {
+#[derive(Default)]
+pub(crate) struct Opener {
     cache: HashMap<String, Arc<Model>>,
 }
 
 impl Opener {
-    fn open(&mut self, r: &ModelRef, what: &str) -> Result<Input, EngineError> {
+    pub(crate) fn open(&mut self, r: &ModelRef, what: &str) -> Result<Input, EngineError> {
         if let Some(m) = self.cache.get(&r.reference) {
             return Ok(Input {
                 reference: r.reference.clone(),
@@ -198,7 +209,7 @@ impl Opener {
 
 /// Whether two references name the same model: equal strings, or paths
 /// that resolve to the same place (`./base` and `base/`).
-fn same_model(a: &str, b: &str) -> bool {
+pub(crate) fn same_model(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }
@@ -274,9 +285,10 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
     let info = method.info();
     let uses_base = info.base != BaseModel::Unused;
     let mut warnings = Vec::new();
-    let mut opener = Opener {
-        cache: HashMap::new(),
-    };
+    if !config.slices.is_empty() {
+        return crate::slices::plan(config, opts, method);
+    }
+    let mut opener = Opener::default();
 
     // Which entries are merged, and what the base carries.
     let mut entries = Vec::new();
@@ -399,7 +411,7 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
         let layer = layer_index(&t.name);
         let tt = layer_t(layer, num_layers);
         let (out, action) = if t.dtype.is_float() {
-            let global = resolve(method, Scope::Global, &t.name, tt, None, &config.parameters)?;
+            let global = resolve(method, Scope::Global, &t.name, tt, &[&config.parameters])?;
             let models_p = model_params
                 .iter()
                 .map(|p| {
@@ -408,8 +420,7 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
                         Scope::PerModel,
                         &t.name,
                         tt,
-                        Some(p),
-                        &config.parameters,
+                        &[p, &config.parameters],
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -441,46 +452,10 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
             layer,
             t: tt,
             action,
+            reads: None,
         });
     }
-    // The method's own warnings: once for the config, then per tensor
-    // (identical messages reported once).
-    if let Some((g, m)) = tensors.iter().find_map(|t| match &t.action {
-        Action::Merge { global, models, .. } => Some((global, models)),
-        Action::Copy => None,
-    }) {
-        warnings.extend(method.config_warnings(g, m));
-    }
-    let mut seen = std::collections::HashSet::new();
-    let mut tensor_warnings = Vec::new();
-    for t in &tensors {
-        if let Action::Merge {
-            global,
-            models,
-            aux: aux_has,
-            ..
-        } = &t.action
-        {
-            let ctx = tensormerge_methods::TensorContext {
-                name: &t.out.name,
-                shape: &t.out.shape,
-                global,
-                models,
-                seed: 0,
-                model_stats: None,
-            };
-            for w in method.tensor_warnings(&ctx, aux_has) {
-                if seen.insert(w.clone()) {
-                    tensor_warnings.push(w);
-                }
-            }
-        }
-    }
-    let n = tensor_warnings.len();
-    warnings.extend(tensor_warnings.into_iter().take(10));
-    if n > 10 {
-        warnings.push(format!("... and {} more warnings like these", n - 10));
-    }
+    warnings.extend(method_warnings(method, &tensors));
 
     let template_dir = reference.model.dir().to_path_buf();
     let tokenizer_dir = match &config.tokenizer_source {
@@ -523,30 +498,72 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
         max_shard_bytes: opts.out_shard_bytes,
         model_pass,
         warnings,
+        slices: None,
+        card: crate::card::model_card(config, method),
     })
 }
 
-/// A parameter's value for one tensor, by mergekit's precedence: the model's
-/// own setting, then the top-level setting, then the default (filled in by
+/// The method's own warnings: once for the config, then per tensor
+/// (identical messages reported once, at most ten).
+pub(crate) fn method_warnings(method: &dyn MergeMethod, tensors: &[TensorPlan]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some((g, m)) = tensors.iter().find_map(|t| match &t.action {
+        Action::Merge { global, models, .. } => Some((global, models)),
+        Action::Copy => None,
+    }) {
+        warnings.extend(method.config_warnings(g, m));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut tensor_warnings = Vec::new();
+    for t in tensors {
+        if let Action::Merge {
+            global,
+            models,
+            aux: aux_has,
+            ..
+        } = &t.action
+        {
+            let ctx = tensormerge_methods::TensorContext {
+                name: &t.out.name,
+                shape: &t.out.shape,
+                global,
+                models,
+                seed: 0,
+                model_stats: None,
+            };
+            for w in method.tensor_warnings(&ctx, aux_has) {
+                if seen.insert(w.clone()) {
+                    tensor_warnings.push(w);
+                }
+            }
+        }
+    }
+    let n = tensor_warnings.len();
+    warnings.extend(tensor_warnings.into_iter().take(10));
+    if n > 10 {
+        warnings.push(format!("... and {} more warnings like these", n - 10));
+    }
+
+    warnings
+}
+
+/// A parameter's value for one tensor, by mergekit's precedence: the first of
+/// `levels` (most specific first: a model's or source's own settings, a
+/// slice's, the top level) that sets it, then the default (filled in by
 /// `Params::resolve`). A filter list without a matching entry falls through.
-fn resolve(
+pub(crate) fn resolve(
     method: &dyn MergeMethod,
     scope: Scope,
     tensor: &str,
     t: f64,
-    own: Option<&ParamMap>,
-    top: &ParamMap,
+    levels: &[&ParamMap],
 ) -> Result<Params, EngineError> {
     let info = method.info();
     let mut given = Vec::new();
     for spec in info.params.iter().filter(|s| s.scope == scope) {
-        let from_own = own
-            .and_then(|m| m.get(spec.name))
-            .and_then(|p| p.setting.evaluate(tensor, t));
-        let value = from_own.or_else(|| {
-            top.get(spec.name)
-                .and_then(|p| p.setting.evaluate(tensor, t))
-        });
+        let value = levels
+            .iter()
+            .find_map(|m| m.get(spec.name).and_then(|p| p.setting.evaluate(tensor, t)));
         if let Some(v) = value {
             given.push((spec.name, v));
         }
@@ -560,7 +577,7 @@ fn resolve(
 /// Greedy shard packing in write order (the writer's rule): a new shard starts
 /// when the next tensor would overflow the limit; a tensor larger than the
 /// limit gets a shard of its own.
-fn shard_plan(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
+pub(crate) fn shard_plan(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
     let mut bounds = Vec::new();
     let mut first = 0;
     let mut acc = 0u64;
@@ -599,7 +616,8 @@ impl Plan {
             .chain(self.unused_base.iter())
             .chain(self.models.iter())
             .chain(self.aux.iter().flatten())
-            .chain(self.base_aux.iter());
+            .chain(self.base_aux.iter())
+            .chain(self.slices.iter().flat_map(|s| s.inputs.iter()));
         for i in all {
             if !out.iter().any(|o| Arc::ptr_eq(&o.model, &i.model)) {
                 out.push(i);
@@ -608,13 +626,67 @@ impl Plan {
         out
     }
 
-    /// The input non-float tensors are copied from.
+    /// The input non-float tensors are copied from (for a sliced merge, the
+    /// template model; each tensor's own source is [`Plan::reads_of`]).
     pub fn copy_source(&self) -> &Input {
         self.base
             .as_ref()
             .or(self.unused_base.as_ref())
             .or(self.models.first())
+            .or(self.slices.iter().flat_map(|s| s.inputs.first()).next())
             .expect("a plan has at least one input")
+    }
+
+    /// The inputs of tensor `t` (its base, then each merged model) with the
+    /// name the tensor has in each; auxiliary inputs are not included.
+    pub fn reads_of<'a>(
+        &'a self,
+        t: &'a TensorPlan,
+    ) -> (Option<(&'a Input, &'a str)>, Vec<(&'a Input, &'a str)>) {
+        match (&t.reads, &self.slices) {
+            (Some(r), Some(s)) => (
+                r.base
+                    .as_ref()
+                    .map(|b| (&s.inputs[b.input], b.name.as_str())),
+                r.models
+                    .iter()
+                    .map(|m| (&s.inputs[m.input], m.name.as_str()))
+                    .collect(),
+            ),
+            _ => (
+                self.base.as_ref().map(|b| (b, t.out.name.as_str())),
+                self.models
+                    .iter()
+                    .map(|m| (m, t.out.name.as_str()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The input a copied tensor `t` is read from, and its name there.
+    pub fn copy_read<'a>(&'a self, t: &'a TensorPlan) -> (&'a Input, &'a str) {
+        match self.reads_of(t) {
+            (Some(b), _) if t.reads.is_some() => b,
+            (_, m) if t.reads.is_some() && !m.is_empty() => m[0],
+            _ => (self.copy_source(), t.out.name.as_str()),
+        }
+    }
+
+    /// Input streams (decoded chunks) the largest tensor reads at once:
+    /// base, models and auxiliary inputs.
+    pub fn max_streams(&self) -> usize {
+        let plain = self.base.iter().count()
+            + self.models.len()
+            + self.aux.iter().flatten().count()
+            + self.base_aux.iter().count();
+        let sliced = self
+            .tensors
+            .iter()
+            .filter_map(|t| t.reads.as_ref())
+            .map(|r| r.base.iter().count() + r.models.len())
+            .max()
+            .unwrap_or(0);
+        plain.max(sliced)
     }
 
     /// What the method is told about merged tensor `t` (`None` for a copied
@@ -650,16 +722,21 @@ impl Plan {
     /// in merging it, or from the copy source.
     pub fn tensor_bytes_to_read(&self, t: &TensorPlan) -> u64 {
         let name = &t.out.name;
-        let size = |i: &Input| {
+        let size_of = |i: &Input, name: &str| {
             i.model
                 .layout()
                 .get(name)
                 .map_or(0, |x| x.checked_byte_len().unwrap_or(0) as u64)
         };
+        let size = |i: &Input| size_of(i, name);
         match &t.action {
-            Action::Copy => size(self.copy_source()),
+            Action::Copy => {
+                let (i, n) = self.copy_read(t);
+                size_of(i, n)
+            }
             Action::Merge { aux, base_aux, .. } => {
-                let mut total: u64 = self.base.iter().chain(&self.models).map(size).sum();
+                let (b, m) = self.reads_of(t);
+                let mut total: u64 = b.into_iter().chain(m).map(|(i, n)| size_of(i, n)).sum();
                 for (a, has) in self.aux.iter().zip(aux) {
                     if let (Some(a), true) = (a, has) {
                         total += size(a);
@@ -726,12 +803,20 @@ impl fmt::Display for Plan {
                 "base: {} (not merged by {}; source of non-float tensors and config)",
                 b.reference, info.name
             )?,
+            (None, None) if self.slices.is_some() => {
+                writeln!(f, "base: per slice (marked in the slice plan)")?
+            }
             (None, None) => writeln!(f, "base: none")?,
         }
         if let Some(b) = &self.base_aux {
             writeln!(f, "base auxiliary: {}", b.reference)?;
         }
-        writeln!(f, "models:")?;
+        if let Some(s) = &self.slices {
+            writeln!(f, "{s}")?;
+        }
+        if self.slices.is_none() {
+            writeln!(f, "models:")?;
+        }
         for (i, m) in self.models.iter().enumerate() {
             match &self.aux[i] {
                 Some(a) => writeln!(f, "  [{i}] {} (auxiliary: {})", m.reference, a.reference)?,
