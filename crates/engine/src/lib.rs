@@ -82,7 +82,8 @@ pub use config::MergeConfig;
 pub use error::{ConfigError, EngineError, Mismatch};
 pub use exec::{MergeReport, execute, run_merge};
 pub use plan::{
-    Action, DEFAULT_MAX_MEMORY, Input, Plan, RunOptions, ShardPlan, TensorPlan, layer_index, plan,
+    Action, DEFAULT_MAX_MEMORY, Input, InputTensor, Plan, RunOptions, ShardPlan, TensorPlan,
+    layer_index, plan,
 };
 pub use progress::{NoProgress, Progress};
 pub use yaml::Pos;

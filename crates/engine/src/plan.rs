@@ -606,6 +606,9 @@ pub(crate) fn shard_plan(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
         .collect()
 }
 
+/// An input and the name a tensor has in it.
+pub type InputTensor<'a> = (&'a Input, &'a str);
+
 impl Plan {
     /// Every input, each once (models, base, auxiliary inputs).
     pub fn inputs(&self) -> Vec<&Input> {
@@ -642,7 +645,7 @@ impl Plan {
     pub fn reads_of<'a>(
         &'a self,
         t: &'a TensorPlan,
-    ) -> (Option<(&'a Input, &'a str)>, Vec<(&'a Input, &'a str)>) {
+    ) -> (Option<InputTensor<'a>>, Vec<InputTensor<'a>>) {
         match (&t.reads, &self.slices) {
             (Some(r), Some(s)) => (
                 r.base
