@@ -648,9 +648,10 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
             let mut done = None;
             for &arrangement in &plan.arrangements {
                 let yaml = config_yaml(plan, setting, arrangement, &inputs, opts.seed);
+                let label = setting.to_string();
                 let job = Job {
-                    plan,
-                    setting,
+                    method: plan.name,
+                    setting: &label,
                     yaml: &yaml,
                 };
                 match merge(&job, &scratch) {
@@ -689,9 +690,10 @@ pub fn run(opts: &DemoOptions, progress: &dyn DemoProgress) -> Result<DemoReport
             Some((point, yaml)) => {
                 // Keep the best merge and its config.
                 let dir = out.join("merged").join(plan.name);
+                let label = point.setting.to_string();
                 let job = Job {
-                    plan,
-                    setting: &point.setting,
+                    method: plan.name,
+                    setting: &label,
                     yaml: &yaml,
                 };
                 merge(&job, &dir)?;

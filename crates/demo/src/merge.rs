@@ -9,15 +9,20 @@ use std::path::Path;
 use tensormerge_engine::{MergeConfig, NoProgress, RunOptions, run_merge};
 
 use crate::DemoError;
-use crate::experiment::{MethodPlan, Setting};
 
-/// One merge: a method, its setting and its config.
+/// One merge: the method's name and setting (for error messages only) and
+/// its config.
+///
+/// The job carries plain strings rather than the experiment's own types, so
+/// that this module depends only on the engine and the experiment depends on
+/// it, not the other way round.
 #[derive(Debug, Clone, Copy)]
 pub struct Job<'a> {
-    /// How the method is run.
-    pub plan: &'a MethodPlan,
-    /// The swept values.
-    pub setting: &'a Setting,
+    /// The method's registry name.
+    pub method: &'a str,
+    /// The swept values, as the report prints them (see
+    /// [`Setting`](crate::experiment::Setting)'s `Display`).
+    pub setting: &'a str,
     /// The mergekit YAML config (see
     /// [`config_yaml`](crate::experiment::config_yaml)).
     pub yaml: &'a str,
@@ -25,7 +30,7 @@ pub struct Job<'a> {
 
 fn failed(job: &Job<'_>, e: impl std::error::Error + Send + Sync + 'static) -> DemoError {
     DemoError::Merge {
-        method: job.plan.name.to_string(),
+        method: job.method.to_string(),
         setting: job.setting.to_string(),
         source: Box::new(e),
     }

@@ -68,6 +68,7 @@ mod header;
 mod hub;
 mod mapper_ext;
 mod model;
+mod open;
 mod writer;
 
 pub use error::IoError;

@@ -1,4 +1,6 @@
-//! Opening models: single files, directories, sharded indexes (and hub ids).
+//! Opening models from paths: single files, directories, sharded indexes.
+//! (Hub ids are resolved by `hub`, and `open` picks between the two; this
+//! module depends on neither.)
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -64,23 +66,6 @@ struct RawIndex {
 }
 
 impl Model {
-    /// Opens a model from a reference: a directory, a `.safetensors` file, a
-    /// `model.safetensors.index.json`, or (cargo feature `hub`) a hub id
-    /// `org/name[@revision]`. An existing path always wins over a hub id.
-    pub fn open(reference: &str) -> Result<Model, IoError> {
-        let path = Path::new(reference);
-        if path.exists() || path.symlink_metadata().is_ok() {
-            return Model::open_path(path);
-        }
-        if crate::hub::looks_like_hub_id(reference) {
-            return crate::hub::open_hub(reference);
-        }
-        Err(IoError::NotFound {
-            reference: reference.to_string(),
-            hint: String::new(),
-        })
-    }
-
     /// Opens a model from a path only (directory, `.safetensors` file or index file).
     pub fn open_path(path: &Path) -> Result<Model, IoError> {
         let meta = std::fs::metadata(path).map_err(|e| IoError::io(path, e))?;
