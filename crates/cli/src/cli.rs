@@ -61,6 +61,11 @@ pub enum ColorChoice {
 pub enum Command {
     /// Merge models as described by a mergekit-style YAML config.
     Merge(MergeArgs),
+    /// Assemble the pieces of a sharded merge (`merge --shard I/N`, run by
+    /// every worker) into the finished model directory: checks every piece
+    /// (none missing or doubled, one plan, sizes and SHA-256), writes the
+    /// index and renames the model into place.
+    Join(JoinArgs),
     /// Evaluate an arithmetic expression over whole models, tensor by tensor.
     Eval(EvalArgs),
     /// List the merge methods, or show one in detail.
@@ -122,6 +127,30 @@ pub struct MergeArgs {
     /// config verbatim (a template model's own README is never copied).
     #[arg(long)]
     pub no_card: bool,
+
+    /// Run worker I (counted from 0) of N of a sharded merge: plan the whole
+    /// merge, write only this worker's output shards, as pieces in
+    /// OUT.pieces/ (never a finished model); `tensormerge join OUT` then
+    /// assembles them. Inputs must be at the same paths (or hub ids in a
+    /// filled cache) on every machine.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::shard::ShardArg>,
+}
+
+/// Options of `join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The output directory the workers were given (`-o OUT`); the pieces are
+    /// read from OUT.pieces/ and removed after a successful join.
+    pub output: PathBuf,
+
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Keep OUT.pieces/ after a successful join.
+    #[arg(long)]
+    pub keep_pieces: bool,
 }
 
 /// Options of `eval`.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use tensormerge::builtin;
 use tensormerge::core::DType;
-use tensormerge::engine::{EngineError, MergeConfig, RunOptions, execute, plan};
+use tensormerge::engine::{EngineError, MergeConfig, RunOptions, execute, execute_part, plan};
 use tensormerge::methods::{BaseModel, MergeMethod, Scope};
 
 use crate::cli::{Command, DemoArgs, EvalArgs, MergeArgs, MethodsArgs, MethodsCommand};
@@ -16,6 +16,7 @@ use crate::printer::{Printer, Usage};
 pub fn run(command: Command, p: &Printer) -> Result<()> {
     match command {
         Command::Merge(a) => merge(a, p),
+        Command::Join(a) => crate::shard::join_cmd(a, p),
         Command::Eval(a) => eval(a, p),
         Command::Methods(a) => methods(a),
         Command::Inspect(a) => crate::inspect::inspect(a, p),
@@ -23,7 +24,7 @@ pub fn run(command: Command, p: &Printer) -> Result<()> {
     }
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -64,6 +65,22 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
             p.warn(w);
         }
         println!("{plan}");
+        if let Some(s) = a.shard {
+            let r =
+                tensormerge::io::pieces::assigned_shards(s.worker, s.workers, plan.shards.len());
+            let files: Vec<&str> = plan.shards[r.clone()]
+                .iter()
+                .map(|f| f.file_name.as_str())
+                .collect();
+            println!(
+                "worker {s} writes {} of {} shard(s){}{} (plan {})",
+                r.len(),
+                plan.shards.len(),
+                if files.is_empty() { "" } else { ": " },
+                files.join(", "),
+                &plan.fingerprint()[..12]
+            );
+        }
         return Ok(());
     }
     opts.cancel = Some(cancel_on_signal()?);
@@ -72,9 +89,27 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
             if a.no_card {
                 plan.card = None;
             }
-            execute(&plan, &a.output, &opts, p)
+            match a.shard {
+                None => execute(&plan, &a.output, &opts, p),
+                Some(s) => execute_part(&plan, &a.output, &opts, p, s.worker, s.workers),
+            }
         })
         .with_context(|| format!("merge of `{}` failed", a.config.display()))?;
+    if let Some(s) = a.shard {
+        println!(
+            "worker {s}: merged {} tensors ({} copied) into {}: {} shard(s), {} written in {:.1} s (method {}, seed {}); run `tensormerge join {}` when every worker is done",
+            report.tensors_merged + report.tensors_copied,
+            report.tensors_copied,
+            report.out_dir.display(),
+            report.shards,
+            human(report.bytes_written),
+            report.seconds,
+            config.merge_method,
+            report.seed,
+            a.output.display()
+        );
+        return Ok(());
+    }
     p.info(&format!(
         "{} threads, chunks of {} elements, {} read",
         report.threads,

@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod inspect;
 mod printer;
+mod shard;
 mod size;
 
 use std::process::ExitCode;

@@ -13,6 +13,12 @@
 //!
 //! A method's whole-model pass (TIES with `trim_scope: model`, Fisher norms)
 //! runs first, streaming over every tensor in order, as many sweeps as it asks.
+//!
+//! [`execute_part`] runs one worker of a sharded merge: the same plan, the
+//! same whole-model pass (over the whole model: it is deterministic, so every
+//! worker computes the same statistics as a single machine would), then only
+//! the tensors of the worker's output shards, written as pieces that
+//! `tensormerge_io::join` assembles.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use tensormerge_core::convert;
-use tensormerge_io::{Model, ModelWriter, SUPPORT_FILES, WriterOptions};
+use tensormerge_io::{Model, ModelWriter, PartSpec, SUPPORT_FILES, WriterOptions};
 use tensormerge_methods::{
     ChunkData, ChunkInput, MergeBuffers, Stats, chunk_ranges, merge_tensor_reusing,
 };
@@ -244,6 +250,8 @@ fn fetch(
 /// result in the reorder buffer. It is admitted when the reservations fit the
 /// budget, or when nothing else is in flight.
 struct Scheduler<'a> {
+    /// End of the tensors to run (they start at `SchedState::next`).
+    end: usize,
     state: Mutex<SchedState>,
     cv: Condvar,
     budget: u64,
@@ -266,7 +274,7 @@ impl Scheduler<'_> {
     fn acquire(&self) -> Option<usize> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if st.failed || st.next >= self.working.len() {
+            if st.failed || st.next >= self.end {
                 return None;
             }
             let i = st.next;
@@ -397,6 +405,38 @@ pub fn execute(
     opts: &RunOptions,
     progress: &dyn Progress,
 ) -> Result<MergeReport, EngineError> {
+    execute_inner(plan, out, opts, progress, None)
+}
+
+/// Runs worker `worker` (0-based) of `workers` of a sharded merge of `plan`
+/// into `out`: the output shards
+/// [`assigned_shards`](tensormerge_io::pieces::assigned_shards)`(worker,
+/// workers, plan.shards.len())`, byte for byte as [`execute`] writes them,
+/// into the piece directory
+/// [`worker_dir`](tensormerge_io::pieces::worker_dir) next to `out` with a
+/// manifest carrying [`Plan::fingerprint`]; worker 0 also writes the
+/// support files. [`join`](tensormerge_io::join) then assembles `out`.
+/// A whole-model pass runs over the whole model on every worker (a worker
+/// without shards skips it); it is deterministic, so every worker gets the
+/// statistics a single machine gets.
+pub fn execute_part(
+    plan: &Plan,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    worker: usize,
+    workers: usize,
+) -> Result<MergeReport, EngineError> {
+    execute_inner(plan, out, opts, progress, Some((worker, workers)))
+}
+
+fn execute_inner(
+    plan: &Plan,
+    out: &Path,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    part: Option<(usize, usize)>,
+) -> Result<MergeReport, EngineError> {
     let start = Instant::now();
     for w in &plan.warnings {
         progress.warning(w);
@@ -441,23 +481,35 @@ pub fn execute(
         "merged_by".to_string(),
         format!("tensormerge {}", env!("CARGO_PKG_VERSION")),
     );
-    let writer = ModelWriter::create(
-        out,
-        plan.tensors.iter().map(|t| t.out.clone()).collect(),
-        WriterOptions {
-            max_shard_bytes: opts.out_shard_bytes,
-            overwrite: opts.overwrite,
-            protected,
-            metadata,
-        },
-    )
+    let tensor_list = plan.tensors.iter().map(|t| t.out.clone()).collect();
+    let wopts = WriterOptions {
+        max_shard_bytes: opts.out_shard_bytes,
+        overwrite: opts.overwrite,
+        protected,
+        metadata,
+    };
+    let writer = match part {
+        None => ModelWriter::create(out, tensor_list, wopts),
+        Some((worker, workers)) => ModelWriter::create_part(
+            out,
+            tensor_list,
+            wopts,
+            PartSpec {
+                plan: plan.fingerprint(),
+                worker,
+                workers,
+            },
+        ),
+    }
     .map_err(|source| {
         EngineError::io(format!("cannot create output `{}`", out.display()), source)
     })?;
+    // The tensors this run writes: all, or those of a worker's shards.
+    let range = writer.tensor_range();
 
     let sources = Sources::new(plan, opts);
     let mut bytes_read = 0u64;
-    let model_stats = if plan.model_pass {
+    let model_stats = if plan.model_pass && !range.is_empty() {
         let (s, b) = model_pass(plan, &sources, chunk_len, progress)?;
         bytes_read += b;
         s
@@ -486,10 +538,11 @@ pub fn execute(
         working.push(w);
         out_bytes.push(t.out.checked_byte_len().unwrap_or(0) as u64);
     }
-    let head = AtomicUsize::new(0);
+    let head = AtomicUsize::new(range.start);
     let sched = Scheduler {
+        end: range.end,
         state: Mutex::new(SchedState {
-            next: 0,
+            next: range.start,
             reserved: 0,
             peak: 0,
             failed: false,
@@ -506,14 +559,18 @@ pub fn execute(
         head: &head,
         state: Mutex::new(OutState {
             writer: Some(writer),
-            next: 0,
+            next: range.start,
             pending: BTreeMap::new(),
             written: 0,
         }),
     };
     let errors: Mutex<Vec<(usize, EngineError)>> = Mutex::new(Vec::new());
     let read_total = Mutex::new(0u64);
-    progress.start("merging", expected_reads(plan, chunk_len), n as u64);
+    progress.start(
+        "merging",
+        expected_reads(plan, range.clone(), chunk_len),
+        range.len() as u64,
+    );
     let job = Job {
         plan,
         sources: &sources,
@@ -565,45 +622,54 @@ pub fn execute(
     let mut writer = st
         .writer
         .ok_or_else(|| EngineError::Option("writer already closed".into()))?;
-    let shards = writer.num_shards();
+    let shards = match part {
+        None => writer.num_shards(),
+        Some((worker, workers)) => {
+            tensormerge_io::pieces::assigned_shards(worker, workers, writer.num_shards()).len()
+        }
+    };
     let io =
         |context: String| move |source: tensormerge_io::IoError| EngineError::io(context, source);
-    writer
-        .copy_support_files(&plan.template_dir, plan.out_dtype)
-        .map_err(io(format!(
-            "cannot copy config files from `{}`",
-            plan.template_dir.display()
-        )))?;
-    if let Some(dir) = &plan.tokenizer_dir {
-        copy_tokenizer(dir, writer.temp_dir())?;
-    }
-    if let Some(s) = &plan.slices {
-        let config_json = writer.temp_dir().join("config.json");
-        if config_json.is_file() && !crate::slices::set_layer_count(&config_json, s.layers.len())? {
-            progress.warning(&format!(
-                "config.json of `{}` has none of num_hidden_layers, n_layer, num_layers: the output's layer count ({}) is not recorded in it",
-                plan.template_dir.display(),
-                s.layers.len()
-            ));
+    // Support files: written once, by the single machine or by worker 0.
+    if part.is_none_or(|(worker, _)| worker == 0) {
+        writer
+            .copy_support_files(&plan.template_dir, plan.out_dtype)
+            .map_err(io(format!(
+                "cannot copy config files from `{}`",
+                plan.template_dir.display()
+            )))?;
+        if let Some(dir) = &plan.tokenizer_dir {
+            copy_tokenizer(dir, writer.temp_dir())?;
         }
-    }
-    if let Some(card) = &plan.card {
-        let name = out
-            .file_name()
-            .map_or_else(|| "merged".into(), |n| n.to_string_lossy().into_owned());
-        crate::card::write(writer.temp_dir(), card, &name)?;
+        if let Some(s) = &plan.slices {
+            let config_json = writer.temp_dir().join("config.json");
+            if config_json.is_file()
+                && !crate::slices::set_layer_count(&config_json, s.layers.len())?
+            {
+                progress.warning(&format!(
+                    "config.json of `{}` has none of num_hidden_layers, n_layer, num_layers: the output's layer count ({}) is not recorded in it",
+                    plan.template_dir.display(),
+                    s.layers.len()
+                ));
+            }
+        }
+        if let Some(card) = &plan.card {
+            let name = out
+                .file_name()
+                .map_or_else(|| "merged".into(), |n| n.to_string_lossy().into_owned());
+            crate::card::write(writer.temp_dir(), card, &name)?;
+        }
     }
     let out_dir = writer
         .finish()
         .map_err(io(format!("cannot finish output `{}`", out.display())))?;
-    let copied = plan
-        .tensors
+    let copied = plan.tensors[range.clone()]
         .iter()
         .filter(|t| matches!(t.action, Action::Copy))
         .count();
     Ok(MergeReport {
         out_dir,
-        tensors_merged: n - copied,
+        tensors_merged: range.len() - copied,
         tensors_copied: copied,
         bytes_read,
         bytes_written: st.written,
@@ -647,8 +713,8 @@ fn copy_tokenizer(src: &Path, dst: &Path) -> Result<(), EngineError> {
 
 /// Input bytes the merge pass will read: a tensor merged in several chunks by
 /// a method with a per-tensor pass is read once per sweep and once more.
-fn expected_reads(plan: &Plan, chunk_len: usize) -> u64 {
-    plan.tensors
+fn expected_reads(plan: &Plan, range: Range<usize>, chunk_len: usize) -> u64 {
+    plan.tensors[range]
         .iter()
         .map(|t| expected_tensor_reads(plan, t, chunk_len))
         .sum()

@@ -80,7 +80,7 @@ mod yaml;
 
 pub use config::MergeConfig;
 pub use error::{ConfigError, EngineError, Mismatch};
-pub use exec::{MergeReport, execute, run_merge};
+pub use exec::{MergeReport, execute, execute_part, run_merge};
 pub use plan::{
     Action, DEFAULT_MAX_MEMORY, Input, InputTensor, Plan, RunOptions, ShardPlan, TensorPlan,
     layer_index, plan,

@@ -610,6 +610,31 @@ pub(crate) fn shard_plan(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
 pub type InputTensor<'a> = (&'a Input, &'a str);
 
 impl Plan {
+    /// The plan's fingerprint: SHA-256 (hex) of everything the output bytes
+    /// depend on that the plan knows: the tensormerge version, the plan as
+    /// `--dry-run` prints it (method, seed, input references, output dtype,
+    /// every tensor's resolved parameters, the output shards) and the header
+    /// (name, dtype, shape of every tensor) of every input. Deterministic
+    /// from the config and the input headers, so every worker of a sharded
+    /// merge computes the same one; `join` refuses pieces whose fingerprints
+    /// differ. Weights are not read: two inputs with equal headers but other
+    /// weights have the same fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!(
+            "tensormerge {}\n{self}\n",
+            env!("CARGO_PKG_VERSION")
+        ));
+        for i in self.inputs() {
+            h.update(format!("input {}\n", i.reference));
+            for t in i.model.layout().tensors() {
+                h.update(format!("{} {} {:?}\n", t.name, t.dtype, t.shape));
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Every input, each once (models, base, auxiliary inputs).
     pub fn inputs(&self) -> Vec<&Input> {
         let mut out: Vec<&Input> = Vec::new();

@@ -404,6 +404,15 @@ pub enum IoError {
         /// Bytes written.
         written: u64,
     },
+    /// A sharded merge's pieces (`OUT.pieces`) that do not form one
+    /// complete model: missing, doubled, corrupt, or of different plans.
+    #[error("{}: {message}", path.display())]
+    Pieces {
+        /// The piece, manifest or directory at fault.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// The writer failed earlier and can no longer be used.
     #[error("{}: the writer failed earlier and cannot continue", out.display())]
     WriterFailed {

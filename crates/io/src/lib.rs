@@ -69,10 +69,12 @@ mod hub;
 mod mapper_ext;
 mod model;
 mod open;
+pub mod pieces;
 mod writer;
 
 pub use error::IoError;
 pub use hub::{HubId, HubOptions};
 pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};
+pub use pieces::{JoinOptions, JoinReport, PartSpec, join};
 pub use writer::{DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WriterOptions};

@@ -3,13 +3,16 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use sha2::{Digest, Sha256};
 use tensormerge_core::{DType, Layout, TensorInfo};
 
 use crate::IoError;
 use crate::model::{INDEX_FILE, SINGLE_FILE};
+use crate::pieces::{self, PartSpec, PieceFile, PieceManifest};
 
 /// Default shard size limit: 5 GB, as mergekit's `--out-shard-size` default.
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
@@ -61,11 +64,40 @@ impl Default for WriterOptions {
 }
 
 #[derive(Debug)]
-struct ShardPlan {
-    file_name: String,
+pub(crate) struct ShardPlan {
+    pub(crate) file_name: String,
     /// Tensor indices `first..end`.
-    first: usize,
-    end: usize,
+    pub(crate) first: usize,
+    pub(crate) end: usize,
+}
+
+/// A shard file being written, hashed on the way when it is a piece.
+#[derive(Debug)]
+struct ShardFile {
+    file: File,
+    hasher: Option<Sha256>,
+}
+
+impl Write for ShardFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// What a writer of a part ([`ModelWriter::create_part`]) remembers.
+#[derive(Debug)]
+struct Part {
+    spec: PartSpec,
+    /// The pieces closed so far.
+    pieces: Vec<PieceFile>,
 }
 
 /// Writes a model directory tensor by tensor.
@@ -109,9 +141,16 @@ pub struct ModelWriter {
     /// Bytes of it written so far.
     written: u64,
     /// Shard currently open, if any.
-    open: Option<(usize, BufWriter<File>)>,
+    open: Option<(usize, BufWriter<ShardFile>)>,
     /// Shards fully written.
     closed: usize,
+    /// End of the tensors (and of the shards) this writer writes: all of
+    /// them, except for a part.
+    first_tensor: usize,
+    end_tensor: usize,
+    end_shard: usize,
+    /// Set for a writer of a part of the output (one worker's shards).
+    part: Option<Part>,
     failed: bool,
     finished: bool,
 }
@@ -128,9 +167,37 @@ impl ModelWriter {
         tensors: Vec<TensorInfo>,
         opts: WriterOptions,
     ) -> Result<ModelWriter, IoError> {
-        let out = out_dir.to_path_buf();
+        Self::create_inner(out_dir, tensors, opts, None)
+    }
+
+    /// Starts writing one worker's part of the model `out_dir`: only the
+    /// output shards `part.shards` (indices into the shard files the whole
+    /// model has under `opts.max_shard_bytes`), byte for byte as
+    /// [`create`](ModelWriter::create) would write them, into the piece
+    /// directory [`pieces::worker_dir`] next to `out_dir`, never into
+    /// `out_dir` itself. Only the tensors of those shards are written
+    /// ([`write`](ModelWriter::write) refuses the others); support files, if
+    /// any, are copied as usual. [`finish`](ModelWriter::finish) then writes
+    /// the part's `manifest.json` (sizes and SHA-256 of every file) and
+    /// renames the piece directory into place, replacing an earlier attempt
+    /// of the same worker. [`join`](crate::join) assembles the parts.
+    pub fn create_part(
+        out_dir: &Path,
+        tensors: Vec<TensorInfo>,
+        opts: WriterOptions,
+        part: PartSpec,
+    ) -> Result<ModelWriter, IoError> {
+        Self::create_inner(out_dir, tensors, opts, Some(part))
+    }
+
+    fn create_inner(
+        out_dir: &Path,
+        tensors: Vec<TensorInfo>,
+        mut opts: WriterOptions,
+        part: Option<PartSpec>,
+    ) -> Result<ModelWriter, IoError> {
         let layout = Layout::new(tensors).map_err(|source| IoError::BadDeclaration {
-            out: out.clone(),
+            out: out_dir.to_path_buf(),
             source,
         })?;
         let tensors = layout.tensors().to_vec();
@@ -138,35 +205,31 @@ impl ModelWriter {
             .iter()
             .map(|t| t.checked_byte_len().unwrap_or(0) as u64)
             .collect();
-        let name = out
-            .file_name()
-            .ok_or_else(|| IoError::io(&out, std::io::Error::other("output path has no name")))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        check_protected(&out, &parent, &name, &opts.protected)?;
-        match std::fs::symlink_metadata(&out) {
-            Ok(m) if !m.is_dir() => return Err(IoError::OutputNotDirectory { path: out }),
-            Ok(_) if !opts.overwrite => return Err(IoError::OutputExists { path: out }),
-            _ => {}
-        }
-        std::fs::create_dir_all(&parent).map_err(|e| IoError::io(&parent, e))?;
-        remove_stale_temps(&parent, &name);
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let tmp = parent.join(format!(
-            ".{name}.tensormerge-tmp-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        if tmp.symlink_metadata().is_ok() {
-            // A leftover of a crashed run of a process with our id: ours by name.
-            remove_path(&tmp).map_err(|e| IoError::io(&tmp, e))?;
-        }
-        std::fs::create_dir(&tmp).map_err(|e| IoError::io(&tmp, e))?;
         let shards = plan_shards(&sizes, opts.max_shard_bytes);
+        let (out, selected) = match &part {
+            None => (out_dir.to_path_buf(), 0..shards.len()),
+            Some(p) => {
+                let selected = p.check(out_dir, shards.len())?;
+                if out_dir.symlink_metadata().is_ok() && !opts.overwrite {
+                    // Found now, not by `join` after the whole merge.
+                    return Err(IoError::OutputExists {
+                        path: out_dir.to_path_buf(),
+                    });
+                }
+                let pieces = pieces::pieces_dir(out_dir)?;
+                std::fs::create_dir_all(&pieces).map_err(|e| IoError::io(&pieces, e))?;
+                // A retried worker replaces its earlier attempt.
+                opts.overwrite = true;
+                (pieces::worker_dir(out_dir, p.worker, p.workers)?, selected)
+            }
+        };
+        let tmp = make_temp(&out, opts.overwrite, &opts.protected)?;
+        let tensor_range = match (shards.get(selected.start), selected.end.checked_sub(1)) {
+            (Some(first), Some(last)) if selected.start < selected.end => {
+                first.first..shards[last].end
+            }
+            _ => 0..0,
+        };
         Ok(ModelWriter {
             out,
             tmp,
@@ -174,13 +237,26 @@ impl ModelWriter {
             tensors,
             sizes,
             shards,
-            cur: 0,
+            cur: tensor_range.start,
             written: 0,
             open: None,
-            closed: 0,
+            closed: selected.start,
+            end_tensor: tensor_range.end,
+            first_tensor: tensor_range.start,
+            end_shard: selected.end,
+            part: part.map(|spec| Part {
+                spec,
+                pieces: Vec::new(),
+            }),
             failed: false,
             finished: false,
         })
+    }
+
+    /// The tensors this writer writes, as indices into the declared list
+    /// (in declared order): all of them, or those of a part's shards.
+    pub fn tensor_range(&self) -> Range<usize> {
+        self.first_tensor..self.end_tensor
     }
 
     /// The final output directory.
@@ -205,7 +281,7 @@ impl ModelWriter {
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), IoError> {
         self.check_usable()?;
         loop {
-            let Some(t) = self.tensors.get(self.cur) else {
+            let Some(t) = self.tensors[..self.end_tensor].get(self.cur) else {
                 return Err(IoError::UndeclaredTensor {
                     out: self.out.clone(),
                     tensor: name.to_string(),
@@ -220,7 +296,10 @@ impl ModelWriter {
                 break;
             }
             if self.written == self.sizes[self.cur] {
-                if !self.tensors[self.cur + 1..].iter().any(|t| t.name == name) {
+                if !self.tensors[self.cur + 1..self.end_tensor]
+                    .iter()
+                    .any(|t| t.name == name)
+                {
                     return Err(IoError::UndeclaredTensor {
                         out: self.out.clone(),
                         tensor: name.to_string(),
@@ -330,7 +409,7 @@ impl ModelWriter {
     }
 
     fn finish_inner(&mut self) -> Result<PathBuf, IoError> {
-        while self.cur < self.tensors.len() {
+        while self.cur < self.end_tensor {
             if self.written != self.sizes[self.cur] {
                 return Err(IoError::Incomplete {
                     out: self.out.clone(),
@@ -343,74 +422,178 @@ impl ModelWriter {
         }
         // Shards holding only zero-sized tensors (or an empty model) have not
         // been opened yet.
-        while self.closed < self.shards.len() {
+        while self.closed < self.end_shard {
             self.ensure_open(self.closed)?;
             self.close_open()?;
         }
-        if self.shards.len() > 1 {
-            let mut weight_map = serde_json::Map::new();
-            for s in &self.shards {
-                for t in &self.tensors[s.first..s.end] {
-                    weight_map.insert(t.name.clone(), s.file_name.clone().into());
-                }
-            }
-            let total: u64 = self.sizes.iter().sum();
-            let index = serde_json::json!({
-                "metadata": { "total_size": total },
-                "weight_map": weight_map,
+        if let Some(part) = &self.part {
+            self.write_manifest(part)?;
+        } else if self.shards.len() > 1 {
+            let entries = self.shards.iter().map(|s| {
+                (
+                    s.file_name.as_str(),
+                    self.tensors[s.first..s.end].iter().map(|t| t.name.as_str()),
+                )
             });
-            let path = self.tmp.join(INDEX_FILE);
-            let mut text = serde_json::to_string_pretty(&index).expect("JSON value serializes");
-            text.push('\n');
-            std::fs::write(&path, text).map_err(|e| IoError::io(&path, e))?;
+            let total: u64 = self.sizes.iter().sum();
+            write_index(&self.tmp, entries, total)?;
         }
-        if let Ok(d) = File::open(&self.tmp) {
-            let _ = d.sync_all();
-        }
-        if self.out.symlink_metadata().is_ok() {
-            // overwrite was checked at create; move the old output aside first
-            // so that a failure leaves either the old or the new model.
-            let name = self.out.file_name().expect("checked").to_string_lossy();
-            let tmp_name = self.tmp.file_name().expect("named").to_string_lossy();
-            let suffix = tmp_name.rsplit_once("-tmp-").map_or("0", |(_, id)| id);
-            let old = self
-                .tmp
-                .with_file_name(format!(".{name}.tensormerge-old-{suffix}"));
-            if !self.opts.overwrite {
-                return Err(IoError::OutputExists {
-                    path: self.out.clone(),
-                });
-            }
-            if exchange(&self.tmp, &self.out).is_ok() {
-                // One atomic step: the new model is at `out`, the old one at
-                // the temporary name. A kill at any moment leaves one of them
-                // in place under the output's name.
-                let _ = remove_path(&self.tmp);
-            } else {
-                // No atomic exchange here (not Linux, or a file system
-                // without it): two renames, the old output hidden in between.
-                std::fs::rename(&self.out, &old).map_err(|e| IoError::io(&self.out, e))?;
-                if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
-                    let _ = std::fs::rename(&old, &self.out);
-                    return Err(IoError::io(&self.out, e));
-                }
-                // The new model is in place; failing to delete the old one
-                // (hidden name) must not turn a finished write into an error.
-                let _ = remove_path(&old);
-            }
-        } else {
-            std::fs::rename(&self.tmp, &self.out).map_err(|e| IoError::io(&self.out, e))?;
-        }
-        // Make the rename itself durable.
-        if let Some(parent) = self.tmp.parent()
-            && let Ok(d) = File::open(parent)
-        {
-            let _ = d.sync_all();
-        }
+        commit(&self.tmp, &self.out, self.opts.overwrite)?;
         self.finished = true;
         Ok(self.out.clone())
     }
 
+    /// Writes a part's `manifest.json`: the plan, the worker, every shard of
+    /// the whole model, and the size and SHA-256 of each file of the part.
+    fn write_manifest(&self, part: &Part) -> Result<(), IoError> {
+        let mut support = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(&self.tmp).map_err(|e| IoError::io(&self.tmp, e))? {
+            let e = e.map_err(|e| IoError::io(&self.tmp, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !part.pieces.iter().any(|p| p.file == name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        for name in names {
+            support.push(pieces::describe_file(&self.tmp.join(&name), name)?);
+        }
+        let manifest = PieceManifest {
+            format: pieces::FORMAT.to_string(),
+            plan: part.spec.plan.clone(),
+            worker: part.spec.worker,
+            workers: part.spec.workers,
+            shard_files: self.shards.iter().map(|s| s.file_name.clone()).collect(),
+            total_size: self.sizes.iter().sum(),
+            pieces: part.pieces.clone(),
+            support,
+        };
+        manifest.write(&self.tmp)
+    }
+}
+
+/// Writes `model.safetensors.index.json` into `dir`: every tensor of every
+/// shard file (in order) and the total tensor bytes.
+pub(crate) fn write_index<'a, T>(
+    dir: &Path,
+    shards: impl Iterator<Item = (&'a str, T)>,
+    total: u64,
+) -> Result<(), IoError>
+where
+    T: Iterator<Item = &'a str>,
+{
+    let mut weight_map = serde_json::Map::new();
+    for (file, tensors) in shards {
+        for t in tensors {
+            weight_map.insert(t.to_string(), file.into());
+        }
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    let path = dir.join(INDEX_FILE);
+    let mut text = serde_json::to_string_pretty(&index).expect("JSON value serializes");
+    text.push('\n');
+    std::fs::write(&path, text).map_err(|e| IoError::io(&path, e))
+}
+
+/// Creates the temporary sibling directory of `out` (after the checks of
+/// [`ModelWriter::create`]), removing leftovers of dead writers to `out`.
+pub(crate) fn make_temp(
+    out: &Path,
+    overwrite: bool,
+    protected: &[PathBuf],
+) -> Result<PathBuf, IoError> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| IoError::io(out, std::io::Error::other("output path has no name")))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    check_protected(out, &parent, &name, protected)?;
+    match std::fs::symlink_metadata(out) {
+        Ok(m) if !m.is_dir() => {
+            return Err(IoError::OutputNotDirectory {
+                path: out.to_path_buf(),
+            });
+        }
+        Ok(_) if !overwrite => {
+            return Err(IoError::OutputExists {
+                path: out.to_path_buf(),
+            });
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(&parent).map_err(|e| IoError::io(&parent, e))?;
+    remove_stale_temps(&parent, &name);
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = parent.join(format!(
+        ".{name}.tensormerge-tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    if tmp.symlink_metadata().is_ok() {
+        // A leftover of a crashed run of a process with our id: ours by name.
+        remove_path(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| IoError::io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Syncs the complete temporary directory `tmp` and renames it to `out`,
+/// replacing an existing `out` (when `overwrite`) so that at every moment
+/// either the old or the new directory is in place.
+pub(crate) fn commit(tmp: &Path, out: &Path, overwrite: bool) -> Result<(), IoError> {
+    if let Ok(d) = File::open(tmp) {
+        let _ = d.sync_all();
+    }
+    if out.symlink_metadata().is_ok() {
+        // overwrite was checked at create; move the old output aside first
+        // so that a failure leaves either the old or the new model.
+        let name = out.file_name().expect("checked").to_string_lossy();
+        let tmp_name = tmp.file_name().expect("named").to_string_lossy();
+        let suffix = tmp_name.rsplit_once("-tmp-").map_or("0", |(_, id)| id);
+        let old = tmp.with_file_name(format!(".{name}.tensormerge-old-{suffix}"));
+        if !overwrite {
+            return Err(IoError::OutputExists {
+                path: out.to_path_buf(),
+            });
+        }
+        if exchange(tmp, out).is_ok() {
+            // One atomic step: the new model is at `out`, the old one at
+            // the temporary name. A kill at any moment leaves one of them
+            // in place under the output's name.
+            let _ = remove_path(tmp);
+        } else {
+            // No atomic exchange here (not Linux, or a file system
+            // without it): two renames, the old output hidden in between.
+            std::fs::rename(out, &old).map_err(|e| IoError::io(out, e))?;
+            if let Err(e) = std::fs::rename(tmp, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(IoError::io(out, e));
+            }
+            // The new model is in place; failing to delete the old one
+            // (hidden name) must not turn a finished write into an error.
+            let _ = remove_path(&old);
+        }
+    } else {
+        std::fs::rename(tmp, out).map_err(|e| IoError::io(out, e))?;
+    }
+    // Make the rename itself durable.
+    if let Some(parent) = tmp.parent()
+        && let Ok(d) = File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+impl ModelWriter {
     fn check_usable(&self) -> Result<(), IoError> {
         if self.failed || self.finished {
             return Err(IoError::WriterFailed {
@@ -456,6 +639,10 @@ impl ModelWriter {
             &self.opts.metadata,
         );
         let file = File::create(&path).map_err(|e| IoError::io(&path, e))?;
+        let file = ShardFile {
+            file,
+            hasher: self.part.as_ref().map(|_| Sha256::new()),
+        };
         let mut w = BufWriter::with_capacity(1 << 20, file);
         w.write_all(&(header.len() as u64).to_le_bytes())
             .and_then(|()| w.write_all(&header))
@@ -467,10 +654,22 @@ impl ModelWriter {
     fn close_open(&mut self) -> Result<(), IoError> {
         if let Some((s, w)) = self.open.take() {
             let path = self.tmp.join(&self.shards[s].file_name);
-            let file = w
+            let ShardFile { file, hasher } = w
                 .into_inner()
                 .map_err(|e| IoError::io(&path, e.into_error()))?;
             file.sync_all().map_err(|e| IoError::io(&path, e))?;
+            if let (Some(part), Some(h)) = (&mut self.part, hasher) {
+                let plan = &self.shards[s];
+                part.pieces.push(PieceFile {
+                    file: plan.file_name.clone(),
+                    bytes: file.metadata().map_err(|e| IoError::io(&path, e))?.len(),
+                    sha256: pieces::hex(&h.finalize()),
+                    tensors: self.tensors[plan.first..plan.end]
+                        .iter()
+                        .map(|t| t.name.clone())
+                        .collect(),
+                });
+            }
             self.closed = s + 1;
         }
         Ok(())
