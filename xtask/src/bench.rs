@@ -25,6 +25,8 @@
 //! warm. `--quick` uses a tiny model of the same structure (a smoke test; not
 //! part of `cargo test`).
 //!
+//! `--scale` runs the out-of-core scale bench instead (module `scale`).
+//!
 //! Options: `--quick`, `--dir DIR` (where to write the models; default a
 //! fresh temporary directory, removed at the end), `--keep` (keep it),
 //! `--bin PATH` (use this binary instead of building `tensormerge` in
@@ -109,10 +111,10 @@ fn numel(shape: &[usize]) -> usize {
 }
 
 /// xorshift64*, seeded per (model, tensor): fast and reproducible.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(a: u64, b: u64) -> Self {
+    pub(crate) fn new(a: u64, b: u64) -> Self {
         let mut z = a
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(b.wrapping_mul(0xBF58_476D_1CE4_E5B9))
@@ -123,7 +125,7 @@ impl Rng {
 
     /// Uniform in [-1, 1).
     #[inline]
-    fn next(&mut self) -> f32 {
+    pub(crate) fn next(&mut self) -> f32 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -154,13 +156,13 @@ fn fill(out: &mut [f32], kind: Kind, index: usize, model: usize) {
 }
 
 /// Round-to-nearest-even f32 → bf16 (finite inputs).
-fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Dt {
+pub(crate) enum Dt {
     F32,
     Bf16,
 }
@@ -249,7 +251,11 @@ fn write_model(dir: &Path, shape: Shape, dt: Dt, model: usize) -> Result<u64> {
 
 /// The floor: read every input byte once, write an output-sized file once
 /// (synced). Returns (read time, write time).
-fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<(Duration, Duration)> {
+pub(crate) fn floor(
+    inputs: &[PathBuf],
+    out_bytes: u64,
+    scratch: &Path,
+) -> Result<(Duration, Duration)> {
     let mut buf = vec![0u8; 8 << 20];
     let t = Instant::now();
     let mut checksum = 0u8;
@@ -284,7 +290,7 @@ fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<(Duration
 
 /// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
 /// RSS in bytes, CPU time user + system).
-fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
+pub(crate) fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
     // Linux carries the RSS high-water mark of the address space a process
     // replaces at `execve` into its `ru_maxrss`. `Command` spawns with
     // `vfork` semantics (posix_spawn), where that address space is this
@@ -335,7 +341,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// weights 0.5, 0.3, 0.2 on the task vectors, λ = 1.
 const EVAL_EXPR: &str = "base + (0.5 * (ft1 - base) + 0.3 * (ft2 - base) + 0.2 * (ft3 - base))";
 
-fn config(method: &str, root: &Path, dt: Dt) -> String {
+pub(crate) fn config(method: &str, root: &Path, dt: Dt) -> String {
     let m = |n: &str| root.join(n).display().to_string();
     let mut s = format!(
         "merge_method: {method}\nbase_model: {}\ndtype: {}\nmodels:\n",
@@ -401,7 +407,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
     Ok(a)
 }
 
-fn build_binary() -> Result<PathBuf> {
+pub(crate) fn build_binary() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?
@@ -449,12 +455,15 @@ impl Drop for Cleanup {
     }
 }
 
-fn mib(b: u64) -> f64 {
+pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--scale") {
+        return crate::scale::run(args);
+    }
     let args = parse_args(args)?;
     let shape = if args.quick { QUICK } else { GPT2_SMALL };
     let bin = match &args.bin {

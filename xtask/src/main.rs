@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 mod bench;
 mod codegen;
 mod fuzz;
+mod scale;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -20,7 +21,7 @@ fn main() -> Result<()> {
         "codegen" => codegen::run(&rest),
         "fuzz" => fuzz::run(&rest),
         _ => bail!(
-            "usage: cargo xtask <task> [args]\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time"
+            "usage: cargo xtask <task> [args]\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor (--scale: out-of-core)\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time"
         ),
     }
 }
