@@ -76,6 +76,8 @@ pub enum Command {
     /// Run the built-in experiment: train small networks on two tasks, merge
     /// them with every method, and report how much of each task survives.
     Demo(DemoArgs),
+    /// PEFT LoRA adapters: apply one to a model.
+    Lora(crate::lora::LoraArgs),
 }
 
 /// Options of `merge`.

@@ -21,6 +21,7 @@ pub fn run(command: Command, p: &Printer) -> Result<()> {
         Command::Methods(a) => methods(a),
         Command::Inspect(a) => crate::inspect::inspect(a, p),
         Command::Demo(a) => demo(a, p),
+        Command::Lora(a) => crate::lora::run(a, p),
     }
 }
 
@@ -134,7 +135,7 @@ fn merge(a: MergeArgs, p: &Printer) -> Result<()> {
 /// chunk, drops the writer (removing the temporary output directory) and
 /// returns `EngineError::Cancelled` (exit code 130). A second signal exits
 /// at once.
-fn cancel_on_signal() -> Result<Arc<AtomicBool>> {
+pub(crate) fn cancel_on_signal() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     ctrlc::set_handler(move || {

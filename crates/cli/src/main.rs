@@ -10,6 +10,7 @@
 mod cli;
 mod commands;
 mod inspect;
+mod lora;
 mod printer;
 mod shard;
 mod size;

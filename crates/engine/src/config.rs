@@ -55,9 +55,12 @@
 //! * **`slices`** (layer ranges stacked into the output; frankenmerges with
 //!   `passthrough`), mutually exclusive with `models`: see [`crate::slices`]
 //!   for their meaning, parameter precedence and the non-layer tensors.
+//! * **LoRA references**: `model: BASE+ADAPTER` (mergekit's syntax) or a
+//!   per-model `lora: ADAPTER` key name a PEFT adapter directory applied to
+//!   the model on read, tensor by tensor (see [`crate::lora`]).
 //! * Refused by name rather than ignored: `modules` (per-module
 //!   configs), `tokenizer` and `tokenizer_source: union` (vocabulary merging),
-//!   `chat_template`, and LoRA references (`model+lora`).
+//!   and `chat_template`.
 //! * Unknown keys, values of the wrong type and impossible values are errors
 //!   naming the key path and its line; parameter names and ranges are checked
 //!   against the method's declared parameters.
@@ -479,16 +482,6 @@ pub(crate) fn model_ref(node: &Node, path: &str) -> Result<ModelRef, ConfigError
             message: "empty model reference".into(),
         });
     }
-    if s.contains('+') && !Path::new(&s).exists() {
-        return Err(ConfigError::Unsupported {
-            path: path.to_string(),
-            pos: node.pos,
-            feature: "LoRA model references".into(),
-            message: format!(
-                "`{s}` names a model with a LoRA adapter (`model+lora`), which is not supported yet; merge the adapter into the model first (e.g. with peft's `merge_and_unload`)"
-            ),
-        });
-    }
     Ok(ModelRef {
         reference: s,
         pos: node.pos,
@@ -712,11 +705,13 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
                 for (i, item) in items.iter().enumerate() {
                     let path = format!("models[{i}]");
                     let mut model = None;
+                    let mut lora = None;
                     let mut parameters = ParamMap::new();
                     for (mk, mv) in map_of(item, &path)? {
                         let mkey = key_of(mk, &path)?;
                         match mkey.as_str() {
                             "model" => model = Some(model_ref(mv, &join(&path, "model"))?),
+                            "lora" => lora = Some(model_ref(mv, &join(&path, "lora"))?),
                             "parameters" => parameters = params_of(mv, &join(&path, "parameters"))?,
                             "layer_range" => {
                                 return Err(ConfigError::Invalid {
@@ -730,15 +725,18 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
                                     &path,
                                     &mkey,
                                     mk.pos,
-                                    &["model", "parameters"],
+                                    &["model", "lora", "parameters"],
                                 ));
                             }
                         }
                     }
-                    let model = model.ok_or_else(|| ConfigError::Missing {
+                    let mut model = model.ok_or_else(|| ConfigError::Missing {
                         path: join(&path, "model"),
                         pos: item.pos,
                     })?;
+                    if let Some(lora) = lora {
+                        model = crate::lora::join_reference(model, lora, &path)?;
+                    }
                     cfg.models.push(ModelEntry { model, parameters });
                 }
             }
@@ -1001,8 +999,6 @@ mod tests {
         assert!(e.to_string().contains("union"), "{e}");
         let e = err("merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  source: base\n");
         assert!(matches!(e, ConfigError::Unsupported { ref path, .. } if path == "tokenizer"));
-        let e = err("merge_method: linear\nmodels:\n  - model: org/base+org/lora\n");
-        assert!(e.to_string().contains("LoRA"), "{e}");
         let e = err("merge_method: linear\nmodels:\n  - model: a\n    layer_range: [0, 4]\n");
         assert!(
             matches!(e, ConfigError::Invalid { ref path, .. } if path == "models[0].layer_range"),

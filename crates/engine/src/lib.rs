@@ -73,6 +73,7 @@ pub mod config;
 mod error;
 mod exec;
 pub mod expr;
+pub mod lora;
 mod plan;
 mod progress;
 pub mod slices;

@@ -478,6 +478,36 @@ pub enum IoError {
         /// The client's message.
         message: String,
     },
+    /// A LoRA adapter directory lacks a file it needs.
+    #[error("{}: LoRA adapter directory has no `{file}`{hint}", dir.display())]
+    AdapterFileMissing {
+        /// The adapter directory.
+        dir: PathBuf,
+        /// The missing file (`adapter_config.json`, `adapter_model.safetensors`).
+        file: String,
+        /// What to do (may be empty).
+        hint: String,
+    },
+    /// A LoRA adapter's `adapter_config.json` is malformed or asks for
+    /// something not supported.
+    #[error("{}: {message}", path.display())]
+    AdapterConfig {
+        /// The `adapter_config.json`.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// A LoRA adapter's weights do not fit together or do not fit the base
+    /// model (a module the base lacks, shapes that disagree).
+    #[error("{adapter}: tensor `{tensor}`: {detail}")]
+    AdapterMismatch {
+        /// The adapter directory.
+        adapter: String,
+        /// The adapter tensor.
+        tensor: String,
+        /// What is wrong, with the base model's name and shapes.
+        detail: String,
+    },
     /// An error from tensormerge-core (layout mismatch, conversion), with context.
     #[error("{context}: {source}")]
     Core {

@@ -61,11 +61,21 @@
 //! through hf-hub 0.5, files through `ureq` (rustls) directly, so that the
 //! token never follows a redirect to another host and a cut-short or corrupt
 //! download never enters the cache.
+//!
+//! ## LoRA adapters
+//!
+//! [`LoraAdapter::open`] reads a PEFT adapter directory
+//! (`adapter_config.json`, `adapter_model.safetensors`);
+//! [`Model::with_lora`] applies it on read (`W + s · B @ A` for the element
+//! range asked for, so chunked streaming works unchanged), and
+//! [`Model::open`] accepts mergekit's `BASE+ADAPTER`. The formulas, and what is refused, are in
+//! [`LoraAdapter`]'s module (`lora.rs`).
 #![deny(missing_docs)]
 
 mod error;
 mod header;
 mod hub;
+mod lora;
 mod mapper_ext;
 mod model;
 mod open;
@@ -74,6 +84,10 @@ mod writer;
 
 pub use error::IoError;
 pub use hub::{HubId, HubOptions};
+pub use lora::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, LoraAdapter, PEFT_PREFIX, Patch,
+    split_lora_reference,
+};
 pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};
 pub use pieces::{JoinOptions, JoinReport, PartSpec, join};

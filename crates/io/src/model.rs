@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use tensormerge_core::{CoreError, DType, Layout, TensorInfo, TensorSource, conve
 
 use crate::IoError;
 use crate::header::{self, OrderedObject};
+use crate::lora::{LoraAdapter, Patch};
 
 /// File name of a single-file model.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -58,6 +60,8 @@ pub struct Model {
     located: Vec<Located>,
     /// Whether the model was opened as a directory (or index) rather than one file.
     whole_dir: bool,
+    /// A LoRA adapter applied on read, with the model's name before it was applied.
+    lora: Option<(Arc<LoraAdapter>, String)>,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +241,7 @@ impl Model {
             layout,
             located,
             whole_dir: false,
+            lora: None,
         })
     }
 
@@ -247,14 +252,96 @@ impl Model {
     }
 
     /// The paths an output must not overwrite or lie inside: the model
-    /// directory when the model was opened as a directory, else its file(s).
+    /// directory when the model was opened as a directory, else its file(s),
+    /// and the directory of its LoRA adapter.
     /// Pass them as [`WriterOptions::protected`](crate::WriterOptions::protected).
     pub fn protected_paths(&self) -> Vec<PathBuf> {
-        if self.whole_dir {
+        let mut paths = if self.whole_dir {
             vec![self.dir.clone()]
         } else {
             self.shards.iter().map(|s| s.path.clone()).collect()
+        };
+        if let Some((l, _)) = &self.lora {
+            paths.push(l.dir().to_path_buf());
         }
+        paths
+    }
+
+    /// Applies a PEFT LoRA adapter on read: from now on every float tensor
+    /// the adapter changes reads as `W + s · B @ A` (see the [`lora`
+    /// module](crate::LoraAdapter)), computed from the factors for the range
+    /// read; the layout (names, shapes, stored dtypes) stays the base's.
+    /// Fails, naming the adapter tensor, when a module of the adapter is not
+    /// in this model or its shape does not fit.
+    ///
+    /// ```
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// use tensormerge_core::{convert, DType, TensorInfo};
+    /// use tensormerge_io::{AdapterConfig, LoraAdapter, Model, ModelWriter, WriterOptions};
+    /// let f32s = |v: &[f32]| convert::encode_f32_vec(DType::F32, v).unwrap();
+    /// let base = tmp.path().join("base");
+    /// let mut w = ModelWriter::create(&base, vec![TensorInfo::new("l.weight", vec![2, 2], DType::F32)],
+    ///     WriterOptions::default()).unwrap();
+    /// w.write("l.weight", &f32s(&[1.0, 0.0, 0.0, 1.0])).unwrap();
+    /// w.finish().unwrap();
+    /// // A rank-1 adapter: B = [1, 2]ᵀ, A = [3, 4], alpha = 2 (scale 2).
+    /// let ad = tmp.path().join("adapter");
+    /// let t = |n: &str, s: Vec<usize>| TensorInfo::new(format!("base_model.model.l.{n}"), s, DType::F32);
+    /// let mut w = ModelWriter::create(&ad, vec![t("lora_A.weight", vec![1, 2]), t("lora_B.weight", vec![2, 1])],
+    ///     WriterOptions::default()).unwrap();
+    /// w.write("base_model.model.l.lora_A.weight", &f32s(&[3.0, 4.0])).unwrap();
+    /// w.write("base_model.model.l.lora_B.weight", &f32s(&[1.0, 2.0])).unwrap();
+    /// w.finish().unwrap();
+    /// std::fs::rename(ad.join("model.safetensors"), ad.join("adapter_model.safetensors")).unwrap();
+    /// std::fs::write(ad.join("adapter_config.json"), AdapterConfig::new(1, 2.0, vec!["l".into()]).to_json()).unwrap();
+    ///
+    /// let m = Model::open_path(&base).unwrap().with_lora(LoraAdapter::open(&ad).unwrap()).unwrap();
+    /// assert_eq!(m.read_f32_vec("l.weight").unwrap(), [7.0, 8.0, 12.0, 17.0]);
+    /// ```
+    pub fn with_lora(mut self, adapter: LoraAdapter) -> Result<Model, IoError> {
+        if self.lora.is_some() {
+            return Err(IoError::AdapterMismatch {
+                adapter: adapter.dir().display().to_string(),
+                tensor: String::new(),
+                detail: format!(
+                    "`{}` already has a LoRA adapter applied; apply one adapter per model",
+                    self.name
+                ),
+            });
+        }
+        adapter.check_against(&self)?;
+        let plain = std::mem::take(&mut self.name);
+        self.name = format!("{plain}+{}", adapter.dir().display());
+        self.lora = Some((Arc::new(adapter), plain));
+        Ok(self)
+    }
+
+    /// The LoRA adapter applied on read, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().map(|(l, _)| l.as_ref())
+    }
+
+    /// Opens the model again from the paths it was read from (never the
+    /// network: a hub model is reopened from its local snapshot), with the
+    /// same name and LoRA adapter. Dropping a model and reopening it releases
+    /// the memory map's pages from the resident set.
+    pub fn reopen(&self) -> Result<Model, IoError> {
+        let plain = self.lora.as_ref().map_or(self.name.as_str(), |(_, p)| p);
+        let path = match (self.whole_dir, self.shards.as_slice()) {
+            (true, _) => self.dir.clone(),
+            (false, [one]) => one.path.clone(),
+            // Shards of an index file that was given directly: the index.
+            _ => PathBuf::from(plain),
+        };
+        let mut fresh = Model::open_path(&path)?;
+        fresh.name = self.name.clone();
+        fresh.lora = self.lora.clone();
+        Ok(fresh)
+    }
+
+    fn patch(&self, name: &str) -> Option<(&LoraAdapter, &Patch)> {
+        let (l, _) = self.lora.as_ref()?;
+        l.patches().get(name).map(|p| (l.as_ref(), p))
     }
 
     /// Renames the model for messages (the hub id it came from).
@@ -331,8 +418,44 @@ impl Model {
 
     /// The stored little-endian bytes of one tensor (any dtype), borrowed from
     /// the memory map.
+    ///
+    /// A tensor changed by a LoRA adapter is computed and encoded in its
+    /// stored dtype (owned).
     pub fn tensor_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>, IoError> {
+        if self.patch(name).is_some() {
+            let info = self.tensor_info(name)?;
+            let values = self.read_f32_vec(name)?;
+            return convert::encode_f32_vec(info.dtype, &values)
+                .map(Cow::Owned)
+                .map_err(|source| IoError::Core {
+                    context: format!("{}: tensor `{name}`", self.name),
+                    source,
+                });
+        }
         Ok(Cow::Borrowed(self.raw(name)?.1))
+    }
+
+    /// Applies the LoRA patch of `name` (if any) to `out`, which holds the
+    /// stored values of elements `range`; returns the first non-finite value
+    /// of the result when there is a patch.
+    fn apply_patch(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+        stored_bad: Option<usize>,
+    ) -> Result<Option<usize>, IoError> {
+        let Some((l, p)) = self.patch(name) else {
+            return Ok(stored_bad);
+        };
+        match p {
+            Patch::Replace { tensor } => l.read_replacement(tensor, range, out)?,
+            Patch::LowRank { .. } => {
+                let info = self.tensor_info(name)?;
+                l.add_update(p, info, range, out)?;
+            }
+        }
+        Ok(convert::first_non_finite(out))
     }
 
     /// Decodes the elements `range` (in row-major element order) of the
@@ -358,7 +481,7 @@ impl Model {
     ) -> Result<Option<usize>, IoError> {
         let (info, bytes) = self.raw(name)?;
         let size = self.check_range(info, &range, out.len())?;
-        convert::decode_f32_checked(
+        let bad = convert::decode_f32_checked(
             info.dtype,
             &bytes[range.start * size..range.end * size],
             out,
@@ -366,7 +489,8 @@ impl Model {
         .map_err(|source| IoError::Core {
             context: format!("{}: tensor `{}`", self.name, info.name),
             source,
-        })
+        })?;
+        self.apply_patch(name, range, out, bad)
     }
 
     /// [`read_f32_range_checked`](Self::read_f32_range_checked) through the
@@ -425,15 +549,17 @@ impl Model {
             context: format!("{}: tensor `{name}`", self.name),
             source,
         };
-        if info.dtype == DType::F32 && cfg!(target_endian = "little") {
+        let bad = if info.dtype == DType::F32 && cfg!(target_endian = "little") {
             read(bytemuck::cast_slice_mut(out))?;
-            return Ok(convert::first_non_finite(out));
-        }
-        if scratch.len() < n {
-            scratch.resize(n, 0);
-        }
-        read(&mut scratch[..n])?;
-        convert::decode_f32_checked(info.dtype, &scratch[..n], out).map_err(core)
+            convert::first_non_finite(out)
+        } else {
+            if scratch.len() < n {
+                scratch.resize(n, 0);
+            }
+            read(&mut scratch[..n])?;
+            convert::decode_f32_checked(info.dtype, &scratch[..n], out).map_err(core)?
+        };
+        self.apply_patch(name, range, out, bad)
     }
 
     /// Checks that `info` is a float tensor with elements `range` and that
@@ -478,7 +604,8 @@ impl Model {
     /// dtypes, or misaligned data).
     pub fn tensor_f32(&self, name: &str) -> Result<Cow<'_, [f32]>, IoError> {
         let (info, bytes) = self.raw(name)?;
-        if info.dtype == DType::F32
+        if self.patch(name).is_none()
+            && info.dtype == DType::F32
             && cfg!(target_endian = "little")
             && let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(bytes)
         {

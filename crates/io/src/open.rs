@@ -11,10 +11,19 @@ impl Model {
     /// Opens a model from a reference: a directory, a `.safetensors` file, a
     /// `model.safetensors.index.json`, or (cargo feature `hub`) a hub id
     /// `org/name[@revision]`. An existing path always wins over a hub id.
+    ///
+    /// mergekit's `BASE+ADAPTER` (a model, then a PEFT LoRA adapter
+    /// directory) opens `BASE` with the adapter applied on read (see
+    /// [`with_lora`](Self::with_lora)), unless the whole reference is an
+    /// existing path.
     pub fn open(reference: &str) -> Result<Model, IoError> {
         let path = Path::new(reference);
         if path.exists() || path.symlink_metadata().is_ok() {
             return Model::open_path(path);
+        }
+        if let Some((base, adapter)) = crate::split_lora_reference(reference) {
+            let adapter = crate::LoraAdapter::open(Path::new(adapter))?;
+            return Model::open(base)?.with_lora(adapter);
         }
         if hub::looks_like_hub_id(reference) {
             return hub::open_hub(reference);

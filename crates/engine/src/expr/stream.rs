@@ -98,18 +98,13 @@ const REMAP_BYTES: u64 = 64 << 20;
 /// model is reopened from its local snapshot), and checks that its tensors did
 /// not change in the meantime.
 fn reopen(m: &Model) -> Result<Model, EngineError> {
-    let paths = m.protected_paths();
-    let path = match paths.as_slice() {
-        [one] => one.clone(),
-        // Shards of an index file that was given directly: the index.
-        _ => PathBuf::from(m.name()),
-    };
-    let fresh =
-        Model::open_path(&path).map_err(io_error(format!("cannot reopen model `{}`", m.name())))?;
+    let fresh = m
+        .reopen()
+        .map_err(io_error(format!("cannot reopen model `{}`", m.name())))?;
     if fresh.layout() != m.layout() {
         return Err(io_error(format!("cannot reopen model `{}`", m.name()))(
             IoError::Io {
-                path,
+                path: m.dir().to_path_buf(),
                 source: std::io::Error::other(
                     "the model's tensors changed while it was being read",
                 ),
