@@ -32,7 +32,11 @@
 //! `--bin PATH` (use this binary instead of building `tensormerge` in
 //! release mode), `--check` (exit with an error when a target is missed),
 //! `-j N` (passed to `tensormerge merge`), `--repeat N` (run each merge N
-//! times, report the best wall time and the largest peak RSS).
+//! times, report the best wall time and the largest peak RSS), `--methods`
+//! (only the per-method lines of `bench_methods`: every registered method,
+//! f32, wall time over task_arithmetic's, peak RSS and a SHA-256 of the
+//! output; they also follow the rows above without it), `--only M1,M2`
+//! (those methods' lines, with the yardsticks task_arithmetic and ties).
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
@@ -45,7 +49,7 @@ use anyhow::{Context, Result, bail};
 
 /// The architecture of the synthetic models.
 #[derive(Debug, Clone, Copy)]
-struct Shape {
+pub(crate) struct Shape {
     vocab: usize,
     ctx: usize,
     d: usize,
@@ -196,7 +200,7 @@ impl Dt {
 
 /// Writes one model directory (`model.safetensors` + `config.json`); returns
 /// the size of the weights file.
-fn write_model(dir: &Path, shape: Shape, dt: Dt, model: usize) -> Result<u64> {
+pub(crate) fn write_model(dir: &Path, shape: Shape, dt: Dt, model: usize) -> Result<u64> {
     fs::create_dir_all(dir)?;
     let list = tensors(shape);
     let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
@@ -325,7 +329,7 @@ pub(crate) fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Dur
     Ok((wall, code, usage.ru_maxrss as u64 * 1024, cpu))
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -369,6 +373,10 @@ struct Args {
     check: bool,
     jobs: Option<String>,
     repeat: usize,
+    /// `--methods`: only the per-method lines.
+    methods_only: bool,
+    /// `--only a,b`: the per-method lines of these methods (and the yardsticks).
+    only: Option<Vec<String>>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -380,6 +388,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
         check: false,
         jobs: None,
         repeat: 1,
+        methods_only: false,
+        only: None,
     };
     let mut it = args.iter();
     while let Some(x) = it.next() {
@@ -387,6 +397,16 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--quick" => a.quick = true,
             "--keep" => a.keep = true,
             "--check" => a.check = true,
+            "--methods" => a.methods_only = true,
+            "--only" => {
+                a.only = Some(
+                    it.next()
+                        .context("--only needs a comma-separated list of methods")?
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
             "--dir" => a.dir = Some(it.next().context("--dir needs a path")?.into()),
             "--bin" => a.bin = Some(it.next().context("--bin needs a path")?.into()),
             "-j" | "--jobs" => a.jobs = Some(it.next().context("-j needs a number")?.clone()),
@@ -400,7 +420,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
                     .context("--repeat needs a positive number")?
             }
             other => bail!(
-                "unknown option `{other}`\nusage: cargo xtask bench [--quick] [--dir DIR] [--keep] [--bin PATH] [--check] [-j N] [--repeat N]"
+                "unknown option `{other}`\nusage: cargo xtask bench [--quick] [--dir DIR] [--keep] [--bin PATH] [--check] [-j N] [--repeat N] [--methods] [--only M1,M2]"
             ),
         }
     }
@@ -501,12 +521,27 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     };
     load("before");
-    println!(
-        "{:<5} {:<16} {:>9} {:>11} {:>10} {:>9} {:>7} {:>7}  verdict",
-        "dtype", "method", "wall", "input/s", "peak RSS", "floor", "ratio", "target"
-    );
     let mut missed = Vec::new();
-    for dt in [Dt::F32, Dt::Bf16] {
+    if args.methods_only {
+        missed.extend(crate::bench_methods::run(
+            &bin,
+            &root,
+            shape,
+            args.only.as_deref(),
+            args.jobs.as_deref(),
+            args.repeat,
+        )?);
+    }
+    let dtypes: &[Dt] = if args.methods_only {
+        &[]
+    } else {
+        println!(
+            "{:<5} {:<16} {:>9} {:>11} {:>10} {:>9} {:>7} {:>7}  verdict",
+            "dtype", "method", "wall", "input/s", "peak RSS", "floor", "ratio", "target"
+        );
+        &[Dt::F32, Dt::Bf16]
+    };
+    for &dt in dtypes {
         let dir = root.join(dt.label());
         let mut inputs = Vec::new();
         let t = Instant::now();
@@ -631,6 +666,16 @@ pub fn run(args: &[String]) -> Result<()> {
                 cpu.as_secs_f64()
             );
         }
+    }
+    if !args.methods_only {
+        missed.extend(crate::bench_methods::run(
+            &bin,
+            &root,
+            shape,
+            args.only.as_deref(),
+            args.jobs.as_deref(),
+            args.repeat,
+        )?);
     }
     load("after");
     if !missed.is_empty() {

@@ -7,6 +7,7 @@
 use anyhow::{Result, bail};
 
 mod bench;
+mod bench_methods;
 mod codegen;
 mod fuzz;
 mod scale;
