@@ -103,7 +103,9 @@ fn config(method: &str, dir: &Path) -> Result<String> {
         }
     }
     s.push_str("models:\n");
-    let weighted = !matches!(inputs, Inputs::BasePlus1 | Inputs::One) && method != "model_stock";
+    // `model_stock` and `sce` have no per-model weight.
+    let weighted = !matches!(inputs, Inputs::BasePlus1 | Inputs::One)
+        && !matches!(method, "model_stock" | "sce");
     for (i, name) in models.iter().enumerate() {
         s.push_str(&format!("  - model: {}\n", m(name)));
         let mut params: Vec<String> = per_model
