@@ -1,0 +1,105 @@
+//! # tensormerge-nn
+//!
+//! Run, score and Fisher-weight checkpoints in Rust: forward passes of the
+//! Llama family (`llama`, `mistral`, `qwen2`), GPT-2 and BERT encoders (with
+//! the `BertForSequenceClassification` head) on [candle](https://github.com/huggingface/candle),
+//! tokenization with Hugging Face [`tokenizers`], and on top of them
+//! [`Pipeline::generate`], [`Pipeline::perplexity`], [`Pipeline::classify`]
+//! and the diagonal Fisher ([`fisher`]).
+//!
+//! A model is loaded from a model directory ([`Pipeline::open`], through
+//! `tensormerge-io`; bf16/f16 weights converted to f32) or straight from a
+//! merged [`ParamVector`](tensormerge_core::ParamVector) with its mapper and
+//! a template model ([`Pipeline::from_vector`]; nothing written to disk, the
+//! same logits as the saved directory bit for bit). The architecture comes
+//! from `config.json`'s `model_type` (and `architectures` for the BERT head);
+//! anything else is [`NnError::UnsupportedArchitecture`], listing the
+//! supported ones.
+//!
+//! ```
+//! use tensormerge_nn::{GenerateOptions, Pipeline, PerplexityOptions, tiny};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = tiny::write_tiny_model(&dir.path().join("m"), tiny::TinyArch::Llama, 0,
+//!     tensormerge_core::DType::F32).unwrap();
+//! let model = Pipeline::open(path.to_str().unwrap()).unwrap();
+//! let out = model.generate(&["the court ruled".to_string()], &GenerateOptions::default()).unwrap();
+//! assert!(!out[0].tokens.is_empty());
+//! let ppl = model
+//!     .perplexity("the court ruled on the claim and the judge ruled .", &PerplexityOptions {
+//!         context: 4, ..Default::default() })
+//!     .unwrap();
+//! assert_eq!((ppl.windows, ppl.scored_tokens), (2, 6)); // 11 tokens: 2 windows of 4, 3 scored each
+//! assert!(ppl.perplexity > 1.0);
+//! ```
+//!
+//! ## Why our own forward passes (and not `candle-transformers`)
+//!
+//! The forward passes are written here with candle's tensor operations
+//! rather than taken from `candle-transformers`:
+//!
+//! - **Gradients.** Fisher needs gradients with respect to every weight.
+//!   Here the weights are [`candle_core::Var`]s ([`Weights`]); inference
+//!   uses detached views of the same storage (no graph recorded) and Fisher
+//!   the tracked ones. candle's fused CPU kernels (`candle_nn::ops::rms_norm`,
+//!   `layer_norm`, `softmax_last_dim`, `rotary_emb::rope`) have no backward
+//!   pass, and `candle-transformers`' models use them, so its models could
+//!   not give gradients without patching; our blocks ([`ops`](crate) module)
+//!   are built from differentiable basic operations.
+//! - **Names and layouts.** We read exactly the checkpoint names
+//!   `transformers` writes: GPT-2 with or without the `transformer.` prefix,
+//!   its `Conv1D` weights stored `[in, out]`, the `lm_head` tied to `wte`
+//!   (and `tie_word_embeddings` for Llama/Qwen2), BERT with or without
+//!   `bert.`, so a merged vector's tensor names map one to one onto the
+//!   forward pass and the Fisher file has the model's own names and shapes.
+//!   `candle-transformers` has no plain GPT-2 and loads through its own
+//!   `VarBuilder` naming.
+//! - **Cold build.** `candle-transformers` is one large crate with well over
+//!   a hundred model families; see the crate README (`crates/README.md`) for
+//!   the measured build times.
+//!
+//! Candle itself is used CPU-only (no `cuda`/`metal`/`mkl` features, so
+//! `--all-features` builds stay CPU-only); its matmul is the `gemm` crate's
+//! multithreaded kernel. The Hugging Face `tokenizers` crate (with the pure-Rust
+//! `fancy-regex` backend, no C toolchain) reads `tokenizer.json` exactly as
+//! `transformers` does.
+//!
+//! A missing or unreadable `tokenizer.json` is [`NnError::Tokenizer`]; for a
+//! merge output, `tokenizer_source` in the merge config decides which
+//! tokenizer the output gets.
+#![deny(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod fisher;
+mod net;
+mod ops;
+mod pipeline;
+pub mod tiny;
+mod weights;
+
+pub use candle_core;
+pub use config::ArchConfig;
+pub use error::{NnError, Result};
+pub use fisher::{FisherOptions, FisherResult};
+pub use pipeline::{
+    GenerateOptions, Generation, Perplexity, PerplexityOptions, Pipeline, Sampling, Window,
+    read_text, windows,
+};
+pub use weights::Weights;
+
+use tensormerge_core::{ModelTensorMapper, ParamVector};
+use tensormerge_io::Model;
+
+/// Runs a merged vector as a model: `mapper.to_pipeline(&merged, &template)`
+/// is [`Pipeline::from_vector`].
+pub trait MapperPipelineExt {
+    /// A runnable model of `vector` with `template`'s config and tokenizer.
+    fn to_pipeline(&self, vector: &ParamVector, template: &Model) -> Result<Pipeline>;
+}
+
+impl MapperPipelineExt for ModelTensorMapper {
+    fn to_pipeline(&self, vector: &ParamVector, template: &Model) -> Result<Pipeline> {
+        Pipeline::from_vector(self, vector, template)
+    }
+}
