@@ -197,6 +197,11 @@ pub struct EvalArgs {
     /// default, naming the model, tensor and element).
     #[arg(long)]
     pub allow_non_finite: bool,
+
+    /// Write no model card (by default the output gets a `README.md` with
+    /// the expression and the models).
+    #[arg(long)]
+    pub no_card: bool,
 }
 
 /// Options of `methods`.

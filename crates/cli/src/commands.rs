@@ -179,6 +179,7 @@ fn eval(a: EvalArgs, p: &Printer) -> Result<()> {
         overwrite: a.overwrite,
         max_memory: a.max_memory.0,
         allow_non_finite: a.allow_non_finite,
+        card: !a.no_card,
         ..EvalOptions::default()
     };
     if a.jobs == Some(0) {

@@ -622,3 +622,39 @@ fn every_merge_gets_a_model_card_unless_no_card() {
     assert!(out.join("model.safetensors").is_file());
     assert!(!out.join("README.md").exists());
 }
+
+#[test]
+fn eval_outputs_get_a_card_with_the_expression_unless_no_card() {
+    let f = Fx::new();
+    let out = f.root.join("evaluated");
+    let (b, c) = (f.path("b"), f.path("c"));
+    let (mb, mc) = (format!("x={b}"), format!("y={c}"));
+    let args = [
+        "eval",
+        "x + 0.5 * (y - x)",
+        "--model",
+        &mb,
+        "--model",
+        &mc,
+        "-q",
+        "-o",
+    ];
+    let mut with_card = args.to_vec();
+    with_card.push(out.to_str().unwrap());
+    ok(&run(&with_card));
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.contains("\n# evaluated\n"), "{card}");
+    assert!(
+        card.contains(&format!(
+            "```sh\ntensormerge eval 'x + 0.5 * (y - x)' --model x={b} --model y={c}\n```\n"
+        )),
+        "{card}"
+    );
+    assert!(card.contains(&format!("* {b}\n* {c}\n")), "{card}");
+    let out = f.root.join("plain");
+    let mut no_card = args.to_vec();
+    no_card.extend([out.to_str().unwrap(), "--no-card"]);
+    ok(&run(&no_card));
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("README.md").exists());
+}

@@ -51,6 +51,9 @@ pub struct ModelCard {
     pub models: Vec<String>,
     /// The config text, verbatim.
     pub config: Option<String>,
+    /// For `tensormerge eval`: the command line (expression and models),
+    /// shown instead of the method and the config.
+    pub command: Option<String>,
 }
 
 /// The arXiv ids in a paper reference (`arXiv:2306.01708` → `2306.01708`).
@@ -120,7 +123,30 @@ impl ModelCard {
             base: base.map(str::to_string),
             models: list,
             config: config.map(str::to_string),
+            command: None,
         }
+    }
+
+    /// A card for the output of `tensormerge eval EXPR` over `models`
+    /// (`(name, reference)` pairs, as given with `--model`).
+    ///
+    /// ```
+    /// use tensormerge_engine::card::ModelCard;
+    /// let card = ModelCard::for_expression("a + 0.5 * (b - a)", &[("a".into(), "./x".into()), ("b".into(), "org/y".into())]);
+    /// let text = card.render("out");
+    /// assert!(text.contains("tensormerge eval 'a + 0.5 * (b - a)' --model a=./x --model b=org/y"));
+    /// assert!(text.contains("* [org/y](https://huggingface.co/org/y)"));
+    /// ```
+    pub fn for_expression(expr: &str, models: &[(String, String)]) -> ModelCard {
+        let refs: Vec<String> = models.iter().map(|(_, r)| r.clone()).collect();
+        let mut card = ModelCard::new("expression", "", None, &refs, None);
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+        let mut command = format!("tensormerge eval {}", quote(expr));
+        for (n, r) in models {
+            command.push_str(&format!(" --model {n}={r}"));
+        }
+        card.command = Some(command);
+        card
     }
 
     /// The card as Markdown, titled `name`.
@@ -151,6 +177,17 @@ impl ModelCard {
             env!("CARGO_PKG_VERSION")
         ));
         out.push_str("## Merge Details\n### Merge Method\n\n");
+        if let Some(cmd) = &self.command {
+            out.push_str("This model was computed tensor by tensor from the expression in the command below (tensor arithmetic on the models it names).\n\n");
+            out.push_str("### Models Merged\n\nThe following models were included in the merge:\n");
+            for m in &self.models {
+                out.push_str(&format!("* {}\n", link(m)));
+            }
+            out.push_str(&format!(
+                "\n### Configuration\n\nThe following command was used to produce this model:\n\n```sh\n{cmd}\n```\n"
+            ));
+            return out;
+        }
         let ids = arxiv_ids(&self.paper);
         let method = match ids.first() {
             Some(id) => format!("[{}](https://arxiv.org/abs/{id})", self.method),

@@ -55,6 +55,13 @@
 //! ```
 //!
 //! * [`config`]: the YAML format and where it differs from mergekit.
+//! * [`slices`]: `slices` configs (layer ranges stacked into the output,
+//!   frankenmerges with `passthrough`, per-slice merges), mergekit's
+//!   parameter precedence and rule for the tensors outside the layers; each
+//!   output tensor then reads its inputs from other layers of other models
+//!   ([`TensorPlan::reads`]) through the same streaming executor.
+//! * [`card`]: the `README.md` model card of every output (mergekit's
+//!   structure; [`Plan::card`] set to `None` writes none).
 //! * [`plan`] opens every input (headers only), reports every tensor whose
 //!   name or shape differs between inputs at once, resolves each tensor's
 //!   parameters (gradients over the layer index, filters) and lays out the

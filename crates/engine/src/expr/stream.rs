@@ -39,6 +39,9 @@ pub struct EvalOptions {
     /// sets it on Ctrl-C): the writer is dropped, which removes the temporary
     /// output directory, and the run returns [`EngineError::Cancelled`].
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Write a model card (`README.md`: the expression and the models; see
+    /// [`crate::card`]). Default: true.
+    pub card: bool,
 }
 
 impl Default for EvalOptions {
@@ -51,6 +54,7 @@ impl Default for EvalOptions {
             max_memory: 512 << 20,
             allow_non_finite: false,
             cancel: None,
+            card: true,
         }
     }
 }
@@ -254,6 +258,7 @@ fn run_eval_remapping(
     progress: &dyn Progress,
     remap_bytes: u64,
 ) -> Result<EvalReport, EngineError> {
+    let expr_text = expr;
     let expr = Expr::parse(expr).map_err(other)?;
     let mut seen = HashSet::new();
     for (name, reference) in models {
@@ -516,6 +521,13 @@ fn run_eval_remapping(
     report.support_files = writer
         .copy_support_files(template.dir(), opts.out_dtype)
         .map_err(io_error(write_ctx()))?;
+    if opts.card {
+        let name = out
+            .file_name()
+            .map_or_else(|| "evaluated".into(), |n| n.to_string_lossy().into_owned());
+        let card = crate::card::ModelCard::for_expression(expr_text, models);
+        crate::card::write(writer.temp_dir(), &card, &name)?;
+    }
     report.out_dir = writer.finish().map_err(io_error(write_ctx()))?;
     Ok(report)
 }
