@@ -26,6 +26,11 @@
 //! part of `cargo test`).
 //!
 //! `--scale` runs the out-of-core scale bench instead (module `scale`).
+//! `--nn` runs the forward-pass bench instead: `tensormerge-nn`'s
+//! `nn-bench` example in release mode (perplexity tokens/s and Fisher
+//! samples/s of a 135M-parameter Llama-shaped model next to candle's matmul
+//! rate on the same shapes, measured in the same run; `--quick` for a tiny
+//! shape).
 //!
 //! Options: `--quick`, `--dir DIR` (where to write the models; default a
 //! fresh temporary directory, removed at the end), `--keep` (keep it),
@@ -483,6 +488,26 @@ pub(crate) fn mib(b: u64) -> f64 {
 pub fn run(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--scale") {
         return crate::scale::run(args);
+    }
+    if args.iter().any(|a| a == "--nn") {
+        let mut c = Command::new(env!("CARGO"));
+        c.args([
+            "run",
+            "--release",
+            "-p",
+            "tensormerge-nn",
+            "--example",
+            "nn-bench",
+            "--",
+        ]);
+        if args.iter().any(|a| a == "--quick") {
+            c.arg("--quick");
+        }
+        let status = c.status().context("cannot run cargo")?;
+        if !status.success() {
+            bail!("the nn bench failed: {status}");
+        }
+        return Ok(());
     }
     let args = parse_args(args)?;
     let shape = if args.quick { QUICK } else { GPT2_SMALL };

@@ -22,7 +22,7 @@ fn main() -> Result<()> {
         "codegen" => codegen::run(&rest),
         "fuzz" => fuzz::run(&rest),
         _ => bail!(
-            "usage: cargo xtask <task> [args]\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor (--scale: out-of-core)\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time"
+            "usage: cargo xtask <task> [args]\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor (--scale: out-of-core; --nn: forward pass)\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time"
         ),
     }
 }

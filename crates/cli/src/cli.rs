@@ -78,6 +78,15 @@ pub enum Command {
     Demo(DemoArgs),
     /// PEFT LoRA adapters: apply one to a model.
     Lora(crate::lora::LoraArgs),
+    /// Generate text with a causal LM (llama, mistral, qwen2, gpt2): one
+    /// block per prompt on stdout, greedy by default or seeded nucleus sampling.
+    Generate(crate::nn::GenerateArgs),
+    /// Perplexity and mean negative log-likelihood per token of each model on
+    /// a text file, one line per model.
+    Perplexity(crate::nn::PerplexityArgs),
+    /// The diagonal Fisher information of a model on a corpus, written as the
+    /// safetensors file `merge_method: fisher` reads.
+    Fisher(crate::nn::FisherArgs),
 }
 
 /// Options of `merge`.

@@ -22,6 +22,9 @@ pub fn run(command: Command, p: &Printer) -> Result<()> {
         Command::Inspect(a) => crate::inspect::inspect(a, p),
         Command::Demo(a) => demo(a, p),
         Command::Lora(a) => crate::lora::run(a, p),
+        Command::Generate(a) => crate::nn::generate(a, p),
+        Command::Perplexity(a) => crate::nn::perplexity(a, p),
+        Command::Fisher(a) => crate::nn::fisher(a, p),
     }
 }
 

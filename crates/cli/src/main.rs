@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod inspect;
 mod lora;
+mod nn;
 mod printer;
 mod shard;
 mod size;

@@ -52,7 +52,7 @@ impl Printer {
     }
 
     /// Runs `f` with any progress bar hidden, so that lines are not torn.
-    fn suspend(&self, f: impl FnOnce()) {
+    pub(crate) fn suspend(&self, f: impl FnOnce()) {
         let bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
         match bar.as_ref() {
             Some(b) => b.suspend(f),
@@ -139,6 +139,9 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if let Some(u) = c.downcast_ref::<Usage>() {
             return u.code();
+        }
+        if let Some(n) = c.downcast_ref::<tensormerge::nn::NnError>() {
+            return if n.is_bad_input() { 1 } else { 2 };
         }
     }
     2

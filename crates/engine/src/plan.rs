@@ -377,7 +377,27 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
         }
     }
     // Auxiliary inputs may lack tensors (the method falls back), but shapes must agree.
+    // One that has none of the tensors is the Fisher of another model.
     for a in aux.iter().flatten().chain(base_aux.iter()) {
+        let shared = ref_layout
+            .float_tensors()
+            .filter(|(t, _)| a.model.layout().get(&t.name).is_some())
+            .count();
+        if shared == 0 {
+            let first = ref_layout
+                .float_tensors()
+                .next()
+                .map(|(t, _)| t.name.clone());
+            mismatches.push(Mismatch {
+                model: a.reference.clone(),
+                tensor: first.unwrap_or_default(),
+                detail: format!(
+                    "the auxiliary model (Fisher) has none of the float tensors of `{}`: it was computed for another model",
+                    reference.reference
+                ),
+            });
+            continue;
+        }
         for (t, _) in ref_layout.float_tensors() {
             if let Some(o) = a.model.layout().get(&t.name)
                 && (o.shape != t.shape || !o.dtype.is_float())

@@ -91,4 +91,6 @@ pub use lora::{
 pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};
 pub use pieces::{JoinOptions, JoinReport, PartSpec, join};
-pub use writer::{DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WriterOptions};
+pub use writer::{
+    DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WriterOptions, write_safetensors,
+};

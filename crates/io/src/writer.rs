@@ -724,6 +724,63 @@ fn plan_shards(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
         .collect()
 }
 
+/// Writes one safetensors file at `path` (created or truncated; callers that
+/// need atomicity write a temporary sibling and rename it): `tensors` in the
+/// given order, each with its little-endian bytes, and `metadata` as
+/// `__metadata__` (`format` defaults to `pt`). The bytes depend only on the
+/// arguments: the header lists `__metadata__` in key order and the tensors in
+/// the given order, which the `safetensors` crate's own serializer (a
+/// `HashMap` for the metadata) does not guarantee.
+///
+/// ```
+/// # use std::collections::BTreeMap;
+/// # use tensormerge_core::{DType, TensorInfo};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("f.safetensors");
+/// let t = TensorInfo::new("w", vec![2], DType::F32);
+/// let bytes: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+/// let meta = BTreeMap::from([("samples".to_string(), "3".to_string())]);
+/// tensormerge_io::write_safetensors(&path, &[(t, &bytes[..])], &meta).unwrap();
+/// let m = tensormerge_io::Model::open_path(&path).unwrap();
+/// assert_eq!(m.read_f32_vec("w").unwrap(), vec![1.0, 2.0]);
+/// assert_eq!(m.metadata()["samples"], "3");
+/// ```
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(TensorInfo, &[u8])],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), IoError> {
+    let io = |source| IoError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    for (t, b) in tensors {
+        if t.checked_byte_len() != Some(b.len()) {
+            return Err(io(std::io::Error::other(format!(
+                "tensor `{}`: {} bytes given, its shape and dtype need {}",
+                t.name,
+                b.len(),
+                t.checked_byte_len()
+                    .map_or("more than usize".into(), |n| n.to_string())
+            ))));
+        }
+    }
+    let infos: Vec<TensorInfo> = tensors.iter().map(|(t, _)| t.clone()).collect();
+    let sizes: Vec<u64> = tensors.iter().map(|(_, b)| b.len() as u64).collect();
+    let header = shard_header(&infos, &sizes, metadata);
+    let mut f = BufWriter::new(File::create(path).map_err(io)?);
+    f.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    f.write_all(&header).map_err(io)?;
+    for (_, b) in tensors {
+        f.write_all(b).map_err(io)?;
+    }
+    f.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)
+}
+
 /// The JSON header of one shard, padded with spaces to a multiple of 8 bytes
 /// (as the safetensors crate does) so that the data section is aligned.
 fn shard_header(

@@ -24,7 +24,7 @@
 //! as one safetensors file, atomically, with the sample count in
 //! `__metadata__`. Memory: the model, one gradient and the f64 sums.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, Tensor};
@@ -313,26 +313,26 @@ pub fn write_fisher(path: &Path, fisher: &FisherResult) -> Result<PathBuf> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = fisher
+    let bytes: Vec<Vec<u8>> = fisher
         .tensors
         .iter()
-        .map(|(t, v)| {
+        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let tensors: Vec<(TensorInfo, &[u8])> = fisher
+        .tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((t, _), b)| {
             (
-                t.name.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                t.shape.clone(),
+                TensorInfo::new(t.name.clone(), t.shape.clone(), DType::F32),
+                &b[..],
             )
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, b, s)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| NnError::Input(format!("tensor `{n}`: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = [
+    // A BTreeMap and our own header writer: the file's bytes depend only on
+    // the result (the safetensors crate writes `__metadata__` from a HashMap,
+    // in a different order on every run).
+    let meta: BTreeMap<String, String> = [
         ("samples".to_string(), fisher.samples.to_string()),
         (
             "fisher".to_string(),
@@ -347,11 +347,8 @@ pub fn write_fisher(path: &Path, fisher: &FisherResult) -> Result<PathBuf> {
     ]
     .into_iter()
     .collect();
-    let result = safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| NnError::File {
-            path: tmp.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
+    let result = tensormerge_io::write_safetensors(&tmp, &tensors, &meta)
+        .map_err(NnError::from)
         .and_then(|()| std::fs::rename(&tmp, path).map_err(file_err(path)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -54,9 +54,9 @@
 //!   forward pass and the Fisher file has the model's own names and shapes.
 //!   `candle-transformers` has no plain GPT-2 and loads through its own
 //!   `VarBuilder` naming.
-//! - **Cold build.** `candle-transformers` is one large crate with well over
-//!   a hundred model families; see the crate README (`crates/README.md`) for
-//!   the measured build times.
+//! - **Build.** `candle-transformers` is one large crate with well over a
+//!   hundred model families, all compiled to use three; we have not
+//!   measured its build time (only our own: see `crates/README.md`).
 //!
 //! Candle itself is used CPU-only (no `cuda`/`metal`/`mkl` features, so
 //! `--all-features` builds stay CPU-only); its matmul is the `gemm` crate's
