@@ -138,9 +138,13 @@ pub struct FisherArgs {
     pub jobs: Option<usize>,
 }
 
-/// Sets the thread count of candle's matrix multiplies (it reads
+/// Prepares the process for running a model: the allocator keeps freed
+/// memory (see `tensormerge_nn::keep_freed_memory`: candle allocates every
+/// output, and glibc's fresh mmaps made page zeroing 54% of the time), and
+/// the thread count of candle's matrix multiplies (it reads
 /// `RAYON_NUM_THREADS` when it runs one).
 fn threads(jobs: Option<usize>) -> Result<()> {
+    tensormerge::nn::keep_freed_memory();
     match jobs {
         Some(0) => Err(Usage::Arg("--jobs must be at least 1".into()).into()),
         Some(n) => {

@@ -37,6 +37,10 @@ fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> Duration {
 }
 
 fn main() {
+    // `--system-allocator`: glibc's defaults, to show what `keep_freed_memory` buys.
+    if !std::env::args().any(|a| a == "--system-allocator") {
+        tensormerge_nn::keep_freed_memory();
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let s = if quick {
         Shape {
