@@ -8,7 +8,8 @@
 //! `achieved / matmul-bound` = (time the forward pass's matmuls would take
 //! at the measured per-shape rates) / (measured time of the whole pass).
 //!
-//! Usage: `cargo run --release -p tensormerge-nn --example nn-bench [-- --quick]`.
+//! Usage: `cargo run --release -p tensormerge-nn --example nn-bench [-- --quick] [--system-allocator]`
+//! (`--system-allocator`: without `keep_freed_memory`, for comparison).
 
 use std::time::{Duration, Instant};
 
