@@ -18,7 +18,7 @@
 //!   trim_scope: model                  # ours: TIES trims over the whole model
 //! dtype: bfloat16                      # output dtype (see below)
 //! out_dtype: float16                   # wins over `dtype`
-//! tokenizer_source: base               # or one of the models
+//! tokenizer_source: base               # or `union`, or one of the models (see `tokenizer`)
 //! seed: 42                             # ours: DARE's random masks
 //! ```
 //!
@@ -58,9 +58,12 @@
 //! * **LoRA references**: `model: BASE+ADAPTER` (mergekit's syntax) or a
 //!   per-model `lora: ADAPTER` key name a PEFT adapter directory applied to
 //!   the model on read, tensor by tensor (see [`crate::lora`]).
-//! * Refused by name rather than ignored: `modules` (per-module
-//!   configs), `tokenizer` and `tokenizer_source: union` (vocabulary merging),
-//!   and `chat_template`.
+//! * **Tokenizers**: `tokenizer_source: base | union | MODEL`, the
+//!   `tokenizer:` section (`source`, `tokens`, `pad_to_multiple_of`) and
+//!   `chat_template`; with a source set, embedding and `lm_head` rows are
+//!   remapped by token into the output vocabulary before merging. See
+//!   [`crate::tokenizer`].
+//! * Refused by name rather than ignored: `modules` (per-module configs).
 //! * Unknown keys, values of the wrong type and impossible values are errors
 //!   naming the key path and its line; parameter names and ranges are checked
 //!   against the method's declared parameters.
@@ -213,6 +216,9 @@ pub struct ModelEntry {
 pub enum TokenizerSource {
     /// The base model (the default).
     Base,
+    /// The union of every model's vocabulary (base first), with embedding
+    /// rows remapped by token (see [`crate::tokenizer`]).
+    Union,
     /// One of the input models.
     Model(ModelRef),
 }
@@ -236,6 +242,11 @@ pub struct MergeConfig {
     pub out_dtype: Option<DType>,
     /// `tokenizer_source`.
     pub tokenizer_source: Option<TokenizerSource>,
+    /// The `tokenizer:` section (mergekit's newer form; never together with
+    /// `tokenizer_source`). See [`crate::tokenizer`].
+    pub tokenizer: Option<crate::tokenizer::TokenizerSpec>,
+    /// `chat_template`: a template name, `auto` or Jinja text.
+    pub chat_template: Option<crate::tokenizer::ChatTemplate>,
     /// `seed`.
     pub seed: Option<u64>,
     /// `slices` (layer ranges of models stacked into the output; empty when
@@ -255,25 +266,17 @@ const TOP_KEYS: &[&str] = &[
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "seed",
     "trim_scope",
 ];
 
 /// mergekit features we do not implement, with what to do instead.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "modules",
-        "per-module configs (`modules`) are not supported yet; merge whole models with `models`",
-    ),
-    (
-        "tokenizer",
-        "vocabulary merging (`tokenizer`) is not supported yet; use `tokenizer_source: base` or a model",
-    ),
-    (
-        "chat_template",
-        "`chat_template` is not supported yet; the tokenizer files of `tokenizer_source` are copied as they are",
-    ),
-];
+const UNSUPPORTED: &[(&str, &str)] = &[(
+    "modules",
+    "per-module configs (`modules`) are not supported yet; merge whole models with `models`",
+)];
 
 impl MergeConfig {
     /// Parses a config from YAML text.
@@ -398,6 +401,23 @@ impl MergeConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl MergeConfig {
+    /// The tokenizer settings: the `tokenizer:` section, or `tokenizer_source`
+    /// as a section with only a source; `None` when neither is given (the
+    /// base's tokenizer files are copied and vocabularies must agree).
+    pub fn tokenizer_spec(&self) -> Option<crate::tokenizer::TokenizerSpec> {
+        self.tokenizer.clone().or_else(|| {
+            self.tokenizer_source
+                .clone()
+                .map(|source| crate::tokenizer::TokenizerSpec {
+                    source,
+                    tokens: Vec::new(),
+                    pad_to_multiple_of: None,
+                })
+        })
     }
 }
 
@@ -663,6 +683,8 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
         dtype: None,
         out_dtype: None,
         tokenizer_source: None,
+        tokenizer: None,
+        chat_template: None,
         seed: None,
         slices: Vec::new(),
         text: None,
@@ -671,6 +693,7 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
     let mut have_method = false;
     let mut have_models = false;
     let mut trim_scope = None;
+    let mut tok_pos = None;
     for (k, v) in map {
         let key = key_of(k, "")?;
         if let Some((_, msg)) = UNSUPPORTED.iter().find(|(name, _)| *name == key) {
@@ -748,19 +771,19 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
             "dtype" => cfg.dtype = Some(dtype_of(v, &key)?),
             "out_dtype" => cfg.out_dtype = Some(dtype_of(v, &key)?),
             "tokenizer_source" => {
-                let s = str_of(v, &key, "`base` or a model reference")?;
-                cfg.tokenizer_source = Some(match s.as_str() {
-                    "base" => TokenizerSource::Base,
-                    "union" => {
-                        return Err(ConfigError::Unsupported {
-                            path: key,
-                            pos: v.pos,
-                            feature: "`tokenizer_source: union`".into(),
-                            message: "merging vocabularies (`union`) is not supported yet; use `base` or one of the models".into(),
-                        });
-                    }
-                    _ => TokenizerSource::Model(model_ref(v, &key)?),
-                });
+                cfg.tokenizer_source = Some(crate::tokenizer::parse_source(v, &key)?);
+                tok_pos.get_or_insert(k.pos);
+            }
+            "tokenizer" => {
+                if !matches!(v.value, Value::Null) {
+                    cfg.tokenizer = Some(crate::tokenizer::parse_section(v, &key)?);
+                    tok_pos.get_or_insert(k.pos);
+                }
+            }
+            "chat_template" => {
+                if !matches!(v.value, Value::Null) {
+                    cfg.chat_template = Some(crate::tokenizer::parse_chat_template(v, &key)?);
+                }
             }
             "seed" => {
                 cfg.seed = Some(match v.value {
@@ -793,6 +816,13 @@ fn parse_root(root: &Node) -> Result<MergeConfig, ConfigError> {
         return Err(ConfigError::Missing {
             path: "merge_method".into(),
             pos: root.pos,
+        });
+    }
+    if cfg.tokenizer_source.is_some() && cfg.tokenizer.is_some() {
+        return Err(ConfigError::Invalid {
+            path: "tokenizer".into(),
+            pos: tok_pos.unwrap_or_default(),
+            message: "`tokenizer_source` and `tokenizer` are mutually exclusive (as in mergekit): write the source as `tokenizer.source`".into(),
         });
     }
     if let Some(pos) = slices_pos {
@@ -995,10 +1025,8 @@ mod tests {
             matches!(e, ConfigError::Invalid { ref path, .. } if path == "slices[0].sources"),
             "{e}"
         );
-        let e = err("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union\n");
-        assert!(e.to_string().contains("union"), "{e}");
-        let e = err("merge_method: linear\nmodels: [{model: a}]\ntokenizer:\n  source: base\n");
-        assert!(matches!(e, ConfigError::Unsupported { ref path, .. } if path == "tokenizer"));
+        let e = err("merge_method: linear\nmodels: [{model: a}]\nmodules: {}\n");
+        assert!(matches!(e, ConfigError::Unsupported { ref path, .. } if path == "modules"));
         let e = err("merge_method: linear\nmodels:\n  - model: a\n    layer_range: [0, 4]\n");
         assert!(
             matches!(e, ConfigError::Invalid { ref path, .. } if path == "models[0].layer_range"),

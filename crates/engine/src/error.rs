@@ -195,6 +195,20 @@ pub enum EngineError {
     /// The run was cancelled (Ctrl-C); the temporary output was removed.
     #[error("cancelled")]
     Cancelled,
+    /// A tokenizer file could not be read, built or written.
+    #[error("tokenizer `{}`: {message}", path.display())]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The inputs' vocabularies differ and the config names no tokenizer
+    /// source.
+    #[error(
+        "the models' vocabularies differ: {0}; merging their embedding rows by id would mix unrelated tokens"
+    )]
+    Vocabulary(String),
     /// An error from another engine component (expressions).
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
@@ -254,6 +268,7 @@ impl EngineError {
             EngineError::Io { source, .. } => io_is_bad_input(source),
             EngineError::Core(_) | EngineError::NonFinite { .. } => true,
             EngineError::Cancelled => false,
+            EngineError::Tokenizer { .. } | EngineError::Vocabulary(_) => true,
             EngineError::OutputInsideInput { .. }
             | EngineError::OutputExists(_)
             | EngineError::Option(_) => false,
@@ -285,6 +300,12 @@ impl EngineError {
             },
             EngineError::NonFinite { .. } => {
                 Some("pass --allow-non-finite to merge such weights anyway".into())
+            }
+            EngineError::Vocabulary(_) => Some(
+                "set `tokenizer_source: union` (every model's tokens), `tokenizer_source: base` or `tokenizer_source: MODEL` in the config: embedding and lm_head rows are then remapped by token".into(),
+            ),
+            EngineError::Incompatible(m) if m.iter().any(|m| crate::tokenizer::is_embedding(&m.tensor)) => {
+                Some("all models must be fine-tunes of the same architecture (same tensor names and shapes); embedding rows that differ are remapped by token with `tokenizer_source: union` (or `base`, or a model)".into())
             }
             EngineError::Incompatible(_) => {
                 Some("all models must be fine-tunes of the same architecture (same tensor names and shapes)".into())

@@ -158,6 +158,10 @@ struct Sources {
     slice: Vec<Source>,
     /// Set (by a Ctrl-C handler) to stop between chunks.
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The output vocabulary: embedding matrices are read permuted into it.
+    tokenizer: Option<Arc<crate::tokenizer::TokenizerPlan>>,
+    /// The inputs of the vocabulary (indexed like its permutations).
+    tok: Vec<Source>,
 }
 
 impl Sources {
@@ -175,6 +179,12 @@ impl Sources {
                 .flat_map(|s| s.inputs.iter().map(new))
                 .collect(),
             cancel: opts.cancel.clone(),
+            tokenizer: plan.tokenizer.clone(),
+            tok: plan
+                .tokenizer
+                .iter()
+                .flat_map(|t| t.inputs.iter().map(new))
+                .collect(),
         }
     }
 
@@ -234,7 +244,29 @@ fn fetch(
                 (None, ChunkInput::BaseAux) => (src.base_aux.as_ref(), name),
             };
             if let Some(s) = s {
-                bytes += s.read(name, range.clone(), buf, scratch)?;
+                let permuted = match (&src.tokenizer, &t.reads, input) {
+                    (Some(tok), None, ChunkInput::Base | ChunkInput::Model(_))
+                        if crate::tokenizer::is_embedding(name) && t.out.shape.len() == 2 =>
+                    {
+                        tok.input_index(&s.reference).map(|i| (tok, i))
+                    }
+                    _ => None,
+                };
+                match permuted {
+                    Some((tok, i)) => {
+                        // Rows remapped by token (scratch is per call: the
+                        // closure may read several inputs' rows).
+                        let cell = std::cell::RefCell::new(std::mem::take(&mut *scratch));
+                        let read = |j: usize, r: Range<usize>, out: &mut Vec<f32>| {
+                            src.tok[j].read(name, r, out, &mut cell.borrow_mut())
+                        };
+                        let r =
+                            tok.read_permuted(i, name, t.out.shape[1], range.clone(), buf, &read);
+                        *scratch = cell.into_inner();
+                        bytes += r?;
+                    }
+                    None => bytes += s.read(name, range.clone(), buf, scratch)?,
+                }
             }
             Ok::<_, EngineError>(())
         },
@@ -640,6 +672,16 @@ fn execute_inner(
             )))?;
         if let Some(dir) = &plan.tokenizer_dir {
             copy_tokenizer(dir, writer.temp_dir())?;
+        }
+        if let Some(tok) = &plan.tokenizer {
+            tok.write(writer.temp_dir())?;
+            let config_json = writer.temp_dir().join("config.json");
+            if config_json.is_file() {
+                crate::tokenizer::set_vocab_size(&config_json, tok.rows)?;
+            }
+        }
+        if let Some(template) = &plan.chat_template {
+            crate::tokenizer::write_chat_template(writer.temp_dir(), template)?;
         }
         if let Some(s) = &plan.slices {
             let config_json = writer.temp_dir().join("config.json");

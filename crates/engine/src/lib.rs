@@ -60,6 +60,13 @@
 //!   parameter precedence and rule for the tensors outside the layers; each
 //!   output tensor then reads its inputs from other layers of other models
 //!   ([`TensorPlan::reads`]) through the same streaming executor.
+//! * [`tokenizer`]: `tokenizer_source: base | union | MODEL`, the
+//!   `tokenizer:` section and `chat_template` with mergekit's meaning: the
+//!   output vocabulary is built through the `tokenizers` crate, embedding
+//!   and `lm_head` rows are remapped by token string (mergekit's default
+//!   rows for tokens a model lacks) and merged by the config's method,
+//!   streamed like any tensor; models whose vocabularies differ without a
+//!   tokenizer source are refused.
 //! * [`card`]: the `README.md` model card of every output (mergekit's
 //!   structure; [`Plan::card`] set to `None` writes none).
 //! * [`plan`] opens every input (headers only), reports every tensor whose
@@ -84,6 +91,7 @@ pub mod lora;
 mod plan;
 mod progress;
 pub mod slices;
+pub mod tokenizer;
 mod yaml;
 
 pub use config::MergeConfig;

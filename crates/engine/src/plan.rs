@@ -155,6 +155,13 @@ pub struct Plan {
     /// The model card written as `README.md` into the output (`None`: none;
     /// set it to `None` to write no card).
     pub card: Option<crate::card::ModelCard>,
+    /// The output vocabulary, when the config sets a tokenizer source:
+    /// embedding and `lm_head` rows are remapped into it and the output's
+    /// tokenizer files describe it (see [`crate::tokenizer`]).
+    pub tokenizer: Option<Arc<crate::tokenizer::TokenizerPlan>>,
+    /// The chat template text written into the output's
+    /// `tokenizer_config.json`.
+    pub chat_template: Option<String>,
 }
 
 /// The layer index of a tensor: the first purely numeric component of its
@@ -357,6 +364,20 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
         .or(models.first())
         .expect("check_inputs guarantees an input");
     let ref_layout: &Layout = reference.model.layout();
+    let spec = config.tokenizer_spec();
+    let mut vocab_inputs: Vec<&Input> = Vec::new();
+    for i in base.iter().chain(unused_base.iter()).chain(models.iter()) {
+        if !vocab_inputs
+            .iter()
+            .any(|o| Arc::ptr_eq(&o.model, &i.model) || same_model(&o.reference, &i.reference))
+        {
+            vocab_inputs.push(i);
+        }
+    }
+    let vocab_diff = match spec {
+        None => crate::tokenizer::vocab_difference(&vocab_inputs)?,
+        Some(_) => None,
+    };
     let mut mismatches = Vec::new();
     let others = base
         .iter()
@@ -366,6 +387,14 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
     for other in others {
         for d in ref_layout.differences(other.model.layout()) {
             if let tensormerge_core::CoreError::LayoutMismatch { tensor, detail } = d {
+                // With a tokenizer source, embedding matrices may differ in
+                // rows (their columns are checked below).
+                if spec.is_some()
+                    && crate::tokenizer::is_embedding(&tensor)
+                    && embedding_columns_agree(ref_layout, other.model.layout(), &tensor)
+                {
+                    continue;
+                }
                 mismatches.push(Mismatch {
                     model: other.reference.clone(),
                     tensor,
@@ -413,9 +442,54 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
             }
         }
     }
+    if let Some(detail) = vocab_diff
+        && mismatches
+            .iter()
+            .all(|m| crate::tokenizer::is_embedding(&m.tensor))
+    {
+        // Only the vocabularies differ: say so, with the key that fixes it.
+        return Err(EngineError::Vocabulary(detail));
+    }
     if !mismatches.is_empty() {
         return Err(EngineError::Incompatible(mismatches));
     }
+    let tokenizer = match &spec {
+        None => None,
+        Some(spec) => {
+            let source_input = match &spec.source {
+                TokenizerSource::Model(r) => Some(opener.open(r, "tokenizer source")?),
+                _ => None,
+            };
+            let inputs: Vec<Input> = vocab_inputs.iter().map(|i| (*i).clone()).collect();
+            let has_base = base.is_some() || unused_base.is_some();
+            let rows: Vec<Option<usize>> = inputs
+                .iter()
+                .map(crate::tokenizer::embedding_rows)
+                .collect();
+            let simple = spec.tokens.is_empty()
+                && spec.pad_to_multiple_of.is_none()
+                && spec.source != TokenizerSource::Union
+                && rows.windows(2).all(|w| w[0] == w[1]);
+            match crate::tokenizer::build(spec, inputs, has_base, source_input) {
+                Ok(t) => Some(Arc::new(t)),
+                // `tokenizer_source: base | MODEL` over inputs whose
+                // embeddings agree, with a tokenizer.json the `tokenizers`
+                // crate cannot read: its files are copied as they are.
+                Err(EngineError::Tokenizer { path, message }) if simple => {
+                    warnings.push(format!(
+                        "cannot read `{}` ({message}): the tokenizer files are copied as they are and embedding rows are merged by id",
+                        path.display()
+                    ));
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let chat_template = match &config.chat_template {
+        Some(t) => crate::tokenizer::chat_template_text(t, &vocab_inputs)?,
+        None => None,
+    };
 
     // Resolve every tensor.
     let num_layers = ref_layout
@@ -450,12 +524,15 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
             };
             let aux_has: Vec<bool> = aux.iter().map(has).collect();
             let base_aux_has = has(&base_aux);
+            let mut shape = t.shape.clone();
+            if let Some(tok) = &tokenizer
+                && crate::tokenizer::is_embedding(&t.name)
+                && shape.len() == 2
+            {
+                shape[0] = tok.rows;
+            }
             (
-                TensorInfo::new(
-                    t.name.clone(),
-                    t.shape.clone(),
-                    out_dtype.unwrap_or(t.dtype),
-                ),
+                TensorInfo::new(t.name.clone(), shape, out_dtype.unwrap_or(t.dtype)),
                 Action::Merge {
                     global,
                     models: models_p,
@@ -478,8 +555,8 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
     warnings.extend(method_warnings(method, &tensors));
 
     let template_dir = reference.model.dir().to_path_buf();
-    let tokenizer_dir = match &config.tokenizer_source {
-        None | Some(TokenizerSource::Base) => None,
+    let tokenizer_dir = match spec.as_ref().map(|s| &s.source) {
+        None | Some(TokenizerSource::Base | TokenizerSource::Union) => None,
         Some(TokenizerSource::Model(r)) => Some(
             opener
                 .open(r, "tokenizer source")?
@@ -520,7 +597,24 @@ pub fn plan(config: &MergeConfig, opts: &RunOptions) -> Result<Plan, EngineError
         warnings,
         slices: None,
         card: crate::card::model_card(config, method),
+        tokenizer,
+        chat_template,
     })
+}
+
+/// Whether embedding matrix `name` has two dimensions and the same number
+/// of columns in both layouts (its rows are remapped by token).
+fn embedding_columns_agree(a: &Layout, b: &Layout, name: &str) -> bool {
+    match (a.get(name), b.get(name)) {
+        (Some(x), Some(y)) => {
+            x.shape.len() == 2
+                && y.shape.len() == 2
+                && x.shape[1] == y.shape[1]
+                && x.dtype.is_float()
+                && y.dtype.is_float()
+        }
+        _ => false,
+    }
 }
 
 /// The method's own warnings: once for the config, then per tensor
@@ -870,6 +964,17 @@ impl fmt::Display for Plan {
                 Some(a) => writeln!(f, "  [{i}] {} (auxiliary: {})", m.reference, a.reference)?,
                 None => writeln!(f, "  [{i}] {}", m.reference)?,
             }
+        }
+        match &self.tokenizer {
+            Some(t) => writeln!(
+                f,
+                "vocabulary: {} tokens, {} embedding rows, from {}",
+                t.vocab_len, t.rows, t.description
+            )?,
+            None => writeln!(f, "vocabulary: as the inputs (tokenizer files copied)")?,
+        }
+        if let Some(c) = &self.chat_template {
+            writeln!(f, "chat template: {} characters", c.chars().count())?;
         }
         match self.out_dtype {
             Some(d) => writeln!(f, "output dtype: {d}")?,

@@ -762,8 +762,26 @@ pub(crate) fn plan(
         .into());
     }
     let warnings = method_warnings(method, &tensors);
+    if config.tokenizer.is_some()
+        || config.tokenizer_source == Some(crate::config::TokenizerSource::Union)
+    {
+        return Err(ConfigError::Unsupported {
+            path: if config.tokenizer.is_some() { "tokenizer" } else { "tokenizer_source" }.into(),
+            pos: config.merge_method_pos,
+            feature: "vocabulary merging with `slices`".into(),
+            message: "`tokenizer_source: union` and the `tokenizer:` section are not supported with `slices` yet; use `tokenizer_source: base` or a model (its tokenizer files are copied)".into(),
+        }
+        .into());
+    }
+    let chat_template = match &config.chat_template {
+        Some(t) => crate::tokenizer::chat_template_text(t, &inputs.iter().collect::<Vec<_>>())?,
+        None => None,
+    };
     let tokenizer_dir = match &config.tokenizer_source {
-        None | Some(crate::config::TokenizerSource::Base) => None,
+        None
+        | Some(crate::config::TokenizerSource::Base | crate::config::TokenizerSource::Union) => {
+            None
+        }
         Some(crate::config::TokenizerSource::Model(r)) => Some(
             opener
                 .open(r, "tokenizer source")?
@@ -808,6 +826,8 @@ pub(crate) fn plan(
             post_slice: resolved.len() - 1,
         }),
         card: crate::card::model_card(config, method),
+        tokenizer: None,
+        chat_template,
     })
 }
 
