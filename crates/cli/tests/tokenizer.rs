@@ -472,3 +472,38 @@ fn named_templates_and_bad_tokenizer_keys() {
         );
     }
 }
+
+#[test]
+fn base_source_over_one_vocabulary_keeps_the_rows() {
+    let fx = Fx::new();
+    // b's own vocabulary (identity permutation, read as it is) and a's
+    // remapped into it: `fish` dropped, `dog` and `<b>` from b only.
+    let cfg = fx.config(
+        "base.yml",
+        "merge_method: linear\nbase_model: $B\nmodels:\n  - model: $B\n  - model: $A\ntokenizer_source: base\n",
+    );
+    let out = fx.root.join("out");
+    ok(&run(&[
+        "merge",
+        &cfg,
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]));
+    let m = Model::open_path(&out).unwrap();
+    assert_eq!(json(&out.join("config.json"))["vocab_size"], 5);
+    for name in EMBED {
+        let got = rows_of(&m, name);
+        assert_eq!(got.len(), 5);
+        for (r, t) in B.0.iter().chain(B.1).enumerate() {
+            let b = own_row(1, B, name, t).unwrap();
+            let a = own_row(2, A, name, t).unwrap_or_else(|| b.clone());
+            let want: Vec<f32> = b.iter().zip(&a).map(|(x, y)| (x + y) / 2.0).collect();
+            assert!(
+                close(&got[r], &want),
+                "{name} {t}: {:?} vs {want:?}",
+                got[r]
+            );
+        }
+    }
+}

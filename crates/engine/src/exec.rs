@@ -248,7 +248,9 @@ fn fetch(
                     (Some(tok), None, ChunkInput::Base | ChunkInput::Model(_))
                         if crate::tokenizer::is_embedding(name) && t.out.shape.len() == 2 =>
                     {
-                        tok.input_index(&s.reference).map(|i| (tok, i))
+                        tok.input_index(&s.reference)
+                            .filter(|&i| !tok.is_identity(i))
+                            .map(|i| (tok, i))
                     }
                     _ => None,
                 };

@@ -62,8 +62,11 @@
 //!
 //! Where we differ: a `tokens` entry without `source` is refused (mergekit
 //! fails on it at merge time); `model:PATH` is not a form mergekit accepts
-//! (a model reference is a path or hub id), so neither do we; `tokens` under
-//! `slices` configs and vocabulary merging for `slices` are not supported.
+//! (a model reference is a path or hub id), so neither do we; mergekit's
+//! `exaone` template is not shipped; vocabulary merging (`union`, the
+//! `tokenizer:` section) is not supported with `slices` (refused), and
+//! `slices` inputs are not checked for differing vocabularies. BERT's MLM
+//! decoder (`cls.predictions.decoder.*`) is not remapped.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -144,7 +147,7 @@ pub const CHAT_TEMPLATES: &[(&str, &str)] = &[
     ),
     (
         "alpaca",
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] | trim }}\\n\\n{% elif message['role'] == 'user' %}### Instruction:\\n{{ message['content'] | trim }}\\n\\n{% elif message['role'] == 'user_context' %}### Input:\\n{{ message['content'] | trim }}\\n\\n{% elif message['role'] == 'assistant' %}### Response:\\n{{ message['content'] | trim }}\\n\\n{% endif %}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}### Response:\\n{% endif %}",
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] | trim }}\n\n{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] | trim }}\n\n{% elif message['role'] == 'user_context' %}### Input:\n{{ message['content'] | trim }}\n\n{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] | trim }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}### Response:\n{% endif %}",
     ),
     (
         "mistral",
@@ -466,6 +469,9 @@ pub struct TokenizerPlan {
     forced: HashSet<u32>,
     /// Padding rows' means, per (tensor, input), computed on first use.
     pad_means: Mutex<PadMeans>,
+    /// Inputs whose permuted matrix is their own (same rows in the same
+    /// order, nothing forced, no padding): read as they are.
+    identity: Vec<bool>,
 }
 
 /// Opens the vocabularies of `inputs` (base first when `has_base`) and
@@ -713,7 +719,18 @@ pub(crate) fn build(
         };
         defaults.push(row);
     }
+    let identity = perm
+        .iter()
+        .zip(&inputs)
+        .map(|(p, i)| {
+            rows == vocab_len
+                && forced.is_empty()
+                && embedding_rows(i) == Some(vocab_len)
+                && p.iter().enumerate().all(|(r, x)| *x == Some(r as u32))
+        })
+        .collect();
     Ok(TokenizerPlan {
+        identity,
         tokenizer,
         files_dir,
         vocab_len,
@@ -738,6 +755,11 @@ impl TokenizerPlan {
                     .iter()
                     .position(|i| crate::plan::same_model(&i.reference, reference))
             })
+    }
+
+    /// Whether input `input`'s permuted matrix is its own matrix.
+    pub(crate) fn is_identity(&self, input: usize) -> bool {
+        self.identity[input]
     }
 
     /// Where row `row` of input `input`'s permuted matrix comes from.
@@ -1062,6 +1084,175 @@ pub(crate) fn vocab_difference(inputs: &[&Input]) -> Result<Option<String>, Engi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tensormerge_core::{DType, TensorInfo, convert};
+    use tensormerge_io::{Model, ModelWriter, WriterOptions};
+    use tokenizers::models::wordlevel::WordLevel;
+
+    fn spec(text: &str) -> TokenizerSpec {
+        let c = crate::MergeConfig::from_yaml_str(&format!(
+            "merge_method: linear\nmodels: [{{model: a}}]\n{text}"
+        ))
+        .unwrap();
+        c.tokenizer_spec().unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        crate::MergeConfig::from_yaml_str(&format!(
+            "merge_method: linear\nmodels: [{{model: a}}]\n{text}"
+        ))
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn sections_parse_with_mergekits_defaults() {
+        assert_eq!(
+            spec("tokenizer_source: union\n").source,
+            TokenizerSource::Union
+        );
+        assert_eq!(
+            spec("tokenizer_source: base\n").source,
+            TokenizerSource::Base
+        );
+        let s = spec(
+            "tokenizer:\n  tokens:\n    x: {source: ./m, force: true}\n    y: {source: {kind: zero}}\n    z: {source: {kind: model_token, model: ./m, token_id: 3}}\n  pad_to_multiple_of: 8\n",
+        );
+        assert_eq!(
+            s.source,
+            TokenizerSource::Union,
+            "mergekit's default source"
+        );
+        assert_eq!(s.pad_to_multiple_of, Some(8));
+        assert_eq!(s.tokens.len(), 3);
+        assert!(
+            s.tokens[0].force
+                && matches!(&s.tokens[0].source, RowSource::Model(m) if m.reference == "./m")
+        );
+        assert_eq!(s.tokens[1].source, RowSource::Zero);
+        assert!(matches!(
+            &s.tokens[2].source,
+            RowSource::ModelToken {
+                token_id: Some(3),
+                token: None,
+                ..
+            }
+        ));
+        assert!(err("tokenizer:\n  pad_to_multiple_of: 0\n").contains("integer ≥ 1"));
+        assert!(
+            err("tokenizer:\n  tokens:\n    x: {source: {kind: one}}\n").contains("unknown kind")
+        );
+        assert!(
+            err("tokenizer:\n  tokens:\n    x: {source: {kind: model_token, model: m}}\n")
+                .contains("exactly one of `token` and `token_id`")
+        );
+        assert!(err("tokenizer:\n  tokens:\n    x: {force: yes}\n").contains("true or false"));
+        assert!(err("chat_template: '{x}'\n").contains("neither a known template"));
+        let c = crate::MergeConfig::from_yaml_str(
+            "merge_method: linear\nmodels: [{model: a}]\nchat_template: mistral\n",
+        )
+        .unwrap();
+        assert_eq!(c.chat_template.unwrap().value, "mistral");
+    }
+
+    /// A model with one embedding row per token (row r = [seed, r]) and a
+    /// WordLevel tokenizer over `vocab`.
+    fn model(dir: &Path, seed: f32, vocab: &[&str]) -> Input {
+        let n = vocab.len();
+        let t = vec![TensorInfo::new(
+            "model.embed_tokens.weight",
+            vec![n, 2],
+            DType::F32,
+        )];
+        let mut w = ModelWriter::create(dir, t, WriterOptions::default()).unwrap();
+        let v: Vec<f32> = (0..n).flat_map(|r| [seed, r as f32]).collect();
+        w.write(
+            "model.embed_tokens.weight",
+            &convert::encode_f32_vec(DType::F32, &v).unwrap(),
+        )
+        .unwrap();
+        w.finish().unwrap();
+        let map = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let wl = WordLevel::builder()
+            .vocab(map)
+            .unk_token("u".into())
+            .build()
+            .unwrap();
+        Tokenizer::new(wl)
+            .save(dir.join("tokenizer.json"), false)
+            .unwrap();
+        Input {
+            reference: dir.display().to_string(),
+            model: Arc::new(Model::open_path(dir).unwrap()),
+        }
+    }
+
+    #[test]
+    fn union_order_and_default_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = model(&tmp.path().join("base"), 1.0, &["u", "a", "b"]);
+        let m1 = model(&tmp.path().join("m1"), 2.0, &["u", "c", "a", "d"]);
+        let m2 = model(&tmp.path().join("m2"), 3.0, &["d", "u", "c", "e"]);
+        let spec = TokenizerSpec {
+            source: TokenizerSource::Union,
+            tokens: Vec::new(),
+            pad_to_multiple_of: Some(4),
+        };
+        let p = build(&spec, vec![base, m1, m2], true, None).unwrap();
+        let v = p.tokenizer.get_vocab(true);
+        let order: Vec<&str> = ["u", "a", "b", "c", "d", "e"].to_vec();
+        for (i, t) in order.iter().enumerate() {
+            assert_eq!(v[*t], i as u32, "{t}");
+        }
+        assert_eq!((p.vocab_len, p.rows), (6, 8));
+        // own rows
+        assert_eq!(p.row_source(1, 1), Row::Of { input: 1, row: 2 });
+        // `b`: only the base has it
+        assert_eq!(p.row_source(2, 2), Row::Of { input: 0, row: 2 });
+        // `c`: m1 and m2, not the base: the average
+        assert_eq!(p.row_source(0, 3), Row::Mean(vec![(1, 1), (2, 2)]));
+        // `a`: base and m1: the base's row for m2
+        assert_eq!(p.row_source(2, 1), Row::Of { input: 0, row: 1 });
+        // padding
+        assert_eq!(p.row_source(0, 7), Row::Pad);
+        // A permuted read: m2's rows 0..8 (values [seed, own row]).
+        let read =
+            |i: usize, r: std::ops::Range<usize>, out: &mut Vec<f32>| -> Result<u64, EngineError> {
+                let all = p.inputs[i]
+                    .model
+                    .read_f32_vec("model.embed_tokens.weight")
+                    .unwrap();
+                out.clear();
+                out.extend_from_slice(&all[r.clone()]);
+                Ok((r.len() * 4) as u64)
+            };
+        let mut out = Vec::new();
+        p.read_permuted(2, "model.embed_tokens.weight", 2, 1..16, &mut out, &read)
+            .unwrap();
+        let rows: [[f32; 2]; 6] = [
+            [3.0, 1.0], // u
+            [1.0, 1.0], // a: base
+            [1.0, 2.0], // b: only base
+            [3.0, 2.0], // c: own
+            [3.0, 0.0], // d: own
+            [3.0, 3.0], // e: own
+        ];
+        let mean = [
+            (3.0 * 4.0 + 1.0 * 2.0) / 6.0, // u c d e from m2 (3), a b from the base (1)
+            (1.0 + 1.0 + 2.0 + 2.0 + 0.0 + 3.0) / 6.0,
+        ];
+        let mut want: Vec<f32> = rows.iter().flatten().copied().collect();
+        want.extend_from_slice(&mean);
+        want.extend_from_slice(&mean);
+        for (g, w) in out.iter().zip(&want[1..]) {
+            assert!((g - w).abs() < 1e-6, "{out:?} vs {want:?}");
+        }
+        assert_eq!(out.len(), 15);
+    }
 
     #[test]
     fn embedding_names() {
