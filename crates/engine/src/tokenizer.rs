@@ -1255,6 +1255,39 @@ mod tests {
     }
 
     #[test]
+    fn auto_chat_template_takes_the_most_common() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ms: Vec<Input> = ["x", "y", "z"]
+            .iter()
+            .map(|n| model(&tmp.path().join(n), 1.0, &["u"]))
+            .collect();
+        let auto = ChatTemplate {
+            value: "auto".into(),
+            pos: Pos::default(),
+        };
+        let refs: Vec<&Input> = ms.iter().collect();
+        assert_eq!(chat_template_text(&auto, &refs).unwrap(), None);
+        for (m, t) in ms.iter().zip(["{{ one }}", "{{ two }} ", "{{ two }}"]) {
+            let cfg = serde_json::json!({ "chat_template": t });
+            std::fs::write(m.model.dir().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        }
+        assert_eq!(
+            chat_template_text(&auto, &refs).unwrap().as_deref(),
+            Some("{{ two }}")
+        );
+        let named = ChatTemplate {
+            value: "chatml".into(),
+            pos: Pos::default(),
+        };
+        assert!(
+            chat_template_text(&named, &refs)
+                .unwrap()
+                .unwrap()
+                .contains("<|im_end|>")
+        );
+    }
+
+    #[test]
     fn embedding_names() {
         for n in [
             "model.embed_tokens.weight",
