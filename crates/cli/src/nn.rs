@@ -143,7 +143,7 @@ pub struct FisherArgs {
 /// output, and glibc's fresh mmaps made page zeroing 54% of the time), and
 /// the thread count of candle's matrix multiplies (it reads
 /// `RAYON_NUM_THREADS` when it runs one).
-fn threads(jobs: Option<usize>) -> Result<()> {
+fn prepare(jobs: Option<usize>) -> Result<()> {
     tensormerge::nn::keep_freed_memory();
     match jobs {
         Some(0) => Err(Usage::Arg("--jobs must be at least 1".into()).into()),
@@ -190,7 +190,7 @@ fn open(model: &str, p: &Printer) -> Result<Pipeline> {
 }
 
 pub fn generate(a: GenerateArgs, p: &Printer) -> Result<()> {
-    threads(a.jobs)?;
+    prepare(a.jobs)?;
     let sampling = if a.greedy || (a.temperature.is_none() && a.top_p.is_none() && a.seed.is_none())
     {
         Sampling::Greedy
@@ -244,7 +244,7 @@ struct PerplexityRow<'a> {
 }
 
 pub fn perplexity(a: PerplexityArgs, p: &Printer) -> Result<()> {
-    threads(a.jobs)?;
+    prepare(a.jobs)?;
     let text = read_text(&a.text).context("cannot read the text to score")?;
     let opts = PerplexityOptions {
         context: a.context,
@@ -284,7 +284,7 @@ pub fn perplexity(a: PerplexityArgs, p: &Printer) -> Result<()> {
 }
 
 pub fn fisher(a: FisherArgs, p: &Printer) -> Result<()> {
-    threads(a.jobs)?;
+    prepare(a.jobs)?;
     if a.output.exists() && !a.overwrite {
         return Err(Usage::Arg(format!(
             "{} exists; pass --overwrite to replace it",

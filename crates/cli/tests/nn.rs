@@ -7,38 +7,15 @@
 //! `merge_method: fisher` against the formula; and the bad inputs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use tensormerge::nn::tiny::{self, TinyArch};
 use tensormerge::nn::{Pipeline, windows};
 use tensormerge_core::DType;
 use tensormerge_io::Model;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tensormerge"));
-    c.env_remove("NO_COLOR")
-        .env_remove("RAYON_NUM_THREADS")
-        .env("HF_HUB_OFFLINE", "1");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run tensormerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}\nstderr: {}",
-        o.status.code(),
-        text(&o.stderr)
-    );
-    text(&o.stdout)
-}
+mod common;
+use common::{fails, ok, run, text};
 
 fn tiny_model(dir: &Path, name: &str, arch: TinyArch, seed: u64) -> String {
     tiny::write_tiny_model(&dir.join(name), arch, seed, DType::F32)
@@ -531,14 +508,6 @@ fn fisher_files_drive_a_fisher_merge() {
         "--prompt",
         "the court",
     ]));
-}
-
-fn fails(o: &Output, code: i32, needles: &[&str]) {
-    let e = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(code), "stderr: {e}");
-    for n in needles {
-        assert!(e.contains(n), "`{n}` not in: {e}");
-    }
 }
 
 #[test]

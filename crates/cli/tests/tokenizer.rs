@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use tensormerge_core::{DType, TensorInfo, convert};
 use tensormerge_io::{Model, ModelWriter, WriterOptions};
@@ -14,33 +13,14 @@ use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::{AddedToken, Tokenizer};
 
+mod common;
+use common::{ok, run, text};
+
 const H: usize = 3;
 
 /// A vocabulary: plain tokens, then added special tokens.
 type Vocab = (&'static [&'static str], &'static [&'static str]);
 const EMBED: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tensormerge"))
-        .env_remove("NO_COLOR")
-        .env("HF_HUB_OFFLINE", "1")
-        .args(args)
-        .output()
-        .expect("run tensormerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
 
 /// Row `r` of tensor `name` of the model with `seed`: distinct values.
 fn row_values(seed: u32, name: &str, r: usize) -> Vec<f32> {

@@ -724,9 +724,10 @@ fn plan_shards(sizes: &[u64], max: u64) -> Vec<ShardPlan> {
         .collect()
 }
 
-/// Writes one safetensors file at `path` (created or truncated; callers that
-/// need atomicity write a temporary sibling and rename it): `tensors` in the
-/// given order, each with its little-endian bytes, and `metadata` as
+/// Writes one safetensors file at `path`, atomically: into a temporary
+/// sibling (`.NAME.tmp-PID`, removed on failure) that is renamed over `path`
+/// when complete, so an interrupted write never leaves a partial file.
+/// `tensors` in the given order, each with its little-endian bytes, and `metadata` as
 /// `__metadata__` (`format` defaults to `pt`). The bytes depend only on the
 /// arguments: the header lists `__metadata__` in key order and the tensors in
 /// the given order, which the `safetensors` crate's own serializer (a
@@ -768,17 +769,40 @@ pub fn write_safetensors(
     let infos: Vec<TensorInfo> = tensors.iter().map(|(t, _)| t.clone()).collect();
     let sizes: Vec<u64> = tensors.iter().map(|(_, b)| b.len() as u64).collect();
     let header = shard_header(&infos, &sizes, metadata);
-    let mut f = BufWriter::new(File::create(path).map_err(io)?);
-    f.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    f.write_all(&header).map_err(io)?;
-    for (_, b) in tensors {
-        f.write_all(b).map_err(io)?;
+    let name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file name",
+        ))
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let tmp_io = |source| IoError::Io {
+        path: tmp.clone(),
+        source,
+    };
+    let write = || -> Result<(), IoError> {
+        let mut f = BufWriter::new(File::create(&tmp).map_err(tmp_io)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(tmp_io)?;
+        f.write_all(&header).map_err(tmp_io)?;
+        for (_, b) in tensors {
+            f.write_all(b).map_err(tmp_io)?;
+        }
+        f.into_inner()
+            .map_err(|e| tmp_io(e.into_error()))?
+            .sync_all()
+            .map_err(tmp_io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    f.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)
+    result
 }
 
 /// The JSON header of one shard, padded with spaces to a multiple of 8 bytes

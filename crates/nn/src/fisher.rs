@@ -291,13 +291,9 @@ pub fn read_labeled(path: &Path, labels: &[String]) -> Result<Vec<(String, usize
 /// `empirical`, and `format` = `pt`), into a temporary sibling renamed into
 /// place, so an interrupted run never leaves a half-written file.
 pub fn write_fisher(path: &Path, fisher: &FisherResult) -> Result<PathBuf> {
-    let file_err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| NnError::File { path: p, source }
-    };
     let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
     if !dir.is_dir() {
         return Err(NnError::Input(format!(
@@ -305,14 +301,6 @@ pub fn write_fisher(path: &Path, fisher: &FisherResult) -> Result<PathBuf> {
             dir.display()
         )));
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| NnError::Input(format!("{}: not a file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
     let bytes: Vec<Vec<u8>> = fisher
         .tensors
         .iter()
@@ -347,11 +335,7 @@ pub fn write_fisher(path: &Path, fisher: &FisherResult) -> Result<PathBuf> {
     ]
     .into_iter()
     .collect();
-    let result = tensormerge_io::write_safetensors(&tmp, &tensors, &meta)
-        .map_err(NnError::from)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(file_err(path)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| path.to_path_buf())
+    // Atomic: a temporary sibling renamed into place (io::write_safetensors).
+    tensormerge_io::write_safetensors(path, &tensors, &meta)?;
+    Ok(path.to_path_buf())
 }
