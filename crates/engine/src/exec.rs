@@ -772,7 +772,7 @@ fn expected_tensor_reads(plan: &Plan, t: &crate::plan::TensorPlan, chunk_len: us
     let Some(ctx) = plan.context(t, None) else {
         return once;
     };
-    let chunks = chunk_ranges(plan.method, t.out.numel(), chunk_len).len();
+    let chunks = chunk_ranges(plan.method, &t.out.shape, t.out.numel(), chunk_len).len();
     let passes = match plan.method.tensor_pass(&ctx) {
         Some(p) if chunks > 1 => p.sweeps() as u64 + 1,
         _ => 1,
@@ -948,7 +948,7 @@ fn model_pass(
                 progress.advance(plan.tensor_bytes_to_read(t), 0);
                 continue;
             }
-            for r in chunk_ranges(method, t.out.numel(), chunk_len) {
+            for r in chunk_ranges(method, &t.out.shape, t.out.numel(), chunk_len) {
                 let offset = r.start;
                 let b = fetch(sources, t, aux, *base_aux, r, &mut data, &mut scratch)?;
                 bytes += b;

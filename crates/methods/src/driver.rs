@@ -155,11 +155,21 @@ fn fill_slot<E>(
     }
 }
 
-/// The chunk ranges of a tensor of `numel` elements: one range when the method
-/// is not chunkable or `chunk_len` covers it.
-pub fn chunk_ranges(method: &dyn MergeMethod, numel: usize, chunk_len: usize) -> Vec<Range<usize>> {
+/// The chunk ranges of `numel` elements of a tensor of shape `shape` (the
+/// whole tensor, or one chunk of it cut into parts): one range when the
+/// method is not chunkable or `chunk_len` covers it. Every range but the last
+/// holds a multiple of the method's
+/// [`chunk_multiple`](MergeMethod::chunk_multiple) for `shape` (so chunks of
+/// a row-wise method hold whole rows), `chunk_len` rounded down to it.
+pub fn chunk_ranges(
+    method: &dyn MergeMethod,
+    shape: &[usize],
+    numel: usize,
+    chunk_len: usize,
+) -> Vec<Range<usize>> {
     let step = if method.chunkable() {
-        chunk_len.max(1)
+        let multiple = method.chunk_multiple(shape).max(1);
+        (chunk_len / multiple).max(1).saturating_mul(multiple)
     } else {
         usize::MAX
     };
@@ -293,7 +303,7 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
     mut fetch: impl FnMut(Range<usize>, &mut ChunkData) -> Result<(), E>,
     mut sink: impl FnMut(usize, &[f32]) -> Result<(), E>,
 ) -> Result<(), E> {
-    let ranges = chunk_ranges(method, tensor.numel(), chunk_len);
+    let ranges = chunk_ranges(method, tensor.shape, tensor.numel(), chunk_len);
     let single = ranges.len() == 1;
     let MergeBuffers { data, out } = bufs;
     // Whether `data` holds the (single) chunk already.
@@ -329,7 +339,7 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
         if !loaded {
             fetch(r.clone(), data)?;
         }
-        for part in chunk_ranges(method, r.len(), part_len) {
+        for part in chunk_ranges(method, tensor.shape, r.len(), part_len) {
             // Zeroed for every part, as a method that writes only some
             // entries may expect (cheap: the buffer is reused, in cache).
             out.clear();
@@ -521,7 +531,7 @@ impl<'m> Merge<'m> {
                         if !pass.needs(&ctx) {
                             continue;
                         }
-                        for cr in chunk_ranges(self.method, r.len(), self.chunk_len) {
+                        for cr in chunk_ranges(self.method, &t.shape, r.len(), self.chunk_len) {
                             let data = &mut bufs.data;
                             fill_range(r.start + cr.start..r.start + cr.end, data)?;
                             data.with_chunk(&ctx, cr.start, None, |c| pass.observe(sweep, c))?;

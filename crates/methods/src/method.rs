@@ -178,6 +178,15 @@ pub trait MergeMethod: Send + Sync + 'static {
         true
     }
 
+    /// For a chunkable method, the number of elements every chunk of a
+    /// tensor of `shape` holds a multiple of (the last chunk of a tensor
+    /// excepted). Default 1. A method that works on whole rows returns the
+    /// row length (`shape.last()`), so that it is chunkable without seeing a
+    /// row cut in two (DELLA ranks magnitudes within each row).
+    fn chunk_multiple(&self, _shape: &[usize]) -> usize {
+        1
+    }
+
     /// A pass over the whole model before merging (global top-k, global Fisher
     /// norms), or `None`. `models` holds each model's global-scope view of the
     /// parameters.

@@ -296,7 +296,7 @@ pub fn run_parallel(
                     if !pass.needs(&tc) {
                         continue;
                     }
-                    for cr in chunk_ranges(method, r.len(), merge.chunk_len) {
+                    for cr in chunk_ranges(method, &t.shape, r.len(), merge.chunk_len) {
                         let data = fetch(r.start + cr.start..r.start + cr.end)?;
                         data.with_chunk(&tc, cr.start, None, |c| pass.observe(sweep, c))?;
                     }

@@ -102,7 +102,7 @@ pub fn methods_markdown() -> String {
             w,
             "- Tensors: {}",
             if m.chunkable() {
-                "merged in chunks (element-wise, with per-tensor passes where needed)"
+                "merged in chunks (element by element or row by row, with per-tensor passes where needed)"
             } else {
                 "merged whole (the method needs whole tensors or rows)"
             }

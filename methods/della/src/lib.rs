@@ -54,14 +54,20 @@
 //!   `torch.bernoulli`, so outputs match mergekit in distribution, not bit
 //!   for bit. `lambda` is global (mergekit used the first model's);
 //!   `weight` defaults to 1.0; `int8_mask` has no effect.
-//! - Whole tensors are processed at once (`chunkable() = false`).
+//! - Tensors are merged in chunks of whole rows; with `rescale: true` a
+//!   per-tensor pass first draws the keep decisions (a bit per entry) and sums
+//!   the L1 norms, so memory is a few bits per entry, not the whole tensor.
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+
 use rand::RngCore;
-use tensormerge_methods::ops::{self, Combine, Consensus, ExactSum, Rule, magnitude_key};
+use tensormerge_methods::ops::{
+    self, Combine, Consensus, ExactSum, RankOrder, Rule, magnitude_key,
+};
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    TensorContext, register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// `della` (MagPrune, then TIES election).
@@ -155,82 +161,264 @@ enum Rescale {
     None,
 }
 
+/// The MagPrune keep probability of rank `r` (0 = smallest magnitude) in a
+/// row of `n` entries (arXiv:2406.11617, eq. 1; clamped to `[0, 1]`).
+#[inline]
+fn probability(r: usize, n: usize, density: f64, epsilon: f64) -> f64 {
+    let frac = if n > 1 {
+        r as f64 / (n - 1) as f64
+    } else {
+        0.5
+    };
+    ((density - epsilon) + 2.0 * epsilon * frac).clamp(0.0, 1.0)
+}
+
 /// MagPrune keep probabilities of one row of task-vector values (any order
 /// of magnitudes; equal magnitudes rank by position).
 pub fn row_probabilities(tau: &[f32], density: f64, epsilon: f64) -> Vec<f64> {
     let n = tau.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&e| (magnitude_key(tau[e]), e));
+    let keys: Vec<u32> = tau.iter().map(|&t| magnitude_key(t)).collect();
     let mut p = vec![0.0; n];
-    for (r, &e) in order.iter().enumerate() {
-        let frac = if n > 1 {
-            r as f64 / (n - 1) as f64
-        } else {
-            0.5
-        };
-        p[e] = ((density - epsilon) + 2.0 * epsilon * frac).clamp(0.0, 1.0);
+    for (r, &e) in RankOrder::default().order(&keys).iter().enumerate() {
+        p[e as usize] = probability(r, n, density, epsilon);
     }
     p
 }
 
-/// Each kept entry's multiplier for model `i` (0 where dropped).
-fn multipliers(
-    t: &TensorContext<'_>,
-    i: usize,
-    offset: usize,
-    base: &[f32],
-    x: &[f32],
-    rescale: Rescale,
-) -> Result<Vec<f32>, MethodError> {
-    let (d, eps) = (t.models[i].f64("density")?, t.models[i].f64("epsilon")?);
-    let n = base.len();
-    if d >= 1.0 {
-        return Ok(vec![1.0; n]);
-    }
-    if d <= 0.0 {
-        return Ok(vec![0.0; n]);
-    }
-    let row = match t.shape {
-        [.., last] if *last > 0 => *last,
-        _ => n.max(1),
-    };
-    let mut rng = t.rng(i, offset);
-    let mut mult = vec![0.0f32; n];
-    let tau: Vec<f32> = x.iter().zip(base).map(|(x, b)| x - b).collect();
-    for start in (0..n).step_by(row) {
-        let end = (start + row).min(n);
-        let p = row_probabilities(&tau[start..end], d, eps);
-        for (j, &p) in p.iter().enumerate() {
-            let draw = rng.next_u32();
-            if ops::dare_keep(draw, p) {
-                mult[start + j] = if rescale == Rescale::Probability {
-                    (1.0 / p) as f32
-                } else {
-                    1.0
-                };
-            }
-        }
-    }
-    if rescale == Rescale::L1 {
-        let (mut before, mut after) = (ExactSum::new(), ExactSum::new());
-        for e in 0..n {
-            let a = (x[e] as f64 - base[e] as f64).abs();
-            before.add(a);
-            if mult[e] != 0.0 {
-                after.add(a);
-            }
-        }
-        let (before, after) = (before.value(), after.value());
-        if before >= 1e-7 && after >= 1e-7 {
-            let s = before / after;
-            mult.iter_mut()
-                .filter(|m| **m != 0.0)
-                .for_each(|m| *m = s as f32);
-        }
-    }
-    Ok(mult)
+/// MagPrune's keep decisions for the rows of one model, with the tables of
+/// one row length (probabilities, their integer keep limits and the
+/// `rescale: density` multipliers, indexed by rank) and reusable buffers.
+struct RowKeep {
+    density: f64,
+    epsilon: f64,
+    len: usize,
+    /// `limit[r]`: rank `r` is kept when its draw is below it
+    /// ([`ops::dare_limit`] + 1; 0 keeps nothing).
+    limit: Vec<u64>,
+    /// `1 / p_r` as `f32` (`rescale: density`).
+    inverse: Vec<f32>,
+    ranks: RankOrder,
+    keys: Vec<u32>,
+    draws: Vec<u32>,
 }
 
+impl RowKeep {
+    fn new(density: f64, epsilon: f64) -> RowKeep {
+        RowKeep {
+            density,
+            epsilon,
+            len: usize::MAX,
+            limit: Vec::new(),
+            inverse: Vec::new(),
+            ranks: RankOrder::default(),
+            keys: Vec::new(),
+            draws: Vec::new(),
+        }
+    }
+
+    /// Calls `kept(j, 1 / p)` for every kept entry `j` of one row of
+    /// `x − b`, drawing one value per entry from `rng` in position order.
+    #[inline]
+    fn row(
+        &mut self,
+        x: &[f32],
+        b: &[f32],
+        rng: &mut impl RngCore,
+        mut kept: impl FnMut(usize, f32),
+    ) {
+        let len = x.len();
+        if len != self.len {
+            self.len = len;
+            self.limit.clear();
+            self.inverse.clear();
+            for r in 0..len {
+                let p = probability(r, len, self.density, self.epsilon);
+                self.limit
+                    .push(ops::dare_limit(p).map_or(0, |l| l as u64 + 1));
+                self.inverse.push((1.0 / p) as f32);
+            }
+        }
+        self.keys.clear();
+        self.keys
+            .extend(x.iter().zip(b).map(|(x, b)| magnitude_key(x - b)));
+        self.draws.clear();
+        self.draws.extend((0..len).map(|_| rng.next_u32()));
+        let (draws, limit, inverse) = (&self.draws, &self.limit, &self.inverse);
+        for (r, &j) in self.ranks.order(&self.keys).iter().enumerate() {
+            if (draws[j as usize] as u64) < limit[r] {
+                kept(j as usize, inverse[r]);
+            }
+        }
+    }
+}
+
+/// The row length of `shape` (a 1-D tensor is one row).
+fn row_len(shape: &[usize]) -> usize {
+    match shape {
+        [.., last] if *last > 0 => *last,
+        _ => shape.iter().product::<usize>().max(1),
+    }
+}
+
+/// Each model's density and epsilon on a tensor.
+fn densities(t: &TensorContext<'_>) -> Result<Vec<(f64, f64)>, MethodError> {
+    t.models
+        .iter()
+        .map(|p| Ok((p.f64("density")?, p.f64("epsilon")?)))
+        .collect()
+}
+
+/// The statistics of [`L1Pass`]: per model, the kept entries of the tensor
+/// (a bit per entry) and the factor applied to them.
+struct Kept {
+    bits: Vec<Vec<u64>>,
+    scale: Vec<f32>,
+}
+
+/// `rescale: true` needs the L1 norms of the whole task vector before and
+/// after the drop: a per-tensor pass draws the keep decisions (the same
+/// draws as the merge would), records them as bits and sums the norms
+/// exactly ([`ExactSum`]), so that the tensor is merged in chunks of whole
+/// rows.
+struct L1Pass {
+    rows: Vec<Option<RowKeep>>,
+    bits: Vec<Vec<u64>>,
+    before: Vec<ExactSum>,
+    after: Vec<ExactSum>,
+}
+
+impl StatsPass for L1Pass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let t = chunk.tensor;
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        let row = row_len(t.shape);
+        for (i, keep) in self.rows.iter_mut().enumerate() {
+            let Some(keep) = keep else { continue };
+            let (x, bits) = (chunk.models[i], &mut self.bits[i]);
+            let (before, after) = (&mut self.before[i], &mut self.after[i]);
+            let mut rng = t.rng(i, chunk.offset);
+            for start in (0..base.len()).step_by(row) {
+                let end = (start + row).min(base.len());
+                let (xr, br) = (&x[start..end], &base[start..end]);
+                for (x, b) in xr.iter().zip(br) {
+                    before.add((*x as f64 - *b as f64).abs());
+                }
+                let at = chunk.offset + start;
+                keep.row(xr, br, &mut rng, |j, _| {
+                    after.add((xr[j] as f64 - br[j] as f64).abs());
+                    bits[(at + j) / 64] |= 1 << ((at + j) % 64);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        let scale = self
+            .before
+            .iter()
+            .zip(&self.after)
+            .map(|(b, a)| {
+                let (before, after) = (b.value(), a.value());
+                if before >= 1e-7 && after >= 1e-7 {
+                    (before / after) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Ok(Arc::new(Kept {
+            bits: self.bits,
+            scale,
+        }))
+    }
+}
+
+fn rescale_of(t: &TensorContext<'_>) -> Result<Rescale, MethodError> {
+    Ok(match t.global.str("rescale")? {
+        "true" => Rescale::L1,
+        "density" => Rescale::Probability,
+        _ => Rescale::None,
+    })
+}
+
+/// The per-tensor pass of both methods: only `rescale: true` needs one, and
+/// only for the models that drop anything.
+fn tensor_pass(t: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+    if rescale_of(t).ok()? != Rescale::L1 {
+        return None;
+    }
+    let rows: Vec<Option<RowKeep>> = densities(t)
+        .ok()?
+        .into_iter()
+        .map(|(d, e)| (d > 0.0 && d < 1.0).then(|| RowKeep::new(d, e)))
+        .collect();
+    if rows.iter().all(Option::is_none) {
+        return None;
+    }
+    let words = t.numel().div_ceil(64);
+    let m = rows.len();
+    Some(Box::new(L1Pass {
+        bits: rows
+            .iter()
+            .map(|r| {
+                if r.is_some() {
+                    vec![0; words]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect(),
+        rows,
+        before: (0..m).map(|_| ExactSum::new()).collect(),
+        after: (0..m).map(|_| ExactSum::new()).collect(),
+    }))
+}
+
+/// Each entry's multiplier for model `i` on one chunk (0 where dropped).
+fn multipliers(
+    chunk: &Chunk<'_>,
+    i: usize,
+    (d, eps): (f64, f64),
+    rescale: Rescale,
+    kept: Option<&Kept>,
+    mult: &mut Vec<f32>,
+) {
+    let (t, base, x) = (chunk.tensor, chunk.base.unwrap_or(&[]), chunk.models[i]);
+    let n = base.len();
+    mult.clear();
+    if d >= 1.0 {
+        mult.resize(n, 1.0);
+        return;
+    }
+    mult.resize(n, 0.0);
+    if d <= 0.0 {
+        return;
+    }
+    if let Some(k) = kept.filter(|_| rescale == Rescale::L1) {
+        let (bits, s) = (&k.bits[i], k.scale[i]);
+        for (e, m) in mult.iter_mut().enumerate() {
+            let at = chunk.offset + e;
+            if bits[at / 64] >> (at % 64) & 1 == 1 {
+                *m = s;
+            }
+        }
+        return;
+    }
+    let row = row_len(t.shape);
+    let mut keep = RowKeep::new(d, eps);
+    let mut rng = t.rng(i, chunk.offset);
+    for start in (0..n).step_by(row) {
+        let end = (start + row).min(n);
+        let m = &mut mult[start..end];
+        let inverse = rescale == Rescale::Probability;
+        keep.row(&x[start..end], &base[start..end], &mut rng, |j, inv| {
+            m[j] = if inverse { inv } else { 1.0 };
+        });
+    }
+}
 fn run(
     info: &MethodInfo,
     rule: Rule,
@@ -241,11 +429,7 @@ fn run(
     let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
         method: info.name.into(),
     })?;
-    let rescale = match t.global.str("rescale")? {
-        "true" => Rescale::L1,
-        "density" => Rescale::Probability,
-        _ => Rescale::None,
-    };
+    let rescale = rescale_of(t)?;
     let combine = Combine {
         weights: ops::weights(t, "weight")?,
         lambda: t.global.f64("lambda")?,
@@ -255,9 +439,21 @@ fn run(
     if rule == Rule::Linear {
         combine.check(info.name, t.name)?;
     }
-    let mults = (0..chunk.models.len())
-        .map(|i| multipliers(t, i, chunk.offset, base, chunk.models[i], rescale))
-        .collect::<Result<Vec<_>, _>>()?;
+    let kept = match chunk.tensor_stats {
+        Some(s) => Some(
+            s.downcast_ref::<Kept>()
+                .ok_or_else(|| MethodError::Invalid {
+                    method: info.name.into(),
+                    tensor: t.name.into(),
+                    message: "statistics of another method were passed in".into(),
+                })?,
+        ),
+        None => None,
+    };
+    let mut mults = vec![Vec::new(); chunk.models.len()];
+    for (i, (m, d)) in mults.iter_mut().zip(densities(t)?).enumerate() {
+        multipliers(chunk, i, d, rescale, kept, m);
+    }
     ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
         let (x, m) = (chunk.models[i], &mults[i]);
         for (j, d) in buf.iter_mut().enumerate() {
@@ -277,9 +473,13 @@ impl MergeMethod for Della {
         &INFO
     }
 
-    /// Ranks and the L1 rescale need whole rows and tensors.
-    fn chunkable(&self) -> bool {
-        false
+    /// Chunks of whole rows: ranks run within a row.
+    fn chunk_multiple(&self, shape: &[usize]) -> usize {
+        row_len(shape)
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        tensor_pass(tensor)
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
@@ -299,9 +499,13 @@ impl MergeMethod for DellaLinear {
         &INFO_LINEAR
     }
 
-    /// Ranks and the L1 rescale need whole rows and tensors.
-    fn chunkable(&self) -> bool {
-        false
+    /// Chunks of whole rows: ranks run within a row.
+    fn chunk_multiple(&self, shape: &[usize]) -> usize {
+        row_len(shape)
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        tensor_pass(tensor)
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {

@@ -43,7 +43,7 @@
 #![deny(missing_docs)]
 
 use tensormerge_method_breadcrumbs::trim;
-use tensormerge_methods::ops::{self, ExactSum, Selection, magnitude_key};
+use tensormerge_methods::ops::{self, ExactSum, magnitude_key};
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
     register_method,
@@ -99,26 +99,27 @@ impl MergeMethod for Sce {
 
         // Select (arXiv:2408.07990 §3.3): top-k variance mask.
         let topk = t.global.f64("select_topk")?;
-        let selection = if topk < 1.0 {
-            let nonzero = (0..n).filter(|&e| var_key(e) != 0).count() as u64;
+        let mask: Vec<bool> = if topk < 1.0 {
+            // Each variance key once (the selection sweeps read them again).
+            let keys: Vec<u32> = (0..n).map(var_key).collect();
+            let nonzero = keys.iter().filter(|&&k| k != 0).count() as u64;
             let k = ops::keep_count(topk, nonzero);
-            let keys_at = |start: usize, keys: &mut [u32]| {
-                for (j, k) in keys.iter_mut().enumerate() {
-                    *k = var_key(start + j);
-                }
+            let keys_at = |start: usize, out: &mut [u32]| {
+                out.copy_from_slice(&keys[start..start + out.len()]);
             };
-            trim::top_k(n, k, &keys_at).map_err(|message| MethodError::Invalid {
-                method: INFO.name.into(),
-                tensor: t.name.into(),
-                message,
-            })?
+            let selection =
+                trim::top_k(n, k, &keys_at).map_err(|message| MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: t.name.into(),
+                    message,
+                })?;
+            keys.iter()
+                .enumerate()
+                .map(|(e, &k)| selection.keeps("", e as u64, k))
+                .collect()
         } else {
-            Selection::AtLeast(0)
+            vec![true; n]
         };
-        let kept = |e: usize| {
-            matches!(selection, Selection::AtLeast(0)) || selection.keeps("", e as u64, var_key(e))
-        };
-        let mask: Vec<bool> = (0..n).map(kept).collect();
 
         // Calculate: η_i = ‖τ̂_i‖² / n, normalised.
         let eta: Vec<f64> = (0..m)

@@ -19,6 +19,8 @@
 //!   TIES ([`Consensus`]).
 //! - [`dare_keep`]: DARE's random drop decision, drawn from the reproducible
 //!   stream of [`TensorContext::rng`](crate::TensorContext::rng).
+//! - [`RankOrder`]: the magnitude ranks within a row (DELLA), by a stable
+//!   radix sort.
 //! - [`weights`], [`weight_sum`]: per-model weights of a tensor.
 //!
 //! ```
@@ -43,12 +45,14 @@ pub const BLOCK: usize = 1024;
 
 mod combine;
 mod dare;
+mod rank;
 mod sum;
 mod topk;
 mod weights;
 
 pub use combine::*;
 pub use dare::*;
+pub use rank::*;
 pub use sum::*;
 pub use topk::*;
 pub use weights::*;
