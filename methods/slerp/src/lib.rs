@@ -315,4 +315,55 @@ mod tests {
         let chunked = merge.clone().chunk_len(3).run(Some(&a), &[&b]).unwrap();
         assert_eq!(whole.values().unwrap(), chunked.values().unwrap());
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15): the two norms and
+    /// the dot product of the whole [4096, 4096] tensor must be accumulated
+    /// in f64 (or compensated). `v0 = a` on every entry, `v1 = b` on three
+    /// entries of four and `−b` on the fourth, so `‖v0‖² = n a²`,
+    /// `‖v1‖² = n b²` and `v0·v1 = n a b / 2`: `cos θ = 1/2` exactly,
+    /// `θ = π/3`, and every output is `p·a ± q·b` with Shoemake's weights.
+    ///
+    /// Why f32 would fail: a running f32 sum stops resolving the terms once
+    /// it reaches about 2^24 of them. Summing these 2^24 terms in f32 (one
+    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14% (Σa²: +14%, Σb²:
+    /// −11%, the dot: −0.7%, one accumulator), which moves cos θ and every
+    /// output by orders of magnitude more than the tolerance, 1e-6 relative
+    /// (f64 sums are off by at most about 2^24 · 2^-53 ≈ 2e-9). Checked: with
+    /// `slerp`'s three accumulators in f32 this test fails, worst relative
+    /// error 2.0e-3 with one f32 accumulator each and 3.2e-3 with 8 f32
+    /// lanes. (Pairwise f32 summation would be exact here, all terms being
+    /// equal; it is not what this guards against.)
+    #[test]
+    fn precision_2_24_slerp_whole_tensor_angle() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let (a, b) = (0.01f32, 0.0123f32);
+        let sign = |e: usize| if e % 4 == 3 { -1.0 } else { 1.0 };
+        let v0 = ParamVector::from_vec(l.clone(), vec![a; N]).unwrap();
+        let v1 =
+            ParamVector::from_vec(l.clone(), (0..N).map(|e| sign(e) as f32 * b).collect()).unwrap();
+        let t = 0.3;
+        let out = run(t, Some(&v0), &[&v1]).unwrap();
+        let theta = std::f64::consts::FRAC_PI_3;
+        let (p, q) = (
+            ((1.0 - t) * theta).sin() / theta.sin(),
+            (t * theta).sin() / theta.sin(),
+        );
+        let (a, b) = (a as f64, b as f64);
+        let (mut worst, mut at) = (0.0f64, 0);
+        for (e, &g) in out.values().unwrap().iter().enumerate() {
+            let want = p * a + q * sign(e) * b;
+            let err = (g as f64 - want).abs() / want.abs();
+            if err > worst {
+                (worst, at) = (err, e);
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "worst relative error {worst:e} at entry {at}: got {}",
+            out.values().unwrap()[at]
+        );
+    }
 }
