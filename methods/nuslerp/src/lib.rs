@@ -380,4 +380,60 @@ mod tests {
             Err(MethodError::MissingParameter { .. })
         ));
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15), flattened (the
+    /// default): one angle for the whole [4096, 4096] tensor of task vectors
+    /// around a base of 0.5. `x0 = 0.5 + a` everywhere, `x1 = 0.5 + b` on
+    /// three entries of four and `0.5 − b` on the fourth (as f32). The task
+    /// vectors take three distinct values `d0`, `d1p`, `d1m` (the f32 values
+    /// minus 0.5, exact in f64), so the norms and the dot product are counts
+    /// times products: `‖v0‖² = n d0²`, `‖v1‖² = n (¾ d1p² + ¼ d1m²)`,
+    /// `v0·v1 = n d0 (¾ d1p + ¼ d1m)`, and the answer is Shoemake's formula
+    /// at `t = w1/(w0+w1) = 1/3`.
+    ///
+    /// Why f32 would fail: a running f32 sum of 2^24 such terms (one
+    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, which moves the
+    /// angle and the outputs (≈ 0.51) by ~1e-5 and more, against a tolerance
+    /// of 1e-6 relative (5e-7 absolute; the f32 output itself rounds by
+    /// 3e-8). Checked: with the three accumulators in f32 this test fails,
+    /// worst relative error 5.1e-5 (2.6e-5 absolute).
+    #[test]
+    fn precision_2_24_nuslerp_whole_tensor_angle() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let (a, b) = (0.01f32, 0.0123f32);
+        let plus = |e: usize| e % 4 != 3;
+        let x1 = |e: usize| if plus(e) { 0.5 + b } else { 0.5 - b };
+        let base = ParamVector::from_vec(l.clone(), vec![0.5; N]).unwrap();
+        let m0 = ParamVector::from_vec(l.clone(), vec![0.5 + a; N]).unwrap();
+        let m1 = ParamVector::from_vec(l.clone(), (0..N).map(x1).collect()).unwrap();
+        let out = run((2.0, 1.0), true, false, Some(&base), [&m0, &m1]);
+        let t = 1.0 / 3.0;
+        let d0 = (0.5 + a) as f64 - 0.5;
+        let (d1p, d1m) = ((0.5 + b) as f64 - 0.5, (0.5 - b) as f64 - 0.5);
+        let n = N as f64;
+        let n0 = (n * d0 * d0).sqrt();
+        let n1 = (n * (0.75 * d1p * d1p + 0.25 * d1m * d1m)).sqrt();
+        let dot = n * d0 * (0.75 * d1p + 0.25 * d1m);
+        let theta = (dot / n0 / n1).acos();
+        let (p, q) = (
+            ((1.0 - t) * theta).sin() / theta.sin(),
+            (t * theta).sin() / theta.sin(),
+        );
+        let (mut worst, mut at) = (0.0f64, 0);
+        for (e, &g) in out.values().unwrap().iter().enumerate() {
+            let want = 0.5 + p * d0 + q * if plus(e) { d1p } else { d1m };
+            let err = (g as f64 - want).abs() / want.abs();
+            if err > worst {
+                (worst, at) = (err, e);
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "worst relative error {worst:e} at entry {at}: got {}",
+            out.values().unwrap()[at]
+        );
+    }
 }
