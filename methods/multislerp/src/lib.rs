@@ -328,4 +328,56 @@ mod tests {
             Err(MethodError::MissingParameter { .. })
         ));
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15): the models' norms
+    /// and the mean direction's norm are whole-tensor sums over [4096, 4096].
+    /// Two models, no base, weights 1 and 3 (normalised to ¼, ¾): `x1 = a`
+    /// everywhere, `x2 = b` on three entries of four and `−b` on the fourth.
+    /// So `n1 = a√n`, `n2 = b√n`, `u1 = a/(n1 + eps)`,
+    /// `u2 = ±b/(n2 + eps)`, the mean `m = ¼ u1 + ¾ u2` takes two values
+    /// `m±` with `‖m‖² = n (¾ m+² + ¼ m−²)`, and every output is
+    /// `(¼ n1 + ¾ n2) · m± / ‖m‖`.
+    ///
+    /// Why f32 would fail: a running f32 sum of 2^24 terms a² or b² (one
+    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, so the norms,
+    /// hence the scale `Σ w_i n_i` and every output, are off by ~0.3% and
+    /// more, against a tolerance of 1e-6 relative. Checked: with the models'
+    /// norms and `‖m‖` summed in f32 this test fails, worst relative error
+    /// 9.0e-2.
+    #[test]
+    fn precision_2_24_multislerp_whole_tensor_norms() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let (a, b) = (0.01f32, 0.0123f32);
+        let plus = |e: usize| e % 4 != 3;
+        let x1 = ParamVector::from_vec(l.clone(), vec![a; N]).unwrap();
+        let x2 = ParamVector::from_vec(
+            l.clone(),
+            (0..N).map(|e| if plus(e) { b } else { -b }).collect(),
+        )
+        .unwrap();
+        let out = run(&[1.0, 3.0], true, None, &[&x1, &x2]).unwrap();
+        let (eps, n) = (1e-8, N as f64);
+        let (a, b) = (a as f64, b as f64);
+        let (n1, n2) = (a * n.sqrt(), b * n.sqrt());
+        let (u1, u2) = (a / (n1 + eps), b / (n2 + eps));
+        let (mp, mm) = (0.25 * u1 + 0.75 * u2, 0.25 * u1 - 0.75 * u2);
+        let mn = (n * (0.75 * mp * mp + 0.25 * mm * mm)).sqrt();
+        let scale = 0.25 * n1 + 0.75 * n2;
+        let (mut worst, mut at) = (0.0f64, 0);
+        for (e, &g) in out.values().unwrap().iter().enumerate() {
+            let want = scale * if plus(e) { mp } else { mm } / mn;
+            let err = (g as f64 - want).abs() / want.abs();
+            if err > worst {
+                (worst, at) = (err, e);
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "worst relative error {worst:e} at entry {at}: got {}",
+            out.values().unwrap()[at]
+        );
+    }
 }
