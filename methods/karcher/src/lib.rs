@@ -363,4 +363,57 @@ mod tests {
             assert!((o - 0.5 * v).abs() < 1e-6);
         }
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15): norms and dot
+    /// products over the whole [4096, 4096] tensor. Two models, weights 1
+    /// and 3: `x1 = a` everywhere, `x2 = b` on three entries of four and `−b`
+    /// on the fourth, so `‖x1‖ = a√n`, `‖x2‖ = b√n`, `cos θ = 1/2` exactly
+    /// (`θ = π/3`). Two points lie on one geodesic, where the weighted
+    /// Karcher mean is the point at `¾ θ` from `x̂1` (one gradient step
+    /// reaches it exactly), so the answer is
+    /// `(¼ ‖x1‖ + ¾ ‖x2‖) · (cos(¾θ) e1 + sin(¾θ) e2)` with
+    /// `e1 = x̂1`, `e2 = (x̂2 − cos θ x̂1)/sin θ`: two distinct values.
+    ///
+    /// Why f32 would fail: a running f32 sum of 2^24 terms a² or b² (one
+    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, so the scale
+    /// and every output are off by ~0.3% and more (and the unit vectors are
+    /// not unit), against a tolerance of 1e-6 relative. Checked: this test
+    /// fails with the models' norms summed in f32 (worst relative error
+    /// 4.3e-2), and with those, `norm` and the dot products in f32 (1.5e-1).
+    #[test]
+    fn precision_2_24_karcher_whole_tensor_norms() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let (a, b) = (0.01f32, 0.0123f32);
+        let plus = |e: usize| e % 4 != 3;
+        let x1 = ParamVector::from_vec(l.clone(), vec![a; N]).unwrap();
+        let x2 = ParamVector::from_vec(
+            l.clone(),
+            (0..N).map(|e| if plus(e) { b } else { -b }).collect(),
+        )
+        .unwrap();
+        let out = run(&[1.0, 3.0], 10, 1e-8, &[&x1, &x2]);
+        let rn = (N as f64).sqrt();
+        let scale = 0.25 * a as f64 * rn + 0.75 * b as f64 * rn;
+        let (theta, f) = (std::f64::consts::FRAC_PI_3, 0.75);
+        // μ = cos(fθ) e1 + sin(fθ) e2, entry by entry (x̂1 = 1/√n, x̂2 = ±1/√n).
+        let mu =
+            |s: f64| ((f * theta).cos() + (f * theta).sin() * (s - theta.cos()) / theta.sin()) / rn;
+        let (mp, mm) = (scale * mu(1.0), scale * mu(-1.0));
+        let (mut worst, mut at) = (0.0f64, 0);
+        for (e, &g) in out.values().unwrap().iter().enumerate() {
+            let want = if plus(e) { mp } else { mm };
+            let err = (g as f64 - want).abs() / want.abs();
+            if err > worst {
+                (worst, at) = (err, e);
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "worst relative error {worst:e} at entry {at}: got {}",
+            out.values().unwrap()[at]
+        );
+    }
 }
