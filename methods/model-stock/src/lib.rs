@@ -309,4 +309,56 @@ mod tests {
             Err(MethodError::ModelCount { .. })
         ));
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15): the angle between
+    /// task vectors over the whole [4096, 4096] tensor (per tensor, the
+    /// default). Base 0.25; `x1 = 0.25 + a` everywhere, `x2 = 0.25 + b` on
+    /// three entries of four and `0.25 − b` on the fourth (as f32). The task
+    /// vectors take three distinct values `d1`, `d2p`, `d2m` (the f32 values
+    /// minus 0.25, exact in f64), so `‖τ1‖² = n d1²`,
+    /// `‖τ2‖² = n (¾ d2p² + ¼ d2m²)`, `τ1·τ2 = n d1 (¾ d2p + ¼ d2m)`
+    /// (cos θ ≈ 1/2), `t = 2 cos θ / (1 + cos θ)` and every output is
+    /// `t (x1 + x2)/2 + (1 − t) 0.25`.
+    ///
+    /// Why f32 would fail: a running f32 sum of 2^24 such terms (one
+    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, which moves
+    /// cos θ, hence `t` (dt/dcos ≈ 0.9) and the outputs (≈ 0.26) by ~1e-5
+    /// and more, against a tolerance of 1e-6 relative (the f32 output itself
+    /// rounds by 1.5e-8). Checked: with the norms and dot products summed in
+    /// f32 this test fails, worst relative error 2.7e-4.
+    #[test]
+    fn precision_2_24_model_stock_whole_tensor_angle() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let (a, b) = (0.01f32, 0.0123f32);
+        let plus = |e: usize| e % 4 != 3;
+        let x2 = |e: usize| if plus(e) { 0.25 + b } else { 0.25 - b };
+        let base = ParamVector::from_vec(l.clone(), vec![0.25; N]).unwrap();
+        let m1 = ParamVector::from_vec(l.clone(), vec![0.25 + a; N]).unwrap();
+        let m2 = ParamVector::from_vec(l.clone(), (0..N).map(x2).collect()).unwrap();
+        let out = run(false, &base, &[&m1, &m2]);
+        let n = N as f64;
+        let d1 = (0.25 + a) as f64 - 0.25;
+        let (d2p, d2m) = ((0.25 + b) as f64 - 0.25, (0.25 - b) as f64 - 0.25);
+        let n1 = n * d1 * d1;
+        let n2 = n * (0.75 * d2p * d2p + 0.25 * d2m * d2m);
+        let cos = n * d1 * (0.75 * d2p + 0.25 * d2m) / (n1 * n2).sqrt();
+        let t = 2.0 * cos / (1.0 + cos);
+        let (mut worst, mut at) = (0.0f64, 0);
+        for (e, &g) in out.values().unwrap().iter().enumerate() {
+            let avg = ((0.25 + a) as f64 + x2(e) as f64) / 2.0;
+            let want = t * avg + (1.0 - t) * 0.25;
+            let err = (g as f64 - want).abs() / want.abs();
+            if err > worst {
+                (worst, at) = (err, e);
+            }
+        }
+        assert!(
+            worst < 1e-6,
+            "worst relative error {worst:e} at entry {at}: got {}",
+            out.values().unwrap()[at]
+        );
+    }
 }
