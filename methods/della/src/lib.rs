@@ -850,4 +850,73 @@ mod tests {
         let p = row_probabilities(&[1.0, 2.0], 0.9, 0.3);
         assert!((p[0] - 0.6).abs() < 1e-12 && p[1] == 1.0, "{p:?}");
     }
+
+    /// Precision on a tensor of 2^24 elements (issue #15): `rescale: true`
+    /// keeps the L1 norm of the whole [4096, 4096] task vector. With base 0
+    /// and every `|τ| = c` (signs alternating in a pattern), the factor is
+    /// exactly `Σ|τ| / Σ_kept |τ| = n / k`, `k` the number of kept entries,
+    /// which the output itself shows (kept entries are the non-zero ones).
+    /// So every kept entry must be `λ · τ · n/k` (della, normalised by its
+    /// one weight) or `λ · w · τ · n/k` (della_linear); the dropped ones are
+    /// the base, 0.
+    ///
+    /// Why f32 would fail: a running f32 sum of 2^24 terms `c = 0.0123`
+    /// comes out 17% high, and of the ≈ 0.3 · 2^24 kept terms by a different
+    /// share, so the factor is off by percents, against a tolerance of
+    /// 1e-6 relative on each kept
+    /// entry (f64 or exact sums give `n/k` to ~1e-16; the factor is stored
+    /// as f32, 6e-8). Checked: with `before`/`after` summed in f32 this test
+    /// fails, worst relative error 2.1e-1 with one accumulator each and
+    /// 4.3e-3 with 8 lanes. (`c = 0.01` at density 0.5 would guard badly:
+    /// running f32 sums of 2^24 and of 2^23 such terms are off by the same
+    /// share, −0.95%, so their ratio would come out nearly right.)
+    #[test]
+    fn precision_2_24_della_l1_rescale() {
+        const N: usize = 1 << 24;
+        let l = Arc::new(
+            Layout::new(vec![TensorInfo::new("w", vec![4096, 4096], DType::F32)]).unwrap(),
+        );
+        let c = 0.0123f32;
+        let tau = |e: usize| if e % 3 == 1 { -c } else { c };
+        let base = ParamVector::zeros(l.clone());
+        let x = ParamVector::from_vec(l.clone(), (0..N).map(tau).collect()).unwrap();
+        for (name, w, lambda, normalize) in
+            [("della", 1.0, 1.0, true), ("della_linear", 0.5, 0.8, false)]
+        {
+            let out = run_method(
+                name,
+                11,
+                &base,
+                &[&x],
+                &[(w, 0.3, 0.1)],
+                "true",
+                normalize,
+                lambda,
+            );
+            let v = out.values().unwrap();
+            let k = v.iter().filter(|v| **v != 0.0).count();
+            assert!(
+                (k as f64 / N as f64 - 0.3).abs() < 0.01,
+                "{name}: kept {k} of {N}"
+            );
+            let gain = lambda * if normalize { 1.0 } else { w } * N as f64 / k as f64;
+            let (mut worst, mut at) = (0.0f64, 0);
+            for (e, &g) in v.iter().enumerate() {
+                if g == 0.0 {
+                    continue;
+                }
+                let want = gain * tau(e) as f64;
+                let err = (g as f64 - want).abs() / want.abs();
+                if err > worst {
+                    (worst, at) = (err, e);
+                }
+            }
+            assert!(
+                worst < 1e-6,
+                "{name}: worst relative error {worst:e} at entry {at}: got {}, factor n/k = {}",
+                v[at],
+                N as f64 / k as f64
+            );
+        }
+    }
 }
