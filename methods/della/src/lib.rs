@@ -862,14 +862,15 @@ mod tests {
     ///
     /// Why f32 would fail: a running f32 sum of 2^24 terms `c = 0.0123`
     /// comes out 17% high, and of the ≈ 0.3 · 2^24 kept terms by a different
-    /// share, so the factor is off by percents, against a tolerance of
-    /// 1e-6 relative on each kept
-    /// entry (f64 or exact sums give `n/k` to ~1e-16; the factor is stored
-    /// as f32, 6e-8). Checked: with `before`/`after` summed in f32 this test
-    /// fails, worst relative error 2.1e-1 with one accumulator each and
-    /// 4.3e-3 with 8 lanes. (`c = 0.01` at density 0.5 would guard badly:
-    /// running f32 sums of 2^24 and of 2^23 such terms are off by the same
-    /// share, −0.95%, so their ratio would come out nearly right.)
+    /// share, so the factor is off by percents, against a tolerance of 1e-6
+    /// relative on each kept entry (f64 or exact sums give `n/k` to ~1e-16;
+    /// the factor is stored as f32, 6e-8). Checked: with the two L1 norms
+    /// summed in f32 this test fails, worst relative error 2.1e-1 with one
+    /// accumulator each (4.3e-3 with 8 lanes), and 1.1e-2 in the chunked run
+    /// with an f32 sum per chunk of 2^20 entries, the chunks' sums added
+    /// exactly. (`c = 0.01` at density 0.5 would guard badly: running f32
+    /// sums of 2^24 and of 2^23 such terms are off by the same share,
+    /// −0.95%, so their ratio would come out nearly right.)
     #[test]
     fn precision_2_24_della_l1_rescale() {
         const N: usize = 1 << 24;
@@ -880,19 +881,29 @@ mod tests {
         let tau = |e: usize| if e % 3 == 1 { -c } else { c };
         let base = ParamVector::zeros(l.clone());
         let x = ParamVector::from_vec(l.clone(), (0..N).map(tau).collect()).unwrap();
-        for (name, w, lambda, normalize) in
-            [("della", 1.0, 1.0, true), ("della_linear", 0.5, 0.8, false)]
-        {
-            let out = run_method(
-                name,
-                11,
-                &base,
-                &[&x],
-                &[(w, 0.3, 0.1)],
-                "true",
-                normalize,
-                lambda,
-            );
+        // Whole tensor, and in 16 chunks of 256 rows (the norms then add up
+        // across chunks, as when the engine streams a tensor).
+        for (name, w, lambda, normalize, chunk) in [
+            ("della", 1.0, 1.0, true, usize::MAX),
+            ("della_linear", 0.5, 0.8, false, 1 << 20),
+        ] {
+            let m = registry().get(name).unwrap();
+            let g = vec![
+                ("rescale", "true".into()),
+                ("normalize", normalize.into()),
+                ("lambda", lambda.into()),
+            ];
+            let per = vec![vec![
+                ("weight", w.into()),
+                ("density", 0.3.into()),
+                ("epsilon", 0.1.into()),
+            ]];
+            let out = Merge::new(m, g, per)
+                .unwrap()
+                .seed(11)
+                .chunk_len(chunk)
+                .run(Some(&base), &[&x])
+                .unwrap();
             let v = out.values().unwrap();
             let k = v.iter().filter(|v| **v != 0.0).count();
             assert!(
