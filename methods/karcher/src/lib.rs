@@ -375,7 +375,7 @@ mod tests {
     /// `e1 = x̂1`, `e2 = (x̂2 − cos θ x̂1)/sin θ`: two distinct values.
     ///
     /// Why f32 would fail: a running f32 sum of 2^24 terms a² or b² (one
-    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, so the scale
+    /// accumulator, or 8 or 16 lanes) is off by 0.6% to 14%, so the scale
     /// and every output are off by ~0.3% and more (and the unit vectors are
     /// not unit), against a tolerance of 1e-6 relative. Checked: this test
     /// fails with the models' norms summed in f32 (worst relative error

@@ -321,7 +321,7 @@ mod tests {
     /// `t (x1 + x2)/2 + (1 − t) 0.25`.
     ///
     /// Why f32 would fail: a running f32 sum of 2^24 such terms (one
-    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, which moves
+    /// accumulator, or 8 or 16 lanes) is off by 0.6% to 14%, which moves
     /// cos θ, hence `t` (dt/dcos ≈ 0.9) and the outputs (≈ 0.26) by ~1e-5
     /// and more, against a tolerance of 1e-6 relative (the f32 output itself
     /// rounds by 1.5e-8). Checked: with the norms and dot products summed in

@@ -339,7 +339,7 @@ mod tests {
     /// `(¼ n1 + ¾ n2) · m± / ‖m‖`.
     ///
     /// Why f32 would fail: a running f32 sum of 2^24 terms a² or b² (one
-    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, so the norms,
+    /// accumulator, or 8 or 16 lanes) is off by 0.6% to 14%, so the norms,
     /// hence the scale `Σ w_i n_i` and every output, are off by ~0.3% and
     /// more, against a tolerance of 1e-6 relative. Checked: with the models'
     /// norms and `‖m‖` summed in f32 this test fails, worst relative error

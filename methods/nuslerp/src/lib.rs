@@ -392,7 +392,7 @@ mod tests {
     /// at `t = w1/(w0+w1) = 1/3`.
     ///
     /// Why f32 would fail: a running f32 sum of 2^24 such terms (one
-    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14%, which moves the
+    /// accumulator, or 8 or 16 lanes) is off by 0.6% to 14%, which moves the
     /// angle and the outputs (≈ 0.51) by ~1e-5 and more, against a tolerance
     /// of 1e-6 relative (5e-7 absolute; the f32 output itself rounds by
     /// 3e-8). Checked: with the three accumulators in f32 this test fails,

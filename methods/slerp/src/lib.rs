@@ -325,7 +325,7 @@ mod tests {
     ///
     /// Why f32 would fail: a running f32 sum stops resolving the terms once
     /// it reaches about 2^24 of them. Summing these 2^24 terms in f32 (one
-    /// accumulator, or 8 or 16 lanes) is off by 0.7% to 14% (Σa²: +14%, Σb²:
+    /// accumulator, or 8 or 16 lanes) is off by 0.6% to 14% (Σa²: +14%, Σb²:
     /// −11%, the dot: −0.7%, one accumulator), which moves cos θ and every
     /// output by orders of magnitude more than the tolerance, 1e-6 relative
     /// (f64 sums are off by at most about 2^24 · 2^-53 ≈ 2e-9). Checked: with
