@@ -45,8 +45,9 @@
 //! - `weight` defaults to 1.0 (mergekit requires it); `int8_mask` is accepted
 //!   and has no effect; a zero weight sum with `normalize` on `breadcrumbs`
 //!   is an error naming the tensor (mergekit silently divides by 1).
-//! - The trim needs whole tensors (`chunkable() = false`): memory is bounded
-//!   by the largest tensor, not the model.
+//! - Tensors are merged in chunks: a per-tensor pass ([`trim::pass`]) finds
+//!   each model's rank window by exact streaming top-k and, with `rescale`,
+//!   the L1 norms, so memory does not grow with the tensor.
 #![deny(missing_docs)]
 
 pub mod trim;
@@ -54,7 +55,7 @@ pub mod trim;
 use tensormerge_methods::ops::{self, Combine, Consensus, Rule};
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Params,
-    TensorContext, register_method,
+    StatsPass, TensorContext, register_method,
 };
 
 /// `breadcrumbs` (linear sum of the masked task vectors).
@@ -162,14 +163,7 @@ fn run(
         normalize: t.global.bool("normalize")?,
         rule,
     };
-    trim::merge_trimmed(
-        info.name,
-        chunk,
-        &windows(t)?,
-        t.global.bool("rescale")?,
-        &combine,
-        out,
-    )
+    trim::merge_trimmed(info.name, chunk, &windows(t)?, &combine, out)
 }
 
 fn zero_keep_warnings(name: &str, t: &TensorContext<'_>) -> Vec<String> {
@@ -193,9 +187,9 @@ impl MergeMethod for Breadcrumbs {
         &INFO
     }
 
-    /// The rank window needs the whole tensor.
-    fn chunkable(&self) -> bool {
-        false
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        let rescale = tensor.global.bool("rescale").ok()?;
+        trim::pass(INFO.name, tensor, &windows(tensor).ok()?, rescale)
     }
 
     fn tensor_warnings(&self, tensor: &TensorContext<'_>, _has_aux: &[bool]) -> Vec<String> {
@@ -212,9 +206,9 @@ impl MergeMethod for BreadcrumbsTies {
         &INFO_TIES
     }
 
-    /// The rank window needs the whole tensor.
-    fn chunkable(&self) -> bool {
-        false
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        let rescale = tensor.global.bool("rescale").ok()?;
+        trim::pass(INFO_TIES.name, tensor, &windows(tensor).ok()?, rescale)
     }
 
     fn tensor_warnings(&self, tensor: &TensorContext<'_>, _has_aux: &[bool]) -> Vec<String> {

@@ -34,15 +34,16 @@
 //! (its `magnitude` sparsification, which asserts that at least one entry is
 //! kept); here `floor(d · n) = 0` keeps nothing of that tensor and is
 //! reported as a warning. `weight` defaults to 1.0; `int8_mask` is accepted
-//! and has no effect. Whole tensors are trimmed at once (`chunkable() =
-//! false`), so memory is bounded by the largest tensor.
+//! and has no effect. Tensors are merged in chunks after a per-tensor pass
+//! (the exact streaming top-k of `tensormerge_method_breadcrumbs::trim::pass`,
+//! and the L1 norms with `rescale`), so memory does not grow with the tensor.
 #![deny(missing_docs)]
 
 use tensormerge_method_breadcrumbs::trim;
 use tensormerge_methods::ops::{self, Combine, Rule};
 use tensormerge_methods::{
     BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    TensorContext, register_method,
+    StatsPass, TensorContext, register_method,
 };
 
 /// The `magnitude_prune` method.
@@ -105,9 +106,9 @@ impl MergeMethod for MagnitudePrune {
         &INFO
     }
 
-    /// The top-k needs the whole tensor.
-    fn chunkable(&self) -> bool {
-        false
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        let rescale = tensor.global.bool("rescale").ok()?;
+        trim::pass(INFO.name, tensor, &windows(tensor).ok()?, rescale)
     }
 
     fn tensor_warnings(&self, t: &TensorContext<'_>, _has_aux: &[bool]) -> Vec<String> {
@@ -135,14 +136,7 @@ impl MergeMethod for MagnitudePrune {
             normalize: t.global.bool("normalize")?,
             rule: Rule::Linear,
         };
-        trim::merge_trimmed(
-            INFO.name,
-            chunk,
-            &windows(t)?,
-            t.global.bool("rescale")?,
-            &combine,
-            out,
-        )
+        trim::merge_trimmed(INFO.name, chunk, &windows(t)?, &combine, out)
     }
 }
 

@@ -37,16 +37,18 @@
 //! Differences from mergekit: variances are computed in `f64` and ranked as
 //! `f32` with the exact tie-broken top-k of
 //! [`ops::TopK`](tensormerge_methods::ops::TopK) (equal variances: lower
-//! index first) instead of `torch.topk`; `int8_mask` has no effect. Whole
-//! tensors are merged at once (`chunkable() = false`): memory is bounded by
-//! the largest tensor.
+//! index first) instead of `torch.topk`; `int8_mask` has no effect. Tensors
+//! are merged in chunks after a per-tensor pass (count of non-zero
+//! variances, the streaming top-k, the energies), so memory does not grow
+//! with the tensor.
 #![deny(missing_docs)]
 
-use tensormerge_method_breadcrumbs::trim;
-use tensormerge_methods::ops::{self, ExactSum, magnitude_key};
+use std::sync::Arc;
+
+use tensormerge_methods::ops::{self, BLOCK, ChunkTopK, ExactSum, Selection, TopK, magnitude_key};
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// The `sce` method.
@@ -73,14 +75,225 @@ static INFO: MethodInfo = MethodInfo {
     params: PARAMS,
 };
 
+/// The variance keys of entries `start..start + keys.len()`: `var_e`
+/// (arXiv:2408.07990 §3.3) in `f64`, ranked as the [`magnitude_key`] of its
+/// `f32` value. Block by block over the models, so that the loops vectorise
+/// (the additions per entry are in model order, as a per-entry loop's).
+/// On x86-64 CPUs with AVX2 the same code is compiled for AVX2 and chosen at
+/// run time: the same IEEE operations in the same order, so the same keys.
+fn var_keys(models: &[&[f32]], base: &[f32], start: usize, keys: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { var_keys_avx2(models, base, start, keys) };
+        return;
+    }
+    var_keys_body(models, base, start, keys)
+}
+
+/// [`var_keys`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn var_keys_avx2(models: &[&[f32]], base: &[f32], start: usize, keys: &mut [u32]) {
+    var_keys_body(models, base, start, keys)
+}
+
+#[inline(always)]
+fn var_keys_body(models: &[&[f32]], base: &[f32], start: usize, keys: &mut [u32]) {
+    let m = models.len() as f64;
+    for (at, keys) in (start..).step_by(BLOCK).zip(keys.chunks_mut(BLOCK)) {
+        let n = keys.len();
+        let b = &base[at..at + n];
+        let (mut mean, mut var) = ([0.0f64; BLOCK], [0.0f64; BLOCK]);
+        let (mean, var) = (&mut mean[..n], &mut var[..n]);
+        for x in models {
+            for ((s, &x), &b) in mean.iter_mut().zip(&x[at..at + n]).zip(b) {
+                *s += x as f64 - b as f64;
+            }
+        }
+        mean.iter_mut().for_each(|s| *s /= m);
+        for x in models {
+            for (((v, &x), &b), &mu) in var.iter_mut().zip(&x[at..at + n]).zip(b).zip(&*mean) {
+                let d = (x as f64 - b as f64) - mu;
+                *v += d * d;
+            }
+        }
+        for (k, &v) in keys.iter_mut().zip(&*var) {
+            *k = magnitude_key((v / m) as f32);
+        }
+    }
+}
+
+/// What the per-tensor pass of `sce` finds: the selection of entries (over
+/// the variance keys; `None` keeps every entry) and the model weights `w_i`.
+struct Selected {
+    selection: Option<Selection>,
+    weights: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Counting the non-zero variances (they set `k`).
+    Count,
+    /// Selecting the `k` largest variances (a [`ChunkTopK`]), from sweep `.0`.
+    Select(usize),
+    /// Summing `‖τ̂_i‖²` over the selected entries.
+    Energy,
+    Done,
+}
+
+/// The per-tensor pass: a sweep counting the non-zero variances, the exact
+/// top-k of the variance keys (usually one sweep), and a sweep summing each
+/// model's energy over the selected entries exactly ([`ExactSum`]); the
+/// tensor is then merged in chunks.
+struct SelectPass {
+    topk: f64,
+    n: usize,
+    phase: Phase,
+    nonzero: u64,
+    select: Option<ChunkTopK>,
+    selection: Option<Selection>,
+    energy: Vec<ExactSum>,
+    keys: Box<[u32; BLOCK]>,
+}
+
+impl StatsPass for SelectPass {
+    fn sweeps(&self) -> usize {
+        TopK::SWEEPS_ONE_SEGMENT + 2
+    }
+
+    fn done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        let models = chunk.models;
+        match self.phase {
+            Phase::Count => {
+                for start in (0..base.len()).step_by(BLOCK) {
+                    let keys = &mut self.keys[..BLOCK.min(base.len() - start)];
+                    var_keys(models, base, start, keys);
+                    self.nonzero += keys.iter().filter(|&&k| k != 0).count() as u64;
+                }
+            }
+            Phase::Select(first) => {
+                if let Some(top) = &mut self.select {
+                    top.observe(sweep - first, chunk.offset, base.len(), |_, start, keys| {
+                        var_keys(models, base, start, keys)
+                    });
+                }
+            }
+            Phase::Energy => {
+                for start in (0..base.len()).step_by(BLOCK) {
+                    let keys = &mut self.keys[..BLOCK.min(base.len() - start)];
+                    if self.selection.is_some() {
+                        var_keys(models, base, start, keys);
+                    }
+                    for (j, &k) in keys.iter().enumerate() {
+                        let e = start + j;
+                        let kept = self
+                            .selection
+                            .as_ref()
+                            .is_none_or(|s| s.keeps("", (chunk.offset + e) as u64, k));
+                        if kept {
+                            for (x, s) in models.iter().zip(&mut self.energy) {
+                                let d = x[e] as f64 - base[e] as f64;
+                                s.add(d * d);
+                            }
+                        }
+                    }
+                }
+            }
+            Phase::Done => {}
+        }
+        Ok(())
+    }
+
+    fn end_sweep(&mut self, sweep: usize) -> Result<(), MethodError> {
+        let invalid = |message: String| MethodError::Invalid {
+            method: INFO.name.into(),
+            tensor: "<tensor>".into(),
+            message,
+        };
+        match self.phase {
+            Phase::Count => {
+                let k = ops::keep_count(self.topk, self.nonzero);
+                let top = ChunkTopK::new(vec![TopK::new(self.n as u64, k, true)], vec![0]);
+                self.phase = Phase::Select(sweep + 1);
+                self.select = Some(top);
+            }
+            Phase::Select(first) => {
+                if let Some(top) = &mut self.select {
+                    top.end_sweep(sweep - first).map_err(invalid)?;
+                }
+            }
+            Phase::Energy => self.phase = Phase::Done,
+            Phase::Done => {}
+        }
+        // A selection known (also before its first sweep, when `k` keeps
+        // all or nothing): the energy sweep is next.
+        if matches!(self.phase, Phase::Select(_))
+            && let Some(sel) = self.select.as_ref().and_then(ChunkTopK::selections)
+        {
+            self.selection = sel.into_iter().next();
+            self.phase = Phase::Energy;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        if self.phase != Phase::Done {
+            return Err(MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: "<tensor>".into(),
+                message: "the selection pass did not finish".into(),
+            });
+        }
+        // Calculate: η_i = ‖τ̂_i‖² / n, normalised.
+        let m = self.energy.len();
+        let eta: Vec<f64> = self
+            .energy
+            .iter()
+            .map(|s| s.value() / self.n.max(1) as f64)
+            .collect();
+        let total: f64 = eta.iter().sum();
+        let weights = if total == 0.0 {
+            vec![1.0 / m as f64; m]
+        } else {
+            eta.iter().map(|e| e / total).collect()
+        };
+        Ok(Arc::new(Selected {
+            selection: self.selection,
+            weights,
+        }))
+    }
+}
+
 impl MergeMethod for Sce {
     fn info(&self) -> &'static MethodInfo {
         &INFO
     }
 
-    /// Selection and weights need the whole tensor.
-    fn chunkable(&self) -> bool {
-        false
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        let topk = tensor.global.f64("select_topk").ok()?;
+        Some(Box::new(SelectPass {
+            topk,
+            n: tensor.numel(),
+            // select_topk ≥ 1 keeps every entry: no selection sweeps.
+            phase: if topk < 1.0 {
+                Phase::Count
+            } else {
+                Phase::Energy
+            },
+            nonzero: 0,
+            select: None,
+            selection: None,
+            energy: (0..tensor.models.len()).map(|_| ExactSum::new()).collect(),
+            keys: Box::new([0; BLOCK]),
+        }))
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
@@ -88,63 +301,34 @@ impl MergeMethod for Sce {
         let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
             method: INFO.name.into(),
         })?;
-        let (models, n) = (chunk.models, base.len());
-        let m = models.len();
+        let stats = chunk
+            .tensor_stats
+            .and_then(|s| s.downcast_ref::<Selected>())
+            .ok_or_else(|| MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: t.name.into(),
+                message: "the selection pass did not run".into(),
+            })?;
+        let models = chunk.models;
         let tau = |i: usize, e: usize| models[i][e] as f64 - base[e] as f64;
-        let var_key = |e: usize| {
-            let mean = (0..m).map(|i| tau(i, e)).sum::<f64>() / m as f64;
-            let var = (0..m).map(|i| (tau(i, e) - mean).powi(2)).sum::<f64>() / m as f64;
-            magnitude_key(var as f32)
-        };
-
-        // Select (arXiv:2408.07990 §3.3): top-k variance mask.
-        let topk = t.global.f64("select_topk")?;
-        let mask: Vec<bool> = if topk < 1.0 {
-            // Each variance key once (the selection sweeps read them again).
-            let keys: Vec<u32> = (0..n).map(var_key).collect();
-            let nonzero = keys.iter().filter(|&&k| k != 0).count() as u64;
-            let k = ops::keep_count(topk, nonzero);
-            let keys_at = |start: usize, out: &mut [u32]| {
-                out.copy_from_slice(&keys[start..start + out.len()]);
-            };
-            let selection =
-                trim::top_k(n, k, &keys_at).map_err(|message| MethodError::Invalid {
-                    method: INFO.name.into(),
-                    tensor: t.name.into(),
-                    message,
-                })?;
-            keys.iter()
-                .enumerate()
-                .map(|(e, &k)| selection.keeps("", e as u64, k))
-                .collect()
-        } else {
-            vec![true; n]
-        };
-
-        // Calculate: η_i = ‖τ̂_i‖² / n, normalised.
-        let eta: Vec<f64> = (0..m)
-            .map(|i| {
-                let mut s = ExactSum::new();
-                (0..n)
-                    .filter(|&e| mask[e])
-                    .for_each(|e| s.add(tau(i, e) * tau(i, e)));
-                s.value() / n.max(1) as f64
-            })
-            .collect();
-        let total: f64 = eta.iter().sum();
-        let w: Vec<f64> = if total == 0.0 {
-            vec![1.0 / m as f64; m]
-        } else {
-            eta.iter().map(|e| e / total).collect()
-        };
+        let w = &stats.weights;
 
         // Erase minority signs and merge.
+        let mut keys = [0u32; BLOCK];
         for (e, o) in out.iter_mut().enumerate() {
-            if !mask[e] {
+            if stats.selection.is_some() && e % BLOCK == 0 {
+                let n = BLOCK.min(base.len() - e);
+                var_keys(models, base, e, &mut keys[..n]);
+            }
+            let kept = stats
+                .selection
+                .as_ref()
+                .is_none_or(|s| s.keeps("", (chunk.offset + e) as u64, keys[e % BLOCK]));
+            if !kept {
                 *o = base[e];
                 continue;
             }
-            let positive = (0..m).map(|i| tau(i, e)).sum::<f64>() >= 0.0;
+            let positive = (0..models.len()).map(|i| tau(i, e)).sum::<f64>() >= 0.0;
             let (mut num, mut den) = (0.0f64, 0.0f64);
             for (i, wi) in w.iter().enumerate() {
                 let d = tau(i, e);

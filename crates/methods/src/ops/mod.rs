@@ -13,7 +13,8 @@
 //!   `f32` bit patterns refined in a second sweep (no sorting; memory below
 //!   the input's size), with ties at the threshold broken
 //!   by the lowest position. Its result, a [`Selection`], is applied chunk by
-//!   chunk.
+//!   chunk. [`ChunkTopK`] runs several of them from a per-tensor pass
+//!   (breadcrumbs, magnitude pruning, SCE).
 //! - [`Combine`]: the final combination of (sparsified) task vectors: the
 //!   linear sum of task arithmetic or the sign election and disjoint merge of
 //!   TIES ([`Consensus`]).
@@ -43,6 +44,7 @@
 /// Number of elements processed at a time by block-wise kernels.
 pub const BLOCK: usize = 1024;
 
+mod chunk_topk;
 mod combine;
 mod dare;
 mod rank;
@@ -50,6 +52,7 @@ mod sum;
 mod topk;
 mod weights;
 
+pub use chunk_topk::*;
 pub use combine::*;
 pub use dare::*;
 pub use rank::*;
