@@ -197,16 +197,19 @@ struct RowKeep {
     limit: Vec<u64>,
     /// `1 / p_r` as `f32` (`rescale: density`).
     inverse: Vec<f32>,
+    /// Whether `kept` needs `1 / p` (else it is given 1).
+    need_inverse: bool,
     ranks: RankOrder,
     keys: Vec<u32>,
     draws: Vec<u32>,
 }
 
 impl RowKeep {
-    fn new(density: f64, epsilon: f64) -> RowKeep {
+    fn new(density: f64, epsilon: f64, need_inverse: bool) -> RowKeep {
         RowKeep {
             density,
             epsilon,
+            need_inverse,
             len: usize::MAX,
             limit: Vec::new(),
             inverse: Vec::new(),
@@ -216,7 +219,8 @@ impl RowKeep {
         }
     }
 
-    /// Calls `kept(j, 1 / p)` for every kept entry `j` of one row of
+    /// Calls `kept(j, 1 / p)` (1 unless `need_inverse`) for every kept entry
+    /// `j` of one row of
     /// `x − b`, drawing one value per entry from `rng` in position order.
     #[inline]
     fn row(
@@ -244,10 +248,16 @@ impl RowKeep {
         self.draws.clear();
         self.draws.extend((0..len).map(|_| rng.next_u32()));
         let (draws, limit, inverse) = (&self.draws, &self.limit, &self.inverse);
-        for (r, &j) in self.ranks.order(&self.keys).iter().enumerate() {
-            if (draws[j as usize] as u64) < limit[r] {
-                kept(j as usize, inverse[r]);
+        if self.need_inverse {
+            for (r, &j) in self.ranks.order(&self.keys).iter().enumerate() {
+                if (draws[j as usize] as u64) < limit[r] {
+                    kept(j as usize, inverse[r]);
+                }
             }
+        } else {
+            // Only the decisions: most entries need no exact rank.
+            self.ranks
+                .keep_by_rank(&self.keys, draws, limit, |j| kept(j, 1.0));
         }
     }
 }
@@ -353,7 +363,7 @@ fn tensor_pass(t: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
     let rows: Vec<Option<RowKeep>> = densities(t)
         .ok()?
         .into_iter()
-        .map(|(d, e)| (d > 0.0 && d < 1.0).then(|| RowKeep::new(d, e)))
+        .map(|(d, e)| (d > 0.0 && d < 1.0).then(|| RowKeep::new(d, e, false)))
         .collect();
     if rows.iter().all(Option::is_none) {
         return None;
@@ -383,7 +393,6 @@ fn multipliers(
     i: usize,
     (d, eps): (f64, f64),
     rescale: Rescale,
-    kept: Option<&Kept>,
     mult: &mut Vec<f32>,
 ) {
     let (t, base, x) = (chunk.tensor, chunk.base.unwrap_or(&[]), chunk.models[i]);
@@ -397,18 +406,8 @@ fn multipliers(
     if d <= 0.0 {
         return;
     }
-    if let Some(k) = kept.filter(|_| rescale == Rescale::L1) {
-        let (bits, s) = (&k.bits[i], k.scale[i]);
-        for (e, m) in mult.iter_mut().enumerate() {
-            let at = chunk.offset + e;
-            if bits[at / 64] >> (at % 64) & 1 == 1 {
-                *m = s;
-            }
-        }
-        return;
-    }
     let row = row_len(t.shape);
-    let mut keep = RowKeep::new(d, eps);
+    let mut keep = RowKeep::new(d, eps, rescale == Rescale::Probability);
     let mut rng = t.rng(i, chunk.offset);
     for start in (0..n).step_by(row) {
         let end = (start + row).min(n);
@@ -450,18 +449,45 @@ fn run(
         ),
         None => None,
     };
+    // Models whose keep decisions the pass recorded read them as bits (the
+    // factor is the same for every kept entry); the others get multipliers.
+    let dens = densities(t)?;
+    let from_bits: Vec<Option<(&[u64], f64)>> = dens
+        .iter()
+        .enumerate()
+        .map(|(i, &(d, _))| {
+            kept.filter(|_| rescale == Rescale::L1 && d > 0.0 && d < 1.0)
+                .map(|k| (&k.bits[i][..], k.scale[i] as f64))
+        })
+        .collect();
     let mut mults = vec![Vec::new(); chunk.models.len()];
-    for (i, (m, d)) in mults.iter_mut().zip(densities(t)?).enumerate() {
-        multipliers(chunk, i, d, rescale, kept, m);
+    for (i, (m, d)) in mults.iter_mut().zip(dens).enumerate() {
+        if from_bits[i].is_none() {
+            multipliers(chunk, i, d, rescale, m);
+        }
     }
     ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
-        let (x, m) = (chunk.models[i], &mults[i]);
-        for (j, d) in buf.iter_mut().enumerate() {
-            let e = start + j;
-            *d = if m[e] == 0.0 {
+        let end = start + buf.len();
+        let (x, b) = (&chunk.models[i][start..end], &base[start..end]);
+        if let Some((bits, scale)) = from_bits[i] {
+            let at = chunk.offset + start;
+            for (j, ((d, &x), &b)) in buf.iter_mut().zip(x).zip(b).enumerate() {
+                let p = at + j;
+                let v = (x as f64 - b as f64) * scale;
+                *d = if (bits[p / 64] >> (p % 64)) & 1 == 1 {
+                    v
+                } else {
+                    0.0
+                };
+            }
+            return;
+        }
+        let m = &mults[i][start..end];
+        for (((d, &x), &b), &m) in buf.iter_mut().zip(x).zip(b).zip(m) {
+            *d = if m == 0.0 {
                 0.0
             } else {
-                (x[e] as f64 - base[e] as f64) * m[e] as f64
+                (x as f64 - b as f64) * m as f64
             };
         }
     });
