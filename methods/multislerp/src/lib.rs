@@ -44,9 +44,12 @@
 //! zero). Reductions are in `f64`.
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+
+use tensormerge_methods::ops::BLOCK;
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// The `multislerp` method.
@@ -88,14 +91,141 @@ static INFO: MethodInfo = MethodInfo {
     params: PARAMS,
 };
 
+/// The weights `w_i` of a tensor (divided by their sum when
+/// `normalize_weights`).
+fn weights(ctx: &TensorContext<'_>) -> Result<Vec<f64>, MethodError> {
+    let mut w = ctx
+        .models
+        .iter()
+        .map(|p| p.f64("weight"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ctx.global.bool("normalize_weights")? {
+        let s: f64 = w.iter().sum();
+        if s == 0.0 {
+            return Err(MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: ctx.name.into(),
+                message: "the weights sum to zero and `normalize_weights` is true".into(),
+            });
+        }
+        w.iter_mut().for_each(|x| *x /= s);
+    }
+    Ok(w)
+}
+
+/// `v_i` at entry `e` of a chunk.
+#[inline(always)]
+fn v(chunk: &Chunk<'_>, i: usize, e: usize) -> f64 {
+    chunk.models[i][e] as f64 - chunk.base.map_or(0.0, |b| b[e] as f64)
+}
+
+/// `Σ w_i u_i` for the entries `start..start + out.len()` of a chunk:
+/// model by model over a block, so that the loop vectorises (the terms of
+/// each entry are added in model order, as `Iterator::sum` adds them).
+fn means(chunk: &Chunk<'_>, w: &[f64], norms: &[f64], eps: f64, start: usize, out: &mut [f64]) {
+    let end = start + out.len();
+    for (i, x) in chunk.models.iter().enumerate() {
+        let (wi, d) = (w[i], norms[i] + eps);
+        let x = &x[start..end];
+        let term = |j: usize| {
+            let v = x[j] as f64 - chunk.base.map_or(0.0, |b| b[start + j] as f64);
+            wi * v / d
+        };
+        if i == 0 {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = term(j);
+            }
+        } else {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o += term(j);
+            }
+        }
+    }
+}
+
+/// What the pass finds: the weights, the norms `n_i`, `‖m‖` and `Σ w_i n_i`.
+struct Norms {
+    w: Vec<f64>,
+    norms: Vec<f64>,
+    mn: f64,
+    scale: f64,
+}
+
+/// The per-tensor pass: sweep 0 sums `‖v_i‖²`, sweep 1 `‖m‖²`, each as one
+/// running `f64` sum over the entries in order, carried from chunk to chunk,
+/// so the sums are those of one loop over the whole tensor (and the merge is
+/// element by element, in chunks).
+struct NormPass {
+    w: Vec<f64>,
+    eps: f64,
+    sq: Vec<f64>,
+    norms: Vec<f64>,
+    mn: f64,
+}
+
+impl StatsPass for NormPass {
+    fn sweeps(&self) -> usize {
+        2
+    }
+
+    fn observe(&mut self, sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let len = chunk.len();
+        if sweep == 0 {
+            // The models' running sums side by side: independent chains.
+            for e in 0..len {
+                for (i, s) in self.sq.iter_mut().enumerate() {
+                    let v = v(chunk, i, e);
+                    *s += v * v;
+                }
+            }
+        } else {
+            let mut m = [0.0f64; BLOCK];
+            for start in (0..len).step_by(BLOCK) {
+                let m = &mut m[..BLOCK.min(len - start)];
+                means(chunk, &self.w, &self.norms, self.eps, start, m);
+                for m in m.iter() {
+                    self.mn += m * m;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_sweep(&mut self, sweep: usize) -> Result<(), MethodError> {
+        if sweep == 0 {
+            self.norms = self.sq.iter().map(|s| s.sqrt()).collect();
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        let scale: f64 = self.w.iter().zip(&self.norms).map(|(a, b)| a * b).sum();
+        Ok(Arc::new(Norms {
+            w: self.w,
+            norms: self.norms,
+            mn: self.mn.sqrt(),
+            scale,
+        }))
+    }
+}
+
 impl MergeMethod for MultiSlerp {
     fn info(&self) -> &'static MethodInfo {
         &INFO
     }
 
-    /// The norms and the mean direction are properties of whole tensors.
-    fn chunkable(&self) -> bool {
-        false
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        if tensor.models.len() < 2 {
+            return None;
+        }
+        let m = tensor.models.len();
+        Some(Box::new(NormPass {
+            w: weights(tensor).ok()?,
+            eps: tensor.global.f64("eps").ok()?,
+            sq: vec![0.0; m],
+            norms: vec![0.0; m],
+            mn: 0.0,
+        }))
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
@@ -105,50 +235,31 @@ impl MergeMethod for MultiSlerp {
             return Ok(());
         }
         let eps = ctx.global.f64("eps")?;
-        let mut w = ctx
-            .models
-            .iter()
-            .map(|p| p.f64("weight"))
-            .collect::<Result<Vec<_>, _>>()?;
-        if ctx.global.bool("normalize_weights")? {
-            let s: f64 = w.iter().sum();
-            if s == 0.0 {
-                return Err(MethodError::Invalid {
-                    method: INFO.name.into(),
-                    tensor: ctx.name.into(),
-                    message: "the weights sum to zero and `normalize_weights` is true".into(),
-                });
+        weights(ctx)?; // the error, if any, of a pass that could not start
+        let st = chunk
+            .tensor_stats
+            .and_then(|s| s.downcast_ref::<Norms>())
+            .ok_or_else(|| MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: ctx.name.into(),
+                message: "the norm pass did not run".into(),
+            })?;
+        let (w, n) = (&st.w, chunk.models.len());
+        if st.mn < eps {
+            for (e, o) in out.iter_mut().enumerate() {
+                let r = (0..n).map(|i| w[i] * v(chunk, i, e)).sum::<f64>();
+                *o = (r + chunk.base.map_or(0.0, |b| b[e] as f64)) as f32;
             }
-            w.iter_mut().for_each(|x| *x /= s);
+            return Ok(());
         }
-        let base = chunk.base;
-        let v = |i: usize, e: usize| chunk.models[i][e] as f64 - base.map_or(0.0, |b| b[e] as f64);
-        let n = chunk.models.len();
-        let norms: Vec<f64> = (0..n)
-            .map(|i| {
-                (0..out.len())
-                    .map(|e| v(i, e) * v(i, e))
-                    .sum::<f64>()
-                    .sqrt()
-            })
-            .collect();
-        let mean = |e: usize| {
-            (0..n)
-                .map(|i| w[i] * v(i, e) / (norms[i] + eps))
-                .sum::<f64>()
-        };
-        let mn = (0..out.len())
-            .map(|e| mean(e) * mean(e))
-            .sum::<f64>()
-            .sqrt();
-        let scale: f64 = w.iter().zip(&norms).map(|(a, b)| a * b).sum();
-        for (e, o) in out.iter_mut().enumerate() {
-            let r = if mn < eps {
-                (0..n).map(|i| w[i] * v(i, e)).sum::<f64>()
-            } else {
-                scale * mean(e) / mn
-            };
-            *o = (r + base.map_or(0.0, |b| b[e] as f64)) as f32;
+        let mut m = [0.0f64; BLOCK];
+        for (start, out) in (0..out.len()).step_by(BLOCK).zip(out.chunks_mut(BLOCK)) {
+            let m = &mut m[..out.len()];
+            means(chunk, w, &st.norms, eps, start, m);
+            for (j, (o, m)) in out.iter_mut().zip(m.iter()).enumerate() {
+                let r = st.scale * m / st.mn;
+                *o = (r + chunk.base.map_or(0.0, |b| b[start + j] as f64)) as f32;
+            }
         }
         Ok(())
     }
