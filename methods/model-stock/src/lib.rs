@@ -44,9 +44,11 @@
 //! vector counts as orthogonal.
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// The `model_stock` method.
@@ -70,41 +72,97 @@ static INFO: MethodInfo = MethodInfo {
     params: PARAMS,
 };
 
-/// Model Stock on one group of elements (a whole tensor or one row).
-fn merge_group(base: &[f32], models: &[&[f32]], out: &mut [f32]) {
-    let n = models.len();
-    let mut norms = vec![0.0f64; n];
-    let mut dots = vec![0.0f64; n * n];
-    for e in 0..base.len() {
-        let b = base[e] as f64;
+/// The sums of squares `‖τ_i‖²` and dot products `τ_i·τ_j` (`i < j`) of
+/// a group of elements (a whole tensor or one row), each a running `f64`
+/// sum over the entries in order, which a pass carries from chunk to chunk.
+#[derive(Debug, Clone)]
+struct Sums {
+    n: usize,
+    norms: Vec<f64>,
+    dots: Vec<f64>,
+}
+
+impl Sums {
+    fn new(n: usize) -> Sums {
+        Sums {
+            n,
+            norms: vec![0.0; n],
+            dots: vec![0.0; n * n],
+        }
+    }
+
+    #[allow(clippy::needless_range_loop)] // pairs (i, j) of models index two ways
+    fn add(&mut self, base: &[f32], models: &[&[f32]]) {
+        let n = self.n;
+        for e in 0..base.len() {
+            let b = base[e] as f64;
+            for i in 0..n {
+                let di = models[i][e] as f64 - b;
+                self.norms[i] += di * di;
+                for j in i + 1..n {
+                    self.dots[i * n + j] += di * (models[j][e] as f64 - b);
+                }
+            }
+        }
+    }
+
+    /// The interpolation ratio `t = N cos θ / (1 + (N − 1) cos θ)` with the
+    /// mean pairwise cosine (arXiv:2403.19522, eq. 5).
+    fn ratio(&self) -> f64 {
+        let n = self.n;
+        let (norms, dots) = (&self.norms, &self.dots);
+        let mut sum = 0.0;
+        let mut pairs = 0usize;
         for i in 0..n {
-            let di = models[i][e] as f64 - b;
-            norms[i] += di * di;
             for j in i + 1..n {
-                dots[i * n + j] += di * (models[j][e] as f64 - b);
+                // sqrt(n_i · n_j) (not sqrt(n_i) · sqrt(n_j)): for identical task
+                // vectors it is exactly the dot product, so cos θ = 1 and t = 1.
+                // A zero task vector counts as orthogonal (see the crate docs).
+                let denom = (norms[i] * norms[j]).sqrt();
+                if denom > 0.0 {
+                    sum += (dots[i * n + j] / denom).clamp(-1.0, 1.0);
+                }
+                pairs += 1;
             }
         }
+        let cos = (sum / pairs.max(1) as f64).clamp(0.0, 1.0);
+        n as f64 * cos / (1.0 + (n as f64 - 1.0) * cos)
     }
-    let mut sum = 0.0;
-    let mut pairs = 0usize;
-    for i in 0..n {
-        for j in i + 1..n {
-            // sqrt(n_i · n_j) (not sqrt(n_i) · sqrt(n_j)): for identical task
-            // vectors it is exactly the dot product, so cos θ = 1 and t = 1.
-            // A zero task vector counts as orthogonal (see the crate docs).
-            let denom = (norms[i] * norms[j]).sqrt();
-            if denom > 0.0 {
-                sum += (dots[i * n + j] / denom).clamp(-1.0, 1.0);
-            }
-            pairs += 1;
-        }
-    }
-    let cos = (sum / pairs.max(1) as f64).clamp(0.0, 1.0);
-    let t = n as f64 * cos / (1.0 + (n as f64 - 1.0) * cos);
+}
+
+/// `t · avg + (1 − t) · b` over a group of elements.
+fn apply(t: f64, base: &[f32], models: &[&[f32]], out: &mut [f32]) {
+    let n = models.len();
     for (e, o) in out.iter_mut().enumerate() {
         let avg = models.iter().map(|m| m[e] as f64).sum::<f64>() / n as f64;
         *o = (t * avg + (1.0 - t) * base[e] as f64) as f32;
     }
+}
+
+/// The whole-tensor angle: one sweep summing [`Sums`] over the chunks in
+/// order, so that the tensor is merged in chunks.
+struct AnglePass(Sums);
+
+impl StatsPass for AnglePass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        self.0.add(base, chunk.models);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        Ok(Arc::new(self.0.ratio()))
+    }
+}
+
+/// The row length of `filter_wise` tensors (`None`: per tensor).
+fn rows(t: &TensorContext<'_>) -> Result<Option<usize>, MethodError> {
+    Ok(match (t.global.bool("filter_wise")?, t.shape) {
+        (true, [.., last]) if *last > 0 => Some(*last),
+        _ => None,
+    })
 }
 
 impl MergeMethod for ModelStock {
@@ -112,9 +170,22 @@ impl MergeMethod for ModelStock {
         &INFO
     }
 
-    /// The angle is a property of the whole tensor (or of whole rows).
-    fn chunkable(&self) -> bool {
-        false
+    /// With `filter_wise`, chunks of whole rows (each row has its own
+    /// angle); else any chunks, after the per-tensor pass.
+    fn chunk_multiple(&self, shape: &[usize]) -> usize {
+        // `filter_wise` is not known here: whole rows either way (a tensor's
+        // chunks then hold whole rows, which the per-tensor form ignores).
+        match shape {
+            [.., last] if *last > 0 => *last,
+            _ => 1,
+        }
+    }
+
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        match rows(tensor).ok()? {
+            Some(_) => None,
+            None => Some(Box::new(AnglePass(Sums::new(tensor.models.len())))),
+        }
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
@@ -128,14 +199,24 @@ impl MergeMethod for ModelStock {
                 got: chunk.models.len(),
             });
         }
-        let row = match (chunk.tensor.global.bool("filter_wise")?, chunk.tensor.shape) {
-            (true, [.., last]) if *last > 0 => *last,
-            _ => base.len().max(1),
+        let Some(row) = rows(chunk.tensor)? else {
+            let t = chunk
+                .tensor_stats
+                .and_then(|s| s.downcast_ref::<f64>())
+                .ok_or_else(|| MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: chunk.tensor.name.into(),
+                    message: "the angle pass did not run".into(),
+                })?;
+            apply(*t, base, chunk.models, out);
+            return Ok(());
         };
         for (start, o) in (0..base.len()).step_by(row).zip(out.chunks_mut(row)) {
             let end = start + o.len();
             let models: Vec<&[f32]> = chunk.models.iter().map(|m| &m[start..end]).collect();
-            merge_group(&base[start..end], &models, o);
+            let mut sums = Sums::new(models.len());
+            sums.add(&base[start..end], &models);
+            apply(sums.ratio(), &base[start..end], &models, o);
         }
         Ok(())
     }
