@@ -26,15 +26,33 @@
 //! ```
 #![deny(missing_docs)]
 
-use tensormerge_methods::{Chunk, Merge, MethodError, ParamValue, TensorContext, registry};
+use tensormerge_methods::{
+    Chunk, Merge, MethodError, ParamValue, Stats, StatsPass, TensorContext, registry,
+};
 
+use tensormerge_method_breadcrumbs as _;
 use tensormerge_method_dare as _;
+use tensormerge_method_della as _;
+use tensormerge_method_fisher as _;
+use tensormerge_method_karcher as _;
 use tensormerge_method_linear as _;
+use tensormerge_method_magnitude_prune as _;
+use tensormerge_method_model_stock as _;
+use tensormerge_method_multislerp as _;
+use tensormerge_method_nearswap as _;
+use tensormerge_method_nuslerp as _;
+use tensormerge_method_passthrough as _;
+use tensormerge_method_sce as _;
+use tensormerge_method_slerp as _;
 use tensormerge_method_task_arithmetic as _;
 use tensormerge_method_ties as _;
 
 /// Elements per tensor in the benchmarks (16M).
 pub const NUMEL: usize = 16 * 1024 * 1024;
+
+/// Row length of the benchmarked tensor (shape `[NUMEL / ROW, ROW]`), for
+/// the methods that work row by row (DELLA's ranks).
+pub const ROW: usize = 1024;
 
 /// One base and several models of one tensor, with deterministic
 /// pseudo-random values (fine-tunes = base + small deltas).
@@ -72,9 +90,15 @@ impl Inputs {
 
     /// The yardstick: copies every input into `dst` (`bytes()` long).
     pub fn copy_into(&self, dst: &mut [f32]) {
+        self.copy_first_into(self.models.len(), dst)
+    }
+
+    /// The yardstick of a case merging the first `k` models: copies the
+    /// base and those models into `dst`.
+    pub fn copy_first_into(&self, k: usize, dst: &mut [f32]) {
         let n = self.base.len();
         dst[..n].copy_from_slice(&self.base);
-        for (i, m) in self.models.iter().enumerate() {
+        for (i, m) in self.models[..k].iter().enumerate() {
             dst[(i + 1) * n..(i + 2) * n].copy_from_slice(m);
         }
     }
@@ -91,8 +115,14 @@ pub struct Case {
     pub global: &'static [(&'static str, f64)],
     /// Per-model parameters (every model).
     pub per_model: &'static [(&'static str, f64)],
-    /// Minimum throughput ratio to the memory copy.
+    /// Minimum throughput ratio to the memory copy (for the methods without
+    /// a target of their own: a floor about half the measured ratio, so that
+    /// a regression in the kernel shows).
     pub target: f64,
+    /// Models merged (0: all of the inputs'; the two-model methods take 1).
+    pub models: usize,
+    /// Each model is its own auxiliary tensor (`fisher`).
+    pub self_aux: bool,
 }
 
 /// The benchmarked configurations.
@@ -103,6 +133,8 @@ pub const CASES: &[Case] = &[
         global: &[],
         per_model: &[],
         target: 0.5,
+        models: 0,
+        self_aux: false,
     },
     Case {
         label: "task_arithmetic",
@@ -110,6 +142,8 @@ pub const CASES: &[Case] = &[
         global: &[("lambda", 0.5)],
         per_model: &[],
         target: 0.5,
+        models: 0,
+        self_aux: false,
     },
     Case {
         label: "ties d=0.2",
@@ -117,6 +151,8 @@ pub const CASES: &[Case] = &[
         global: &[],
         per_model: &[("density", 0.2)],
         target: 0.2,
+        models: 0,
+        self_aux: false,
     },
     Case {
         label: "dare_linear d=0.5",
@@ -124,6 +160,8 @@ pub const CASES: &[Case] = &[
         global: &[],
         per_model: &[("density", 0.5)],
         target: 0.2,
+        models: 0,
+        self_aux: false,
     },
     Case {
         label: "dare_ties d=0.5",
@@ -131,6 +169,134 @@ pub const CASES: &[Case] = &[
         global: &[],
         per_model: &[("density", 0.5)],
         target: 0.2,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "magnitude_prune d=0.2",
+        method: "magnitude_prune",
+        global: &[],
+        per_model: &[("density", 0.2)],
+        target: 0.15,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "breadcrumbs d=0.2",
+        method: "breadcrumbs",
+        global: &[],
+        per_model: &[("density", 0.2)],
+        target: 0.12,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "breadcrumbs_ties d=0.2",
+        method: "breadcrumbs_ties",
+        global: &[],
+        per_model: &[("density", 0.2)],
+        target: 0.1,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "della d=0.2",
+        method: "della",
+        global: &[],
+        per_model: &[("density", 0.2)],
+        target: 0.015,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "della_linear d=0.2",
+        method: "della_linear",
+        global: &[],
+        per_model: &[("density", 0.2)],
+        target: 0.015,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "sce topk=0.2",
+        method: "sce",
+        global: &[("select_topk", 0.2)],
+        per_model: &[],
+        target: 0.03,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "model_stock",
+        method: "model_stock",
+        global: &[],
+        per_model: &[],
+        target: 0.05,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "multislerp",
+        method: "multislerp",
+        global: &[],
+        per_model: &[("weight", 1.0)],
+        target: 0.08,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "karcher",
+        method: "karcher",
+        global: &[],
+        per_model: &[],
+        target: 0.04,
+        models: 0,
+        self_aux: false,
+    },
+    Case {
+        label: "fisher (self)",
+        method: "fisher",
+        global: &[],
+        per_model: &[("weight", 1.0)],
+        target: 0.07,
+        models: 0,
+        self_aux: true,
+    },
+    Case {
+        label: "nuslerp",
+        method: "nuslerp",
+        global: &[],
+        per_model: &[("weight", 1.0)],
+        target: 0.08,
+        models: 2,
+        self_aux: false,
+    },
+    Case {
+        label: "slerp t=0.3",
+        method: "slerp",
+        global: &[("t", 0.3)],
+        per_model: &[],
+        target: 0.25,
+        models: 1,
+        self_aux: false,
+    },
+    Case {
+        label: "nearswap t=5e-4",
+        method: "nearswap",
+        global: &[("t", 0.0005)],
+        per_model: &[],
+        target: 0.15,
+        models: 1,
+        self_aux: false,
+    },
+    Case {
+        label: "passthrough",
+        method: "passthrough",
+        global: &[],
+        per_model: &[],
+        target: 0.5,
+        models: 1,
+        self_aux: false,
     },
 ];
 
@@ -151,9 +317,23 @@ impl Case {
         Merge::new(method, global, vec![per_model; m])
     }
 
+    /// How many of the inputs' models the case merges.
+    pub fn models(&self, inputs: &Inputs) -> usize {
+        match self.models {
+            0 => inputs.models.len(),
+            k => k.min(inputs.models.len()),
+        }
+    }
+
+    /// Number of input bytes the case reads (the base and its models).
+    pub fn bytes(&self, inputs: &Inputs) -> u64 {
+        ((1 + self.models(inputs)) * inputs.base.len() * 4) as u64
+    }
+
     /// Merges the inputs as one tensor into `out`.
     pub fn run(&self, inputs: &Inputs, out: &mut [f32]) -> Result<(), MethodError> {
-        merge_whole(&self.merge(inputs.models.len())?, inputs, out)
+        let k = self.models(inputs);
+        merge_whole_with(&self.merge(k)?, inputs, k, self.self_aux, out)
     }
 }
 
@@ -161,19 +341,30 @@ impl Case {
 /// [`merge_tensor`](tensormerge_methods::merge_tensor) (per-tensor pass, then
 /// merge), on borrowed slices: the cost of the method alone, no copies.
 pub fn merge_whole(merge: &Merge<'_>, inputs: &Inputs, out: &mut [f32]) -> Result<(), MethodError> {
-    let shape = [inputs.base.len()];
-    let ctx = TensorContext {
-        name: "bench.weight",
-        shape: &shape,
-        global: &merge.global,
-        models: &merge.models,
-        seed: merge.seed,
-        model_stats: None,
+    merge_whole_with(merge, inputs, inputs.models.len(), false, out)
+}
+
+/// [`merge_whole`] of the first `k` models, each its own auxiliary tensor
+/// when `self_aux` (Fisher merging with the models as their Fisher estimates).
+pub fn merge_whole_with(
+    merge: &Merge<'_>,
+    inputs: &Inputs,
+    k: usize,
+    self_aux: bool,
+    out: &mut [f32],
+) -> Result<(), MethodError> {
+    // Rows of 1024 (a weight matrix, as the row-wise methods see one).
+    let n = inputs.base.len();
+    let shape: Vec<usize> = if n.is_multiple_of(ROW) {
+        vec![n / ROW, ROW]
+    } else {
+        vec![n]
     };
-    let models: Vec<&[f32]> = inputs.models.iter().map(|m| m.as_slice()).collect();
-    let aux = vec![None; models.len()];
-    let chunk = |stats| Chunk {
-        tensor: &ctx,
+    let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
+    // Fisher merging with each model as its own Fisher estimate.
+    let aux: Vec<Option<&[f32]>> = models.iter().map(|&m| self_aux.then_some(m)).collect();
+    let chunk = |tensor, stats| Chunk {
+        tensor,
         offset: 0,
         base: Some(&inputs.base),
         models: &models,
@@ -181,15 +372,37 @@ pub fn merge_whole(merge: &Merge<'_>, inputs: &Inputs, out: &mut [f32]) -> Resul
         base_aux: None,
         tensor_stats: stats,
     };
+    let run = |mut pass: Box<dyn StatsPass>, chunk: &Chunk<'_>| -> Result<Stats, MethodError> {
+        for sweep in 0..pass.sweeps() {
+            pass.observe(sweep, chunk)?;
+            pass.end_sweep(sweep)?;
+            if pass.done() {
+                break;
+            }
+        }
+        pass.finish()
+    };
+    // The whole-model pass (Fisher normalisation) over the one tensor, then
+    // the per-tensor pass.
+    let pre = TensorContext {
+        name: "bench.weight",
+        shape: &shape,
+        global: &merge.global,
+        models: &merge.models,
+        seed: merge.seed,
+        model_stats: None,
+    };
+    let model_stats = match merge.method.model_pass(&merge.global, &merge.models) {
+        None => None,
+        Some(pass) => Some(run(pass, &chunk(&pre, None))?),
+    };
+    let ctx = TensorContext {
+        model_stats: model_stats.as_ref(),
+        ..pre.clone()
+    };
     let stats = match merge.method.tensor_pass(&ctx) {
         None => None,
-        Some(mut pass) => {
-            for sweep in 0..pass.sweeps() {
-                pass.observe(sweep, &chunk(None))?;
-                pass.end_sweep(sweep)?;
-            }
-            Some(pass.finish()?)
-        }
+        Some(pass) => Some(run(pass, &chunk(&ctx, None))?),
     };
-    merge.method.merge(&chunk(stats.as_ref()), out)
+    merge.method.merge(&chunk(&ctx, stats.as_ref()), out)
 }

@@ -51,7 +51,6 @@ fn main() {
         .max(1);
     let only = args.next().unwrap_or_default();
     let inputs = Inputs::new(numel, 3);
-    let gib = |d: Duration| inputs.bytes() as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
     let mut dst = vec![0.0f32; numel * 4];
     let mut out = vec![0.0f32; numel];
     println!(
@@ -64,10 +63,13 @@ fn main() {
     );
     let mut all_met = true;
     for case in CASES.iter().filter(|c| c.label.contains(only.as_str())) {
-        let merge = case.merge(inputs.models.len()).expect("merge");
+        // The yardstick copies the inputs the case reads (two-model forms:
+        // the base and one model).
+        let k = case.models(&inputs);
+        let gib = |d: Duration| case.bytes(&inputs) as f64 / d.as_secs_f64() / (1u64 << 30) as f64;
         let (copy, t) = side_by_side(
-            || inputs.copy_into(&mut dst),
-            || tensormerge_benches::merge_whole(&merge, &inputs, &mut out).expect("merge"),
+            || inputs.copy_first_into(k, &mut dst),
+            || case.run(&inputs, &mut out).expect("merge"),
             runs,
         );
         let ratio = copy.as_secs_f64() / t.as_secs_f64();

@@ -168,6 +168,7 @@ impl StatsPass for TrimPass {
                     }
                 }
             }
+            Some(_) if self.summed => {} // every sweep done: nothing left to see
             Some(trims) => {
                 for ((x, tr), after) in models.iter().zip(trims).zip(&mut self.after) {
                     let tr = tr.fast();
