@@ -127,7 +127,8 @@ fn var_keys_body(models: &[&[f32]], base: &[f32], start: usize, keys: &mut [u32]
 /// What the per-tensor pass of `sce` finds: the selection of entries (over
 /// the variance keys; `None` keeps every entry) and the model weights `w_i`.
 struct Selected {
-    selection: Option<Selection>,
+    /// The selected entries, a bit each (`None`: every entry).
+    bits: Option<Vec<u64>>,
     weights: Vec<f64>,
 }
 
@@ -154,6 +155,8 @@ struct SelectPass {
     select: Option<ChunkTopK>,
     selection: Option<Selection>,
     energy: Vec<ExactSum>,
+    /// The selection as bits, recorded by the energy sweep for the merge.
+    bits: Option<Vec<u64>>,
     keys: Box<[u32; BLOCK]>,
 }
 
@@ -194,11 +197,15 @@ impl StatsPass for SelectPass {
                     }
                     for (j, &k) in keys.iter().enumerate() {
                         let e = start + j;
+                        let at = chunk.offset + e;
                         let kept = self
                             .selection
                             .as_ref()
-                            .is_none_or(|s| s.keeps("", (chunk.offset + e) as u64, k));
+                            .is_none_or(|s| s.keeps("", at as u64, k));
                         if kept {
+                            if let Some(bits) = &mut self.bits {
+                                bits[at / 64] |= 1 << (at % 64);
+                            }
                             for (x, s) in models.iter().zip(&mut self.energy) {
                                 let d = x[e] as f64 - base[e] as f64;
                                 s.add(d * d);
@@ -239,6 +246,7 @@ impl StatsPass for SelectPass {
             && let Some(sel) = self.select.as_ref().and_then(ChunkTopK::selections)
         {
             self.selection = sel.into_iter().next();
+            self.bits = Some(vec![0; self.n.div_ceil(64)]);
             self.phase = Phase::Energy;
         }
         Ok(())
@@ -266,7 +274,7 @@ impl StatsPass for SelectPass {
             eta.iter().map(|e| e / total).collect()
         };
         Ok(Arc::new(Selected {
-            selection: self.selection,
+            bits: self.bits,
             weights,
         }))
     }
@@ -292,6 +300,7 @@ impl MergeMethod for Sce {
             select: None,
             selection: None,
             energy: (0..tensor.models.len()).map(|_| ExactSum::new()).collect(),
+            bits: None,
             keys: Box::new([0; BLOCK]),
         }))
     }
@@ -314,16 +323,12 @@ impl MergeMethod for Sce {
         let w = &stats.weights;
 
         // Erase minority signs and merge.
-        let mut keys = [0u32; BLOCK];
         for (e, o) in out.iter_mut().enumerate() {
-            if stats.selection.is_some() && e % BLOCK == 0 {
-                let n = BLOCK.min(base.len() - e);
-                var_keys(models, base, e, &mut keys[..n]);
-            }
+            let at = chunk.offset + e;
             let kept = stats
-                .selection
+                .bits
                 .as_ref()
-                .is_none_or(|s| s.keeps("", (chunk.offset + e) as u64, keys[e % BLOCK]));
+                .is_none_or(|b| (b[at / 64] >> (at % 64)) & 1 == 1);
             if !kept {
                 *o = base[e];
                 continue;
