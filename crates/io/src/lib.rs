@@ -68,7 +68,8 @@
 //! (`adapter_config.json`, `adapter_model.safetensors`);
 //! [`Model::with_lora`] applies it on read (`W + s · B @ A` for the element
 //! range asked for, so chunked streaming works unchanged), and
-//! [`Model::open`] accepts mergekit's `BASE+ADAPTER`. The formulas, and what is refused, are in
+//! [`Model::open`] accepts mergekit's `BASE+ADAPTER`; [`write_adapter`]
+//! writes one atomically (what `tensormerge lora extract` produces). The formulas, and what is refused, are in
 //! [`LoraAdapter`]'s module (`lora.rs`).
 #![deny(missing_docs)]
 
@@ -86,7 +87,7 @@ pub use error::IoError;
 pub use hub::{HubId, HubOptions};
 pub use lora::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, LoraAdapter, PEFT_PREFIX, Patch,
-    split_lora_reference,
+    split_lora_reference, write_adapter,
 };
 pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};

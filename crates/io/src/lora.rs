@@ -545,6 +545,53 @@ fn transpose(m: &[f32], r: usize, c: usize) -> Vec<f32> {
     t
 }
 
+/// Writes a PEFT adapter directory `dir`: `adapter_config.json` (`config`)
+/// and `adapter_model.safetensors` (`tensors`, in the order given, written
+/// by [`write_safetensors`](crate::write_safetensors), so the bytes depend
+/// only on the tensors). Everything goes into a temporary sibling directory
+/// that is renamed into place when complete, as [`ModelWriter`](crate::ModelWriter)
+/// does: an existing `dir` is refused unless `overwrite` (and then replaced
+/// only once the new adapter is complete), `dir` may not be, contain or lie
+/// inside any of `protected`, and a failure leaves nothing behind.
+///
+/// ```
+/// use tensormerge_core::{DType, TensorInfo};
+/// use tensormerge_io::{AdapterConfig, LoraAdapter, write_adapter};
+/// # let tmp = tempfile::tempdir().unwrap();
+/// let dir = tmp.path().join("adapter");
+/// let a = TensorInfo::new("base_model.model.q.lora_A.weight", vec![1, 2], DType::F32);
+/// let b = TensorInfo::new("base_model.model.q.lora_B.weight", vec![1, 1], DType::F32);
+/// let (ab, bb) = ([1f32, -1.0].map(f32::to_le_bytes).concat(), 2f32.to_le_bytes());
+/// let config = AdapterConfig::new(1, 1.0, vec!["q".into()]);
+/// write_adapter(&dir, &config, &[(a, &ab[..]), (b, &bb[..])], false, &[]).unwrap();
+/// assert_eq!(LoraAdapter::open(&dir).unwrap().patches().len(), 1);
+/// assert!(write_adapter(&dir, &config, &[], false, &[]).is_err()); // exists
+/// ```
+pub fn write_adapter(
+    dir: &Path,
+    config: &AdapterConfig,
+    tensors: &[(TensorInfo, &[u8])],
+    overwrite: bool,
+    protected: &[PathBuf],
+) -> Result<PathBuf, IoError> {
+    /// Removes the temporary directory unless it was committed.
+    struct Temp(PathBuf, bool);
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+    let mut tmp = Temp(crate::writer::make_temp(dir, overwrite, protected)?, false);
+    crate::write_safetensors(&tmp.0.join(ADAPTER_WEIGHTS), tensors, &BTreeMap::new())?;
+    let config_path = tmp.0.join(ADAPTER_CONFIG);
+    std::fs::write(&config_path, config.to_json()).map_err(|e| IoError::io(&config_path, e))?;
+    crate::writer::commit(&tmp.0, dir, overwrite)?;
+    tmp.1 = true;
+    Ok(dir.to_path_buf())
+}
+
 /// Splits mergekit's `base+adapter` reference into its two parts, unless the
 /// whole reference is an existing path (a directory may have a `+` in its
 /// name). The split is at the first `+`.
