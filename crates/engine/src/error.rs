@@ -209,6 +209,10 @@ pub enum EngineError {
         "the models' vocabularies differ: {0}; merging their embedding rows by id would mix unrelated tokens"
     )]
     Vocabulary(String),
+    /// A LoRA adapter cannot be extracted from these inputs (no linear
+    /// weight in common, nothing changed, an SVD that did not converge).
+    #[error("{0}")]
+    Lora(String),
     /// An error from another engine component (expressions).
     #[error(transparent)]
     Other(Box<dyn std::error::Error + Send + Sync>),
@@ -269,6 +273,7 @@ impl EngineError {
             EngineError::Core(_) | EngineError::NonFinite { .. } => true,
             EngineError::Cancelled => false,
             EngineError::Tokenizer { .. } | EngineError::Vocabulary(_) => true,
+            EngineError::Lora(_) => true,
             EngineError::OutputInsideInput { .. }
             | EngineError::OutputExists(_)
             | EngineError::Option(_) => false,
