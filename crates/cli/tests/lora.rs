@@ -4,48 +4,13 @@
 //! `W + s · B @ A` (LoRA, arXiv:2106.09685; rsLoRA s = alpha / sqrt(r),
 //! arXiv:2312.03732).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use tensormerge_core::{DType, TensorInfo, convert};
-use tensormerge_io::{Model, ModelWriter, WriterOptions};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tensormerge"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(args)
-        .output()
-        .expect("run tensormerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let x = (i as u32 ^ seed.wrapping_mul(0x9E37_79B9)).wrapping_mul(2_654_435_761);
-            (x % 4001) as f32 / 2000.0 - 1.0
-        })
-        .collect()
-}
-
-fn write(dir: &Path, tensors: &[(TensorInfo, Vec<f32>)]) {
-    let infos = tensors.iter().map(|(t, _)| t.clone()).collect();
-    let mut w = ModelWriter::create(dir, infos, WriterOptions::default()).unwrap();
-    for (t, v) in tensors {
-        if t.dtype.is_float() {
-            w.write(&t.name, &convert::encode_f32_vec(t.dtype, v).unwrap())
-                .unwrap();
-        } else {
-            let b: Vec<u8> = v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
-            w.write(&t.name, &b).unwrap();
-        }
-    }
-    w.finish().unwrap();
-}
+use common::{run, text, values, write_model as write};
+use tensormerge_core::{DType, TensorInfo};
+use tensormerge_io::Model;
 
 const Q: &str = "model.layers.0.self_attn.q_proj.weight";
 const UP: &str = "model.layers.0.mlp.up_proj.weight";
