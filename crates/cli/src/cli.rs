@@ -76,7 +76,8 @@ pub enum Command {
     /// Run the built-in experiment: train small networks on two tasks, merge
     /// them with every method, and report how much of each task survives.
     Demo(DemoArgs),
-    /// PEFT LoRA adapters: apply one to a model.
+    /// PEFT LoRA adapters: apply one to a model, or extract one from a
+    /// fine-tuned model.
     Lora(crate::lora::LoraArgs),
     /// Generate text with a causal LM (llama, mistral, qwen2, gpt2): one
     /// block per prompt on stdout, greedy by default or seeded nucleus sampling.
