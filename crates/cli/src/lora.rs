@@ -133,13 +133,15 @@ pub fn float_dtype(s: &Option<String>) -> Result<Option<DType>> {
     Ok(Some(d))
 }
 
-fn pool(jobs: Option<usize>) -> Result<Option<rayon::ThreadPool>> {
+/// Runs `go` on a pool of `jobs` threads (rayon's global pool when `None`).
+fn in_pool<T: Send>(jobs: Option<usize>, go: impl FnOnce() -> T + Send) -> Result<T> {
     match jobs {
         Some(0) => Err(Usage::Arg("--jobs must be at least 1".into()).into()),
-        Some(n) => Ok(Some(
-            rayon::ThreadPoolBuilder::new().num_threads(n).build()?,
-        )),
-        None => Ok(None),
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()?
+            .install(go)),
+        None => Ok(go()),
     }
 }
 
@@ -152,12 +154,9 @@ fn apply(a: ApplyArgs, p: &Printer) -> Result<()> {
         cancel: Some(crate::commands::cancel_on_signal()?),
         ..EvalOptions::default()
     };
-    let pool = pool(a.jobs)?;
-    let go = || lora::apply(&a.base, &a.adapter, &a.output, &opts, p);
-    let report = match &pool {
-        Some(pool) => pool.install(go),
-        None => go(),
-    }
+    let report = in_pool(a.jobs, || {
+        lora::apply(&a.base, &a.adapter, &a.output, &opts, p)
+    })?
     .with_context(|| {
         format!(
             "applying the LoRA adapter {} to `{}` failed",
@@ -186,12 +185,9 @@ fn extract(a: ExtractArgs, p: &Printer) -> Result<()> {
         overwrite: a.overwrite,
         cancel: Some(crate::commands::cancel_on_signal()?),
     };
-    let pool = pool(a.jobs)?;
-    let go = || lora::extract(&a.base, &a.model, &a.output, &opts, p);
-    let report = match &pool {
-        Some(pool) => pool.install(go),
-        None => go(),
-    }
+    let report = in_pool(a.jobs, || {
+        lora::extract(&a.base, &a.model, &a.output, &opts, p)
+    })?
     .with_context(|| {
         format!(
             "extracting a LoRA adapter from `{}` against `{}` failed",
