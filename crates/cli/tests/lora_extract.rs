@@ -426,3 +426,55 @@ fn bad_input_is_refused_with_its_message_and_exit_code() {
         &["not a floating-point dtype"],
     );
 }
+
+/// GPT-2 stores its linear weights `[in, out]` (`Conv1D`): the adapter of
+/// a `model_type: gpt2` base says `fan_in_fan_out: true` and holds the
+/// factors of the transposed task vector with peft's shapes (`lora_A`
+/// `[r, in]`, `lora_B` `[out, r]`), so that `W + (B @ A)ᵀ` is the fine-tune,
+/// and `lora apply` reads it back to the fine-tune.
+#[test]
+fn gpt2_conv1d_weights_get_fan_in_fan_out_factors() {
+    let tmp = tempfile::tempdir().unwrap();
+    const C: &str = "h.0.attn.c_attn.weight"; // stored [in 8, out 12]
+    let t = TensorInfo::new(C, vec![8, 12], DType::F32);
+    let w = values(96, 31);
+    let ft = add(&w, &low_rank(8, 12, 2, 32));
+    let (base, fine) = (tmp.path().join("base"), tmp.path().join("ft"));
+    write_model(&base, &[(t.clone(), w.clone())]);
+    write_model(&fine, &[(t, ft.clone())]);
+    for dir in [&base, &fine] {
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    }
+    let adapter = tmp.path().join("adapter");
+    ok(&extract(&base, &fine, &adapter, &["--rank", "2"]));
+    let config = json(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap());
+    assert_eq!(config["fan_in_fan_out"], true);
+    let (a, bm, r) = factors(&adapter, module(C));
+    assert_eq!((r, a.len(), bm.len()), (2, 2 * 8, 12 * 2)); // A [2, in 8], B [out 12, 2]
+    let ba = matmul(&bm, &a, 12, r, 8); // [out, in]
+    let scale = ft.iter().fold(0f32, |s, x| s.max(x.abs())) as f64;
+    for i in 0..8 {
+        for o in 0..12 {
+            let got = w[i * 12 + o] as f64 + ba[o * 8 + i];
+            let want = ft[i * 12 + o] as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * scale,
+                "[{i}, {o}]: {got} vs {want}"
+            );
+        }
+    }
+    let out = tmp.path().join("applied");
+    ok(&run(&[
+        "lora",
+        "apply",
+        base.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]));
+    let applied = Model::open_path(&out).unwrap().read_f32_vec(C).unwrap();
+    for (g, want) in applied.iter().zip(&ft) {
+        assert!(((g - want).abs() as f64) < 1e-5 * scale, "{g} vs {want}");
+    }
+}

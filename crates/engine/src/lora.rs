@@ -218,6 +218,23 @@ pub struct ExtractReport {
 /// The factors of one weight, or `None` for an unchanged one.
 type Factors = Option<(ExtractedTensor, Vec<u8>, Vec<u8>)>;
 
+/// Whether `model` stores its linear weights `[in, out]`, as GPT-2's
+/// `Conv1D` does (`model_type` `gpt2` or `openai-gpt` in its
+/// `config.json`): an adapter of such a model says `fan_in_fan_out: true`
+/// and its factors are those of the transposed task vector, as `peft`
+/// expects them (`lora_A` `[r, in]`, `lora_B` `[out, r]`).
+fn stores_in_out(model: &Model) -> bool {
+    std::fs::read_to_string(model.dir().join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| {
+            v.get("model_type")?
+                .as_str()
+                .map(|t| matches!(t, "gpt2" | "openai-gpt"))
+        })
+        .unwrap_or(false)
+}
+
 /// Extracts a LoRA adapter from the fine-tuned model `model` against `base`
 /// (directories, `.safetensors` files or hub ids) into the directory `out`.
 ///
@@ -321,6 +338,7 @@ pub fn extract(
             f.name()
         )));
     }
+    let transposed = stores_in_out(&b);
     let r = todo
         .iter()
         .map(|t| t.shape[0].min(t.shape[1]))
@@ -342,7 +360,7 @@ pub fn extract(
             {
                 return Err(EngineError::Cancelled);
             }
-            let done = extract_one(&b, &f, t, r, opts.dtype)?;
+            let done = extract_one(&b, &f, t, r, opts.dtype, transposed)?;
             progress.advance((t.numel() * t.dtype.size_in_bytes() * 2) as u64, 1);
             Ok(done)
         })
@@ -358,7 +376,11 @@ pub fn extract(
             continue;
         };
         let module = &t.name[..t.name.len() - ".weight".len()];
-        let (out_f, in_f) = (t.shape[0], t.shape[1]);
+        let (out_f, in_f) = if transposed {
+            (t.shape[1], t.shape[0])
+        } else {
+            (t.shape[0], t.shape[1])
+        };
         data.push((
             TensorInfo::new(
                 format!("{PEFT_PREFIX}{module}.lora_A.weight"),
@@ -391,6 +413,7 @@ pub fn extract(
         .collect();
     let mut config = AdapterConfig::new(r, r as f64, modules);
     config.base_model_name_or_path = Some(base.to_string());
+    config.fan_in_fan_out = transposed;
     let mut protected = b.protected_paths();
     protected.extend(f.protected_paths());
     let refs: Vec<(TensorInfo, &[u8])> = data.iter().map(|(t, d)| (t.clone(), &d[..])).collect();
@@ -412,12 +435,15 @@ pub fn extract(
 
 /// The task vector of weight `t`, its truncated SVD as the factors
 /// `(A, B)` encoded in `dtype`, padded to rank `r`; `None` when it is zero.
+/// With `transposed` the weight is stored `[in, out]` and the factors are
+/// those of its transpose.
 fn extract_one(
     base: &Model,
     ft: &Model,
     t: &TensorInfo,
     r: usize,
     dtype: DType,
+    transposed: bool,
 ) -> Result<Factors, EngineError> {
     let read = |m: &Model| -> Result<Vec<f32>, EngineError> {
         let v = m.read_f32_vec(&t.name).map_err(|e| {
@@ -426,9 +452,21 @@ fn extract_one(
         check_finite(&v, m.name(), &t.name, 0)?;
         Ok(v)
     };
-    let (m, n) = (t.shape[0], t.shape[1]);
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let (m, n) = if transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
     let (wb, wf) = (read(base)?, read(ft)?);
-    let d = Mat::<f64>::from_fn(m, n, |i, j| wf[i * n + j] as f64 - wb[i * n + j] as f64);
+    let at = |i: usize, j: usize| {
+        if transposed {
+            j * cols + i
+        } else {
+            i * cols + j
+        }
+    };
+    let d = Mat::<f64>::from_fn(m, n, |i, j| wf[at(i, j)] as f64 - wb[at(i, j)] as f64);
     drop((wb, wf));
     let norm = (0..n)
         .map(|j| d.col(j).iter().map(|x| x * x).sum::<f64>())
