@@ -238,6 +238,28 @@ pub fn to_model(name: &str, vector: &ParamVector) -> InMemoryModel {
 // Engine-like runner
 // ---------------------------------------------------------------------------
 
+/// The largest relative error `|got[e] − want(e)| / |want(e)|` over the
+/// entries for which `want` gives a value (`None` skips one), and the entry
+/// where it is: the check of the precision tests, whose expected outputs are
+/// closed forms computed in `f64`.
+///
+/// ```
+/// use tensormerge_methods::testkit::worst_relative_error;
+/// let (worst, at) = worst_relative_error(&[1.0, 2.0, 0.0], |e| (e < 2).then_some(1.0));
+/// assert_eq!((worst, at), (1.0, 1));
+/// ```
+pub fn worst_relative_error(got: &[f32], want: impl Fn(usize) -> Option<f64>) -> (f64, usize) {
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (e, &g) in got.iter().enumerate() {
+        let Some(want) = want(e) else { continue };
+        let err = (g as f64 - want).abs() / want.abs();
+        if err > worst {
+            (worst, at) = (err, e);
+        }
+    }
+    (worst, at)
+}
+
 /// Runs `merge` like the engine does: the whole-model pass sequentially over
 /// the tensors in `order` (indices into the layout's float tensors; layout
 /// order when `None`), then every tensor through [`merge_tensor`] in parallel

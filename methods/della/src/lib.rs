@@ -937,17 +937,10 @@ mod tests {
                 "{name}: kept {k} of {N}"
             );
             let gain = lambda * if normalize { 1.0 } else { w } * N as f64 / k as f64;
-            let (mut worst, mut at) = (0.0f64, 0);
-            for (e, &g) in v.iter().enumerate() {
-                if g == 0.0 {
-                    continue;
-                }
-                let want = gain * tau(e) as f64;
-                let err = (g as f64 - want).abs() / want.abs();
-                if err > worst {
-                    (worst, at) = (err, e);
-                }
-            }
+            // The kept entries (the others are 0: base 0, dropped τ).
+            let (worst, at) = tensormerge_methods::testkit::worst_relative_error(v, |e| {
+                (v[e] != 0.0).then(|| gain * tau(e) as f64)
+            });
             assert!(
                 worst < 1e-6,
                 "{name}: worst relative error {worst:e} at entry {at}: got {}, factor n/k = {}",

@@ -402,14 +402,10 @@ mod tests {
         let mu =
             |s: f64| ((f * theta).cos() + (f * theta).sin() * (s - theta.cos()) / theta.sin()) / rn;
         let (mp, mm) = (scale * mu(1.0), scale * mu(-1.0));
-        let (mut worst, mut at) = (0.0f64, 0);
-        for (e, &g) in out.values().unwrap().iter().enumerate() {
-            let want = if plus(e) { mp } else { mm };
-            let err = (g as f64 - want).abs() / want.abs();
-            if err > worst {
-                (worst, at) = (err, e);
-            }
-        }
+        let (worst, at) =
+            tensormerge_methods::testkit::worst_relative_error(out.values().unwrap(), |e| {
+                Some(if plus(e) { mp } else { mm })
+            });
         assert!(
             worst < 1e-6,
             "worst relative error {worst:e} at entry {at}: got {}",

@@ -427,15 +427,11 @@ mod tests {
         let n2 = n * (0.75 * d2p * d2p + 0.25 * d2m * d2m);
         let cos = n * d1 * (0.75 * d2p + 0.25 * d2m) / (n1 * n2).sqrt();
         let t = 2.0 * cos / (1.0 + cos);
-        let (mut worst, mut at) = (0.0f64, 0);
-        for (e, &g) in out.values().unwrap().iter().enumerate() {
-            let avg = ((0.25 + a) as f64 + x2(e) as f64) / 2.0;
-            let want = t * avg + (1.0 - t) * 0.25;
-            let err = (g as f64 - want).abs() / want.abs();
-            if err > worst {
-                (worst, at) = (err, e);
-            }
-        }
+        let (worst, at) =
+            tensormerge_methods::testkit::worst_relative_error(out.values().unwrap(), |e| {
+                let avg = ((0.25 + a) as f64 + x2(e) as f64) / 2.0;
+                Some(t * avg + (1.0 - t) * 0.25)
+            });
         assert!(
             worst < 1e-6,
             "worst relative error {worst:e} at entry {at}: got {}",

@@ -477,14 +477,10 @@ mod tests {
         let (mp, mm) = (0.25 * u1 + 0.75 * u2, 0.25 * u1 - 0.75 * u2);
         let mn = (n * (0.75 * mp * mp + 0.25 * mm * mm)).sqrt();
         let scale = 0.25 * n1 + 0.75 * n2;
-        let (mut worst, mut at) = (0.0f64, 0);
-        for (e, &g) in out.values().unwrap().iter().enumerate() {
-            let want = scale * if plus(e) { mp } else { mm } / mn;
-            let err = (g as f64 - want).abs() / want.abs();
-            if err > worst {
-                (worst, at) = (err, e);
-            }
-        }
+        let (worst, at) =
+            tensormerge_methods::testkit::worst_relative_error(out.values().unwrap(), |e| {
+                Some(scale * if plus(e) { mp } else { mm } / mn)
+            });
         assert!(
             worst < 1e-6,
             "worst relative error {worst:e} at entry {at}: got {}",

@@ -422,14 +422,10 @@ mod tests {
             ((1.0 - t) * theta).sin() / theta.sin(),
             (t * theta).sin() / theta.sin(),
         );
-        let (mut worst, mut at) = (0.0f64, 0);
-        for (e, &g) in out.values().unwrap().iter().enumerate() {
-            let want = 0.5 + p * d0 + q * if plus(e) { d1p } else { d1m };
-            let err = (g as f64 - want).abs() / want.abs();
-            if err > worst {
-                (worst, at) = (err, e);
-            }
-        }
+        let (worst, at) =
+            tensormerge_methods::testkit::worst_relative_error(out.values().unwrap(), |e| {
+                Some(0.5 + p * d0 + q * if plus(e) { d1p } else { d1m })
+            });
         assert!(
             worst < 1e-6,
             "worst relative error {worst:e} at entry {at}: got {}",

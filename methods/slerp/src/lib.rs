@@ -352,14 +352,10 @@ mod tests {
             (t * theta).sin() / theta.sin(),
         );
         let (a, b) = (a as f64, b as f64);
-        let (mut worst, mut at) = (0.0f64, 0);
-        for (e, &g) in out.values().unwrap().iter().enumerate() {
-            let want = p * a + q * sign(e) * b;
-            let err = (g as f64 - want).abs() / want.abs();
-            if err > worst {
-                (worst, at) = (err, e);
-            }
-        }
+        let (worst, at) =
+            tensormerge_methods::testkit::worst_relative_error(out.values().unwrap(), |e| {
+                Some(p * a + q * sign(e) * b)
+            });
         assert!(
             worst < 1e-6,
             "worst relative error {worst:e} at entry {at}: got {}",
