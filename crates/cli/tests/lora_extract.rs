@@ -129,6 +129,18 @@ fn extract(base: &Path, ft: &Path, out: &Path, extra: &[&str]) -> std::process::
     run(&args)
 }
 
+fn apply(base: &Path, adapter: &Path, out: &Path) -> std::process::Output {
+    run(&[
+        "lora",
+        "apply",
+        base.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ])
+}
+
 /// The adapter's factors of `module`, read with the `safetensors` crate:
 /// (A `[r, in]`, B `[out, r]`, r).
 fn factors(adapter: &Path, module: &str) -> (Vec<f64>, Vec<f64>, usize) {
@@ -277,15 +289,7 @@ fn extract_then_apply_gives_base_plus_b_a() {
         let adapter = tmp.path().join(format!("adapter{rank}"));
         ok(&extract(&base, &ft, &adapter, &["--rank", rank]));
         let out = tmp.path().join(format!("applied{rank}"));
-        ok(&run(&[
-            "lora",
-            "apply",
-            base.to_str().unwrap(),
-            adapter.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--no-progress",
-        ]));
+        ok(&apply(&base, &adapter, &out));
         let applied = Model::open_path(&out).unwrap();
         for (name, m, n) in [(Q, 12, 8), (O, 6, 10), (T, 2, 9)] {
             let (a, bm, r) = factors(&adapter, module(name));
@@ -464,15 +468,7 @@ fn gpt2_conv1d_weights_get_fan_in_fan_out_factors() {
         }
     }
     let out = tmp.path().join("applied");
-    ok(&run(&[
-        "lora",
-        "apply",
-        base.to_str().unwrap(),
-        adapter.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]));
+    ok(&apply(&base, &adapter, &out));
     let applied = Model::open_path(&out).unwrap().read_f32_vec(C).unwrap();
     for (g, want) in applied.iter().zip(&ft) {
         assert!(((g - want).abs() as f64) < 1e-5 * scale, "{g} vs {want}");
