@@ -363,6 +363,7 @@ pub fn merge_whole_with(
     let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
     // Fisher merging with each model as its own Fisher estimate.
     let aux: Vec<Option<&[f32]>> = models.iter().map(|&m| self_aux.then_some(m)).collect();
+    let scratch = tensormerge_methods::Scratch::default();
     let chunk = |tensor, stats| Chunk {
         tensor,
         offset: 0,
@@ -371,6 +372,7 @@ pub fn merge_whole_with(
         aux: &aux,
         base_aux: None,
         tensor_stats: stats,
+        scratch: &scratch,
     };
     let run = |mut pass: Box<dyn StatsPass>, chunk: &Chunk<'_>| -> Result<Stats, MethodError> {
         for sweep in 0..pass.sweeps() {

@@ -49,6 +49,7 @@ fn main() {
         };
         let models: Vec<&[f32]> = inputs.models.iter().map(|m| m.as_slice()).collect();
         let aux = vec![None; 3];
+        let scratch = tensormerge_methods::Scratch::default();
         macro_rules! chunk {
             ($stats:expr) => {
                 Chunk {
@@ -59,6 +60,7 @@ fn main() {
                     aux: &aux,
                     base_aux: None,
                     tensor_stats: $stats,
+                    scratch: &scratch,
                 }
             };
         }

@@ -42,6 +42,11 @@ use crate::progress::Progress;
 const MIN_CHUNK: u64 = 4096;
 /// Largest chunk, in elements, for methods without a per-tensor pass.
 const MAX_PLAIN_CHUNK: u64 = 1 << 16;
+/// Most result elements encoded and handed to the writer at once: a whole
+/// tensor's result (methods that merge whole tensors) goes out in pieces, so
+/// the encoded bytes stay in cache on their way into `write` and the encode
+/// buffer stays small.
+const ENCODE_PIECE: usize = 1 << 16;
 
 /// What a finished merge did.
 #[derive(Debug, Clone)]
@@ -66,7 +71,7 @@ pub struct MergeReport {
     pub chunk_len: usize,
     /// The most memory reserved at once by tensors in flight (working sets
     /// and buffered results), in bytes: at most the budget, unless a single
-    /// tensor needs more (it then runs alone).
+    /// tensor needs more (then at most the budget plus that tensor).
     pub peak_reserved: u64,
     /// Wall time in seconds.
     pub seconds: f64,
@@ -282,7 +287,13 @@ fn fetch(
 /// of the result) and, unless it is the next tensor to be written when it
 /// starts (then it streams straight into the writer), room for its encoded
 /// result in the reorder buffer. It is admitted when the reservations fit the
-/// budget, or when nothing else is in flight.
+/// budget, or when nothing else is in flight. One tensor whose working set
+/// alone is over the budget (a whole tensor merged at once, such as the
+/// embedding under `karcher`) is admitted when it is next to be written,
+/// beside the others, whose reservations then still fit the budget without
+/// it: so the other workers keep going while it runs, and memory stays within
+/// the budget plus that one tensor (before, it ran alone, which left every
+/// other worker idle for as long as it took).
 struct Scheduler<'a> {
     /// End of the tensors to run (they start at `SchedState::next`).
     end: usize,
@@ -300,6 +311,9 @@ struct Scheduler<'a> {
 struct SchedState {
     next: usize,
     reserved: u64,
+    /// The over-budget tensor in flight beside others, and its reservation
+    /// (part of `reserved`).
+    big: Option<(usize, u64)>,
     peak: u64,
     failed: bool,
 }
@@ -318,7 +332,13 @@ impl Scheduler<'_> {
                 self.out[i]
             };
             let c = self.working[i] + out;
-            if st.reserved == 0 || st.reserved.saturating_add(c) <= self.budget {
+            let others = st.reserved - st.big.map_or(0, |(_, b)| b);
+            let fits = others.saturating_add(c) <= self.budget;
+            let big = c > self.budget && out == 0 && st.big.is_none();
+            if st.reserved == 0 || fits || big {
+                if big {
+                    st.big = Some((i, c));
+                }
                 st.next += 1;
                 st.reserved += c;
                 st.peak = st.peak.max(st.reserved);
@@ -329,16 +349,23 @@ impl Scheduler<'_> {
         }
     }
 
-    fn release(&self, bytes: u64) {
+    /// Tensor `i` gives back `bytes` of its reservation.
+    fn release(&self, i: usize, bytes: u64) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.reserved = st.reserved.saturating_sub(bytes);
+        if let Some((b, left)) = st.big
+            && b == i
+        {
+            let left = left.saturating_sub(bytes);
+            st.big = (left > 0).then_some((b, left));
+        }
         drop(st);
         self.cv.notify_all();
     }
 
     /// Tensor `i` left the reorder buffer.
     fn written(&self, i: usize) {
-        self.release(self.reserved_out[i].load(Ordering::Relaxed));
+        self.release(i, self.reserved_out[i].load(Ordering::Relaxed));
     }
 
     fn fail(&self) {
@@ -578,6 +605,7 @@ fn execute_inner(
         state: Mutex::new(SchedState {
             next: range.start,
             reserved: 0,
+            big: None,
             peak: 0,
             failed: false,
         }),
@@ -619,7 +647,7 @@ fn execute_inner(
                 let mut worker = Worker::default();
                 while let Some(idx) = sched.acquire() {
                     let r = process(job, idx, &mut worker);
-                    sched.release(working[idx]);
+                    sched.release(idx, working[idx]);
                     let r = r.and_then(|b| {
                         *read_total.lock().unwrap_or_else(|e| e.into_inner()) += b;
                         output.complete(idx)
@@ -880,9 +908,12 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                     Ok(())
                 },
                 |_, vals| {
-                    encoded.resize(vals.len() * out_dtype.size_in_bytes(), 0);
-                    convert::encode_f32(out_dtype, vals, encoded)?;
-                    output.push(idx, std::borrow::Cow::Borrowed(&encoded[..]))
+                    for piece in vals.chunks(ENCODE_PIECE) {
+                        encoded.resize(piece.len() * out_dtype.size_in_bytes(), 0);
+                        convert::encode_f32(out_dtype, piece, encoded)?;
+                        output.push(idx, std::borrow::Cow::Borrowed(&encoded[..]))?;
+                    }
+                    Ok(())
                 },
             )?;
             // Sweeps a pass skipped: keep the progress total honest.

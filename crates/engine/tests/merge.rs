@@ -496,9 +496,12 @@ fn results_do_not_depend_on_threads_or_memory_budget() {
                 assert_eq!(r.chunk_len, 4096);
                 // The 12300-element tensor needs 4096 · (4 · 3 + 4 + 4) bytes of
                 // working set plus 49200 of results: more than the budget, so
-                // it ran alone; nothing else ever exceeded the budget.
-                let big = 4096 * 20 + 12300 * 4;
-                assert!(r.peak_reserved <= big.max(40_000), "{}", r.peak_reserved);
+                // it ran alone, or (next to be written, results streaming)
+                // beside others within the budget.
+                let working = 4096 * 20;
+                let alone = working + 12300 * 4;
+                let beside = working + 40_000;
+                assert!(r.peak_reserved <= alone.max(beside), "{}", r.peak_reserved);
             } else {
                 assert!(r.peak_reserved <= 1 << 30);
             }

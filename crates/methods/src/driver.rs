@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use tensormerge_core::ParamVector;
 
-use crate::{BaseModel, Chunk, MergeMethod, MethodError, Params, Stats, TensorContext};
+use crate::{BaseModel, Chunk, MergeMethod, MethodError, Params, Scratch, Stats, TensorContext};
 
 /// The decoded values of one chunk of one tensor, for every input.
 #[derive(Debug, Clone, Default)]
@@ -26,7 +26,8 @@ pub struct ChunkData {
 }
 
 impl ChunkData {
-    /// Borrows this data as a [`Chunk`] of `tensor` at `offset`.
+    /// Borrows this data as a [`Chunk`] of `tensor` at `offset` (with an
+    /// empty [`Scratch`] of its own).
     pub fn with_chunk<R>(
         &self,
         tensor: &TensorContext<'_>,
@@ -36,6 +37,7 @@ impl ChunkData {
     ) -> R {
         let models: Vec<&[f32]> = self.models.iter().map(|m| m.as_slice()).collect();
         let aux: Vec<Option<&[f32]>> = self.aux.iter().map(|a| a.as_deref()).collect();
+        let scratch = Scratch::default();
         let chunk = Chunk {
             tensor,
             offset,
@@ -44,19 +46,22 @@ impl ChunkData {
             aux: &aux,
             base_aux: self.base_aux.as_deref(),
             tensor_stats,
+            scratch: &scratch,
         };
         f(&chunk)
     }
 
     /// Borrows elements `part` of this data (positions relative to the start
     /// of the data, which is at `offset` in the tensor) as a [`Chunk`] at
-    /// `offset + part.start`.
+    /// `offset + part.start`, lending it `scratch`.
+    #[allow(clippy::too_many_arguments)]
     fn with_part<R>(
         &self,
         tensor: &TensorContext<'_>,
         offset: usize,
         part: Range<usize>,
         tensor_stats: Option<&Stats>,
+        scratch: &Scratch,
         f: impl FnOnce(&Chunk<'_>) -> R,
     ) -> R {
         fn cut<'a>(v: &'a [f32], part: &Range<usize>) -> &'a [f32] {
@@ -76,6 +81,7 @@ impl ChunkData {
             aux: &aux,
             base_aux: self.base_aux.as_deref().map(|b| cut(b, &part)),
             tensor_stats,
+            scratch,
         };
         f(&chunk)
     }
@@ -245,13 +251,14 @@ pub fn merge_tensor<E: From<MethodError>>(
 const MERGE_PART: usize = 1 << 16;
 
 /// Working memory of [`merge_tensor_reusing`]: the decoded inputs of one
-/// chunk and the merged chunk. Keep one per worker thread, so that merging a
-/// model allocates (and the kernel zeroes) these buffers once instead of once
-/// per chunk.
+/// chunk, the merged chunk and the method's [`Scratch`]. Keep one per worker
+/// thread, so that merging a model allocates (and the kernel zeroes) these
+/// buffers once instead of once per chunk or tensor.
 #[derive(Debug, Default)]
 pub struct MergeBuffers {
     data: ChunkData,
     out: Vec<f32>,
+    scratch: Scratch,
 }
 
 /// [`merge_tensor`] with `fetch(range, data)` refilling `data` in place:
@@ -305,7 +312,7 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
 ) -> Result<(), E> {
     let ranges = chunk_ranges(method, tensor.shape, tensor.numel(), chunk_len);
     let single = ranges.len() == 1;
-    let MergeBuffers { data, out } = bufs;
+    let MergeBuffers { data, out, scratch } = bufs;
     // Whether `data` holds the (single) chunk already.
     let mut loaded = false;
     let stats = match method.tensor_pass(tensor) {
@@ -345,7 +352,7 @@ pub fn merge_tensor_reusing<E: From<MethodError>>(
             out.clear();
             out.resize(part.len(), 0.0);
             let at = r.start + part.start;
-            data.with_part(tensor, r.start, part, stats.as_ref(), |c| {
+            data.with_part(tensor, r.start, part, stats.as_ref(), scratch, |c| {
                 method.merge(c, &mut out[..])
             })?;
             sink(at, &out[..])?;

@@ -70,7 +70,9 @@ pub use driver::{
     merge_tensor_reusing,
 };
 pub use error::MethodError;
-pub use method::{BaseModel, Chunk, MergeMethod, MethodInfo, Stats, StatsPass, TensorContext};
+pub use method::{
+    BaseModel, Chunk, MergeMethod, MethodInfo, Scratch, Stats, StatsPass, TensorContext,
+};
 pub use params::{Default, ParamKind, ParamSpec, ParamValue, Params, Scope};
 pub use registry::{Registration, Registry, canonical_name, registry, suggestions};
 

@@ -1,6 +1,7 @@
 //! The [`MergeMethod`] trait and what the engine hands to it.
 
 use std::any::Any;
+use std::cell::{RefCell, RefMut};
 use std::sync::Arc;
 
 use rand_chacha::ChaCha8Rng;
@@ -91,6 +92,43 @@ pub struct Chunk<'a> {
     pub base_aux: Option<&'a [f32]>,
     /// Statistics from the method's per-tensor pass, if it asked for one.
     pub tensor_stats: Option<&'a Stats>,
+    /// Working memory the method may borrow while it merges this chunk.
+    pub scratch: &'a Scratch,
+}
+
+/// Working memory a method may borrow in [`MergeMethod::merge`], kept by
+/// whoever runs the merge and reused from tensor to tensor: the engine keeps
+/// one per worker thread for the whole merge (dropped with it), so a method
+/// that needs a large buffer of its own, such as an `f64` copy of a whole
+/// tensor, allocates it (and the kernel zeroes its pages) once per merge
+/// instead of once per tensor.
+///
+/// ```
+/// use tensormerge_methods::Scratch;
+/// let scratch = Scratch::default();
+/// {
+///     let mut v = scratch.f64s(3);
+///     v[1] = 2.0;
+/// }
+/// assert_eq!(&*scratch.f64s(2), &[0.0, 0.0]);
+/// ```
+#[derive(Debug, Default)]
+pub struct Scratch {
+    f64s: RefCell<Vec<f64>>,
+}
+
+impl Scratch {
+    /// `len` zeros, borrowed until the guard is dropped.
+    ///
+    /// # Panics
+    /// When the buffer is borrowed already (a second call while the first
+    /// guard lives).
+    pub fn f64s(&self, len: usize) -> RefMut<'_, [f64]> {
+        let mut v = self.f64s.borrow_mut();
+        v.clear();
+        v.resize(len, 0.0);
+        RefMut::map(v, |v| &mut v[..])
+    }
 }
 
 impl Chunk<'_> {

@@ -87,80 +87,236 @@ static INFO: MethodInfo = MethodInfo {
     params: PARAMS,
 };
 
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+/// The start of every sum below: what `Iterator::sum` of `f64`s starts
+/// from, so that each sum is bit for bit the sum of the plain loop it
+/// replaces (the plain version is kept in the tests as the reference).
+fn sum_start() -> f64 {
+    std::iter::empty::<f64>().sum()
+}
+
+/// Elements per block: the per-element work of a sweep (divisions by the
+/// norms, the tangent) is done a block at a time, where it vectorises, and
+/// only the sequential sums run element by element.
+const BLOCK: usize = 256;
+
+/// Most models whose sequential sums one sweep carries side by side.
+const LANES: usize = 4;
+
+/// `block[j] = x[j] / norm`, in `f64`.
+fn unit_block(x: &[f32], norm: f64, block: &mut [f64]) {
+    for (u, &v) in block.iter_mut().zip(x) {
+        *u = v as f64 / norm;
+    }
+}
+
+/// The sequential sums `Σ_e x_k[e]²` of up to [`LANES`] models in one
+/// sweep.
+#[allow(clippy::needless_range_loop)] // `K` sums side by side, element by element
+fn squares<const K: usize>(ms: &[&[f32]]) -> [f64; K] {
+    let len = ms[0].len();
+    let ms: [&[f32]; K] = std::array::from_fn(|k| &ms[k][..len]);
+    let mut acc = [sum_start(); K];
+    for e in 0..len {
+        for k in 0..K {
+            let x = ms[k][e] as f64;
+            acc[k] += x * x;
+        }
+    }
+    acc
+}
+
+/// One sweep over `mean`: first divides it by `div` when given (the
+/// normalisation owed by the previous step), then the sequential dot
+/// products `Σ_e mean[e] · x_k[e]/‖x_k‖` of up to [`LANES`] models.
+fn dots<const K: usize>(
+    mean: &mut [f64],
+    div: Option<f64>,
+    ms: &[&[f32]],
+    norms: &[f64],
+) -> [f64; K] {
+    let mut acc = [sum_start(); K];
+    let mut units = [[0.0f64; BLOCK]; K];
+    for (b, mean) in mean.chunks_mut(BLOCK).enumerate() {
+        let r = b * BLOCK..b * BLOCK + mean.len();
+        if let Some(n) = div {
+            mean.iter_mut().for_each(|m| *m /= n);
+        }
+        for k in 0..K {
+            unit_block(&ms[k][r.clone()], norms[k], &mut units[k]);
+        }
+        for (j, &m) in mean.iter().enumerate() {
+            for k in 0..K {
+                acc[k] += m * units[k][j];
+            }
+        }
+    }
+    acc
+}
+
+/// Runs `K`-lane kernel `f` on `ms` (1 to [`LANES`] models), returning one
+/// value per model.
+macro_rules! lanes {
+    ($n:expr, $f:ident ( $($arg:expr),* )) => {
+        match $n {
+            1 => $f::<1>($($arg),*).to_vec(),
+            2 => $f::<2>($($arg),*).to_vec(),
+            3 => $f::<3>($($arg),*).to_vec(),
+            4 => $f::<4>($($arg),*).to_vec(),
+            _ => unreachable!("groups hold 1 to {LANES} models"),
+        }
+    };
+}
+
+/// The models that pull in one gradient step: (model, `cos θ`, coefficient
+/// `α θ / sin θ`).
+type Pull = Vec<(usize, f64, f64)>;
+
+/// The tangent `g = Σ c_i (u_i − cos θ_i · mean)` on one block, in model
+/// order.
+fn tangent_block(
+    models: &[&[f32]],
+    norms: &[f64],
+    pull: &Pull,
+    r: std::ops::Range<usize>,
+    mean: &[f64],
+    t: &mut [f64],
+) {
+    let t = &mut t[..mean.len()];
+    t.fill(0.0);
+    for &(i, d, c) in pull {
+        let (x, n) = (&models[i][r.clone()], norms[i]);
+        for ((t, &m), &x) in t.iter_mut().zip(mean).zip(x) {
+            *t += c * (x as f64 / n - d * m);
+        }
+    }
 }
 
 /// The weighted Karcher mean of `models` (weights `alphas`, any positive
 /// scale) into `out`.
+///
+/// Each gradient step is three sweeps over the tensor: the dot products of
+/// all models at once (with the previous step's normalisation folded in),
+/// the tangent's norm (writing the output as it stands, in case this is the
+/// last step), and the exponential map with the new mean's norm; the tangent
+/// is recomputed where it is needed instead of stored. Every sum is
+/// the same sequential `f64` sum, in the same order, as in the plain loop
+/// over one quantity at a time (a test compares the two bit for bit).
 pub fn karcher_mean(models: &[&[f32]], alphas: &[f64], max_iter: usize, tol: f64, out: &mut [f32]) {
+    let mut mean = vec![0.0; out.len()];
+    karcher_into(models, alphas, max_iter, tol, &mut mean, out, |v| v as f32);
+}
+
+/// [`karcher_mean`] with the running mean in `mean` (zeros, as long as
+/// `out`: the merge lends it from its [`Scratch`](tensormerge_methods::Scratch),
+/// so its pages are not allocated afresh for every tensor) and each output
+/// entry made by `cast` from its `f64` value (the tests compare the `f64`
+/// values themselves).
+fn karcher_into<O>(
+    models: &[&[f32]],
+    alphas: &[f64],
+    max_iter: usize,
+    tol: f64,
+    mean: &mut [f64],
+    out: &mut [O],
+    cast: impl Fn(f64) -> O,
+) {
     let len = out.len();
     let total: f64 = alphas.iter().sum();
     let alphas: Vec<f64> = alphas.iter().map(|a| a / total).collect();
-    let norms: Vec<f64> = models
-        .iter()
-        .map(|m| m.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
-        .collect();
+    let mut norms = Vec::with_capacity(models.len());
+    for g in models.chunks(LANES) {
+        norms.extend(lanes!(g.len(), squares(g)).into_iter().map(f64::sqrt));
+    }
     let valid: Vec<usize> = (0..models.len())
         .filter(|&i| norms[i] > tol && alphas[i] > 0.0)
         .collect();
     if valid.is_empty() {
-        out.fill(0.0);
+        out.iter_mut().for_each(|o| *o = cast(0.0));
         return;
     }
     let vsum: f64 = valid.iter().map(|&i| alphas[i]).sum();
-    let unit = |i: usize, e: usize| models[i][e] as f64 / norms[i];
+    let blocks =
+        |len: usize| (0..len.div_ceil(BLOCK)).map(move |b| b * BLOCK..(b * BLOCK + BLOCK).min(len));
+    let mut t = [0.0f64; BLOCK];
 
-    let mut mean = vec![0.0f64; len];
-    for &i in &valid {
-        let a = alphas[i] / vsum;
-        for (e, m) in mean.iter_mut().enumerate() {
-            *m += a * unit(i, e);
+    // The normalised weighted average, with its norm from the same sweep.
+    let mut mn = sum_start();
+    for r in blocks(len) {
+        let m = &mut mean[r.clone()];
+        for &i in &valid {
+            let (a, x, n) = (alphas[i] / vsum, &models[i][r.clone()], norms[i]);
+            for (m, &x) in m.iter_mut().zip(x) {
+                *m += a * (x as f64 / n);
+            }
         }
+        m.iter().for_each(|m| mn += m * m);
     }
-    let mn = norm(&mean);
+    let mn = mn.sqrt();
+    // The division by the mean's norm still owed (done by the next sweep).
+    let mut owed = None;
     if mn < tol {
-        let i = valid[0];
-        for (e, m) in mean.iter_mut().enumerate() {
-            *m = unit(i, e);
+        let (x, n) = (models[valid[0]], norms[valid[0]]);
+        for r in blocks(len) {
+            unit_block(&x[r.clone()], n, &mut mean[r]);
         }
     } else {
-        mean.iter_mut().for_each(|m| *m /= mn);
+        owed = Some(mn);
     }
 
-    let mut tangent = vec![0.0f64; len];
+    let scale: f64 = alphas.iter().zip(&norms).map(|(a, n)| a * n).sum();
+    let mut dot = vec![0.0; models.len()];
     for _ in 0..max_iter {
-        tangent.fill(0.0);
-        for &i in &valid {
-            let dot = (0..len)
-                .map(|e| mean[e] * unit(i, e))
-                .sum::<f64>()
-                .clamp(-1.0, 1.0);
-            let theta = dot.acos();
-            if theta < tol {
-                continue;
-            }
-            let c = alphas[i] / vsum * theta / theta.sin();
-            for (e, t) in tangent.iter_mut().enumerate() {
-                *t += c * (unit(i, e) - dot * mean[e]);
+        for g in valid.chunks(LANES) {
+            let ms: Vec<&[f32]> = g.iter().map(|&i| models[i]).collect();
+            let ns: Vec<f64> = g.iter().map(|&i| norms[i]).collect();
+            // Only the first group's sweep divides.
+            let div = owed.take();
+            for (&i, d) in g.iter().zip(lanes!(g.len(), dots(mean, div, &ms, &ns))) {
+                dot[i] = d.clamp(-1.0, 1.0);
             }
         }
-        let tn = norm(&tangent);
+        let pull: Pull = valid
+            .iter()
+            .filter_map(|&i| {
+                let theta = dot[i].acos();
+                (theta >= tol).then(|| (i, dot[i], alphas[i] / vsum * theta / theta.sin()))
+            })
+            .collect();
+        // The tangent's norm, and the output as it is if this is the last
+        // step (the usual case for fine-tunes of one base: they lie close
+        // together, and the first step finds the gradient below `tol`).
+        let mut tn = sum_start();
+        for r in blocks(len) {
+            let m = &mean[r.clone()];
+            for (o, &m) in out[r.clone()].iter_mut().zip(m) {
+                *o = cast(scale * m);
+            }
+            tangent_block(models, &norms, &pull, r, m, &mut t);
+            t[..m.len()].iter().for_each(|t| tn += t * t);
+        }
+        let tn = tn.sqrt();
         if tn < tol {
-            break;
+            return;
         }
         let (c, s) = (tn.cos(), tn.sin() / tn);
-        for (m, t) in mean.iter_mut().zip(&tangent) {
-            *m = c * *m + s * t;
+        let mut n = sum_start();
+        for r in blocks(len) {
+            let m = &mut mean[r.clone()];
+            tangent_block(models, &norms, &pull, r, m, &mut t);
+            for (m, t) in m.iter_mut().zip(&t) {
+                *m = c * *m + s * t;
+                n += *m * *m;
+            }
         }
-        let n = norm(&mean);
+        let n = n.sqrt();
         if n > tol {
-            mean.iter_mut().for_each(|m| *m /= n);
+            owed = Some(n);
         }
     }
-    let scale: f64 = alphas.iter().zip(&norms).map(|(a, n)| a * n).sum();
-    for (o, m) in out.iter_mut().zip(&mean) {
-        *o = (scale * m) as f32;
+    let div = owed.unwrap_or(1.0);
+    for (o, m) in out.iter_mut().zip(mean.iter()) {
+        // `m / 1.0` is `m`, exactly.
+        *o = cast(scale * (m / div));
     }
 }
 
@@ -203,7 +359,11 @@ impl MergeMethod for Karcher {
                 });
             }
         };
-        karcher_mean(chunk.models, &alphas, max_iter, ctx.global.f64("tol")?, out);
+        let tol = ctx.global.f64("tol")?;
+        let mut mean = chunk.scratch.f64s(out.len());
+        karcher_into(chunk.models, &alphas, max_iter, tol, &mut mean, out, |v| {
+            v as f32
+        });
         Ok(())
     }
 }
@@ -254,6 +414,89 @@ mod tests {
         .unwrap()
         .run(None, models)
         .unwrap()
+    }
+
+    fn norm(v: &[f64]) -> f64 {
+        v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    /// The first version of [`karcher_mean`], one quantity per loop: the
+    /// reference the faster one must equal bit for bit.
+    fn reference_mean(
+        models: &[&[f32]],
+        alphas: &[f64],
+        max_iter: usize,
+        tol: f64,
+        out: &mut [f64],
+    ) {
+        let len = out.len();
+        let total: f64 = alphas.iter().sum();
+        let alphas: Vec<f64> = alphas.iter().map(|a| a / total).collect();
+        let norms: Vec<f64> = models
+            .iter()
+            .map(|m| m.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
+            .collect();
+        let valid: Vec<usize> = (0..models.len())
+            .filter(|&i| norms[i] > tol && alphas[i] > 0.0)
+            .collect();
+        if valid.is_empty() {
+            out.fill(0.0);
+            return;
+        }
+        let vsum: f64 = valid.iter().map(|&i| alphas[i]).sum();
+        let unit = |i: usize, e: usize| models[i][e] as f64 / norms[i];
+
+        let mut mean = vec![0.0f64; len];
+        for &i in &valid {
+            let a = alphas[i] / vsum;
+            for (e, m) in mean.iter_mut().enumerate() {
+                *m += a * unit(i, e);
+            }
+        }
+        let mn = norm(&mean);
+        if mn < tol {
+            let i = valid[0];
+            for (e, m) in mean.iter_mut().enumerate() {
+                *m = unit(i, e);
+            }
+        } else {
+            mean.iter_mut().for_each(|m| *m /= mn);
+        }
+
+        let mut tangent = vec![0.0f64; len];
+        for _ in 0..max_iter {
+            tangent.fill(0.0);
+            for &i in &valid {
+                let dot = (0..len)
+                    .map(|e| mean[e] * unit(i, e))
+                    .sum::<f64>()
+                    .clamp(-1.0, 1.0);
+                let theta = dot.acos();
+                if theta < tol {
+                    continue;
+                }
+                let c = alphas[i] / vsum * theta / theta.sin();
+                for (e, t) in tangent.iter_mut().enumerate() {
+                    *t += c * (unit(i, e) - dot * mean[e]);
+                }
+            }
+            let tn = norm(&tangent);
+            if tn < tol {
+                break;
+            }
+            let (c, s) = (tn.cos(), tn.sin() / tn);
+            for (m, t) in mean.iter_mut().zip(&tangent) {
+                *m = c * *m + s * t;
+            }
+            let n = norm(&mean);
+            if n > tol {
+                mean.iter_mut().for_each(|m| *m /= n);
+            }
+        }
+        let scale: f64 = alphas.iter().zip(&norms).map(|(a, n)| a * n).sum();
+        for (o, m) in out.iter_mut().zip(&mean) {
+            *o = scale * m;
+        }
     }
 
     fn f64s(v: &[f32]) -> Vec<f64> {
@@ -361,6 +604,62 @@ mod tests {
         let out = run(&[1.0, 1.0], 10, 1e-5, &[&x, &zero]);
         for (o, v) in out.values().unwrap().iter().zip(x.values().unwrap()) {
             assert!((o - 0.5 * v).abs() < 1e-6);
+        }
+    }
+
+    /// The blocked, fused sweeps give exactly the bits of the plain loops,
+    /// compared before the final rounding to `f32` (which would hide most
+    /// differences of an `f64` ulp):
+    /// 1 to 6 models (one and two groups of lanes), lengths around the
+    /// block size, models near each other (few steps), far apart (many
+    /// steps), with a zero model, a zero weight and `max_iter` 0.
+    #[test]
+    fn equals_the_plain_loops_bit_for_bit() {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for len in [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17] {
+            for count in 1..=6 {
+                for spread in [0.01, 1.0] {
+                    let common: Vec<f64> = (0..len).map(|_| next()).collect();
+                    let models: Vec<Vec<f32>> = (0..count)
+                        .map(|_| {
+                            common
+                                .iter()
+                                .map(|c| (c + spread * next()) as f32)
+                                .collect()
+                        })
+                        .collect();
+                    let mut alphas: Vec<f64> = (0..count).map(|_| next() + 0.6).collect();
+                    let mut refs: Vec<&[f32]> = models.iter().map(|m| &m[..]).collect();
+                    let zero = vec![0.0f32; len];
+                    if count == 4 {
+                        refs[1] = &zero;
+                    }
+                    if count == 5 {
+                        alphas[2] = 0.0;
+                    }
+                    for (iters, tol) in [(0, 1e-5), (10, 1e-5), (100, 1e-14)] {
+                        let mut fast = vec![0.0f64; len];
+                        let mut plain = vec![0.0f64; len];
+                        let mut mean = vec![0.0; len];
+                        karcher_into(&refs, &alphas, iters, tol, &mut mean, &mut fast, |v| v);
+                        reference_mean(&refs, &alphas, iters, tol, &mut plain);
+                        let (f, p): (Vec<u64>, Vec<u64>) = (
+                            fast.iter().map(|v| v.to_bits()).collect(),
+                            plain.iter().map(|v| v.to_bits()).collect(),
+                        );
+                        assert_eq!(
+                            f, p,
+                            "len {len}, {count} models, spread {spread}, {iters} steps"
+                        );
+                    }
+                }
+            }
         }
     }
 
