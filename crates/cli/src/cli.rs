@@ -126,7 +126,9 @@ pub struct MergeArgs {
     pub jobs: Option<usize>,
 
     /// Memory budget for tensors in flight (input chunks, results waiting to
-    /// be written); large tensors are processed in chunks to stay under it.
+    /// be written); large tensors are processed in chunks to stay under it
+    /// (methods that need whole tensors, such as karcher, may go over it by
+    /// one tensor's working set).
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: Size,
     /// Accept NaN and infinite values in the input weights and Fisher files
