@@ -21,6 +21,14 @@
 //! `nuslerp_row_wise: true`, the slices along the first dimension (columns of
 //! a matrix).
 //!
+//! Tensors are merged in chunks of whole rows (`chunk_multiple` is the last
+//! dimension), so memory does not grow with the tensor. Rows get their sums
+//! within the chunk. Flattened, and along the first dimension, a per-tensor
+//! pass first sums `‖v0‖²`, `‖v1‖²` and `v0·v1` of each vector in `f64`, one
+//! running sum each, adding the entries in tensor order and carrying the sums
+//! from chunk to chunk: the additions are those of one loop over the whole
+//! tensor, so the output does not depend on the chunking (bit for bit).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use tensormerge_core::{DType, Layout, ParamVector, TensorInfo};
@@ -49,9 +57,11 @@
 //! as mergekit's `transpose(0, -1)` gives.
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// Cosines below `−ANTIPARALLEL` interpolate linearly: slerp's weights grow
@@ -94,38 +104,192 @@ static INFO: MethodInfo = MethodInfo {
     params: PARAMS,
 };
 
-/// Interpolates `count` vector pairs of `len` elements; element `j` of
-/// vector `k` is at `idx(k, j)`.
-fn nuslerp(
-    t: f64,
-    v0: &dyn Fn(usize) -> f64,
-    v1: &dyn Fn(usize) -> f64,
-    (count, len): (usize, usize),
-    idx: &dyn Fn(usize, usize) -> usize,
-    out: &mut [f64],
-) {
-    for k in 0..count {
-        let (mut n0, mut n1, mut dot) = (0.0f64, 0.0f64, 0.0f64);
-        for j in 0..len {
-            let (a, b) = (v0(idx(k, j)), v1(idx(k, j)));
-            n0 += a * a;
-            n1 += b * b;
-            dot += a * b;
-        }
-        let cos = dot / n0.sqrt().max(1e-7) / n1.sqrt().max(1e-7);
+/// How a tensor is cut into vector pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The whole flattened tensor is one vector.
+    Flat,
+    /// Rows of this many elements (the last dimension).
+    Rows(usize),
+    /// Vectors along the first dimension: element `p` belongs to vector
+    /// `p % stride` (the product of the other dimensions).
+    Cols(usize),
+}
+
+/// The mode of a tensor, from its shape and the global parameters.
+fn mode(ctx: &TensorContext<'_>) -> Result<Mode, MethodError> {
+    let numel = ctx.numel();
+    let flatten = ctx.global.bool("nuslerp_flatten")?;
+    let row_wise = ctx.global.bool("nuslerp_row_wise")?;
+    Ok(if flatten || ctx.shape.len() < 2 || numel == 0 {
+        Mode::Flat
+    } else if row_wise {
+        Mode::Cols(numel / ctx.shape[0])
+    } else {
+        Mode::Rows(ctx.shape[ctx.shape.len() - 1])
+    })
+}
+
+/// `t = w_1 / (w_0 + w_1)` (0.5 when the weights cancel).
+fn factor(ctx: &TensorContext<'_>) -> Result<f64, MethodError> {
+    let (w0, w1) = (ctx.models[0].f64("weight")?, ctx.models[1].f64("weight")?);
+    Ok(if (w0 + w1).abs() < 1e-6 {
+        0.5
+    } else {
+        w1 / (w0 + w1)
+    })
+}
+
+/// Running sums of one vector pair: `‖v0‖²`, `‖v1‖²`, `v0·v1`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    n0: f64,
+    n1: f64,
+    dot: f64,
+}
+
+impl Sums {
+    /// Adds one entry (`a` of `v0`, `b` of `v1`).
+    #[inline(always)]
+    fn add(&mut self, a: f64, b: f64) {
+        self.n0 += a * a;
+        self.n1 += b * b;
+        self.dot += a * b;
+    }
+
+    /// The slerp coefficients `(s0, s1)` of `v0` and `v1` at `t`.
+    fn coefficients(&self, t: f64) -> (f64, f64) {
+        let cos = self.dot / self.n0.sqrt().max(1e-7) / self.n1.sqrt().max(1e-7);
         let theta = cos.clamp(-1.0, 1.0).acos();
         let sin = theta.sin();
         // Colinear (mergekit's |sin θ| < 1e-8) or nearly antiparallel (see
         // the crate docs): linear interpolation.
-        let (s0, s1) = if sin.abs() < 1e-8 || cos < -ANTIPARALLEL {
+        if sin.abs() < 1e-8 || cos < -ANTIPARALLEL {
             (1.0 - t, t)
         } else {
             (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
-        };
-        for j in 0..len {
-            let e = idx(k, j);
-            out[e] = s0 * v0(e) + s1 * v1(e);
         }
+    }
+}
+
+/// The two models' task vectors (or values, without a base) in a chunk.
+#[derive(Clone, Copy)]
+struct Pair<'a> {
+    x0: &'a [f32],
+    x1: &'a [f32],
+    base: Option<&'a [f32]>,
+}
+
+impl Pair<'_> {
+    /// The chunk's models and base (an error unless there are two models).
+    fn of<'a>(chunk: &Chunk<'a>) -> Result<Pair<'a>, MethodError> {
+        match *chunk.models {
+            [x0, x1] => Ok(Pair {
+                x0,
+                x1,
+                base: chunk.base,
+            }),
+            _ => Err(MethodError::ModelCount {
+                method: INFO.name.into(),
+                expected: "exactly 2 (plus an optional base)".into(),
+                got: chunk.models.len(),
+            }),
+        }
+    }
+
+    /// `(v0, v1)` at entry `e`.
+    #[inline(always)]
+    fn v(&self, e: usize) -> (f64, f64) {
+        let b = self.base.map_or(0.0, |b| b[e] as f64);
+        (self.x0[e] as f64 - b, self.x1[e] as f64 - b)
+    }
+
+    /// Adds entries `range` to `sums`, in order.
+    fn sum_into(&self, range: std::ops::Range<usize>, sums: &mut Sums) {
+        #[inline(always)]
+        fn run(p: &Pair<'_>, b: impl Fn(usize) -> f64, r: std::ops::Range<usize>, s: &mut Sums) {
+            for e in r {
+                s.add(p.x0[e] as f64 - b(e), p.x1[e] as f64 - b(e));
+            }
+        }
+        // One loop each with and without a base, so neither tests for it.
+        match self.base {
+            Some(base) => run(self, |e| base[e] as f64, range, sums),
+            None => run(self, |_| 0.0, range, sums),
+        }
+    }
+
+    /// `out[j] = (s0 v0 + s1 v1) + b` at entry `start + j`, with
+    /// `(s0, s1) = coef(j)`.
+    #[inline(always)]
+    fn interpolate(&self, start: usize, out: &mut [f32], coef: impl Fn(usize) -> (f64, f64)) {
+        #[inline(always)]
+        fn run(
+            p: &Pair<'_>,
+            b: impl Fn(usize) -> f64,
+            start: usize,
+            out: &mut [f32],
+            coef: impl Fn(usize) -> (f64, f64),
+        ) {
+            let (x0, x1) = (
+                &p.x0[start..start + out.len()],
+                &p.x1[start..start + out.len()],
+            );
+            for (j, o) in out.iter_mut().enumerate() {
+                let b = b(start + j);
+                let (s0, s1) = coef(j);
+                *o = (s0 * (x0[j] as f64 - b) + s1 * (x1[j] as f64 - b) + b) as f32;
+            }
+        }
+        match self.base {
+            Some(base) => run(self, |e| base[e] as f64, start, out, coef),
+            None => run(self, |_| 0.0, start, out, coef),
+        }
+    }
+}
+
+/// The slerp coefficients of a tensor's vectors: one pair (flattened) or
+/// one per vector along the first dimension (`nuslerp_row_wise`).
+#[derive(Debug)]
+struct Coefficients(Vec<(f64, f64)>);
+
+/// The per-tensor pass (flattened and first-dimension modes): one running
+/// `f64` sum of each of `‖v0‖²`, `‖v1‖²`, `v0·v1` per vector, adding the
+/// entries in tensor order and carried from chunk to chunk, so that the sums
+/// (and the output bits) are those of one loop over the whole tensor.
+struct SumPass {
+    t: f64,
+    /// One entry (flattened) or `stride` entries (vector `p % stride`).
+    sums: Vec<Sums>,
+}
+
+impl StatsPass for SumPass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let pair = Pair::of(chunk)?;
+        let len = chunk.len();
+        if let [sums] = &mut self.sums[..] {
+            pair.sum_into(0..len, sums);
+            return Ok(());
+        }
+        let stride = self.sums.len();
+        let (mut e, mut k) = (0, chunk.offset % stride);
+        while e < len {
+            // The entries of the chunk's current row: vectors k.. in turn.
+            let n = (stride - k).min(len - e);
+            for (j, s) in self.sums[k..k + n].iter_mut().enumerate() {
+                let (a, b) = pair.v(e + j);
+                s.add(a, b);
+            }
+            (e, k) = (e + n, 0);
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        let t = self.t;
+        Ok(Arc::new(Coefficients(
+            self.sums.iter().map(|s| s.coefficients(t)).collect(),
+        )))
     }
 }
 
@@ -134,62 +298,66 @@ impl MergeMethod for NuSlerp {
         &INFO
     }
 
-    /// Angles are properties of whole tensors, rows or columns.
-    fn chunkable(&self) -> bool {
-        false
+    /// Chunks of whole rows (along the last dimension): each row has its
+    /// own angle when not flattened; the other modes get their sums from the
+    /// per-tensor pass and do not mind.
+    fn chunk_multiple(&self, shape: &[usize]) -> usize {
+        match shape {
+            [_, .., last] if *last > 0 => *last,
+            _ => 1,
+        }
+    }
+
+    /// Flattened or along the first dimension: the sums of every vector
+    /// over the whole tensor. Rows need none (each chunk holds whole rows).
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        let vectors = match mode(tensor).ok()? {
+            Mode::Flat => 1,
+            Mode::Cols(stride) => stride,
+            Mode::Rows(_) => return None,
+        };
+        Some(Box::new(SumPass {
+            t: factor(tensor).ok()?,
+            sums: vec![Sums::default(); vectors],
+        }))
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
         let ctx = chunk.tensor;
-        let [x0, x1] = chunk.models else {
-            return Err(MethodError::ModelCount {
-                method: INFO.name.into(),
-                expected: "exactly 2 (plus an optional base)".into(),
-                got: chunk.models.len(),
-            });
-        };
-        let (w0, w1) = (ctx.models[0].f64("weight")?, ctx.models[1].f64("weight")?);
-        let t = if (w0 + w1).abs() < 1e-6 {
-            0.5
-        } else {
-            w1 / (w0 + w1)
-        };
-        let base = chunk.base;
-        let b = |e: usize| base.map_or(0.0, |b| b[e] as f64);
-        let v0 = |e: usize| x0[e] as f64 - b(e);
-        let v1 = |e: usize| x1[e] as f64 - b(e);
-        let numel = out.len();
-        let flatten = ctx.global.bool("nuslerp_flatten")?;
-        let row_wise = ctx.global.bool("nuslerp_row_wise")?;
-        let mut res = vec![0.0f64; numel];
-        let (first, last) = (
-            ctx.shape.first().copied().unwrap_or(1),
-            ctx.shape.last().copied().unwrap_or(1),
-        );
-        if flatten || ctx.shape.len() < 2 || numel == 0 {
-            nuslerp(t, &v0, &v1, (1, numel), &|_, j| j, &mut res);
-        } else if row_wise {
-            let stride = numel / first;
-            nuslerp(
-                t,
-                &v0,
-                &v1,
-                (stride, first),
-                &|k, j| j * stride + k,
-                &mut res,
-            );
-        } else {
-            nuslerp(
-                t,
-                &v0,
-                &v1,
-                (numel / last, last),
-                &|k, j| k * last + j,
-                &mut res,
-            );
+        let pair = Pair::of(chunk)?;
+        let t = factor(ctx)?;
+        let mode = mode(ctx)?;
+        if let Mode::Rows(last) = mode {
+            // The chunk starts at a row boundary and holds whole rows.
+            for (start, o) in (0..out.len()).step_by(last).zip(out.chunks_mut(last)) {
+                let mut sums = Sums::default();
+                pair.sum_into(start..start + o.len(), &mut sums);
+                let c = sums.coefficients(t);
+                pair.interpolate(start, o, |_| c);
+            }
+            return Ok(());
         }
-        for (e, (o, r)) in out.iter_mut().zip(&res).enumerate() {
-            *o = (r + b(e)) as f32;
+        let coef = chunk
+            .tensor_stats
+            .and_then(|s| s.downcast_ref::<Coefficients>())
+            .ok_or_else(|| MethodError::Invalid {
+                method: INFO.name.into(),
+                tensor: ctx.name.into(),
+                message: "the per-tensor pass did not run".into(),
+            })?;
+        match (mode, &coef.0[..]) {
+            (Mode::Flat, &[c]) => pair.interpolate(0, out, |_| c),
+            (Mode::Cols(stride), c) if c.len() == stride => {
+                let k0 = chunk.offset % stride;
+                pair.interpolate(0, out, |j| c[(k0 + j) % stride]);
+            }
+            _ => {
+                return Err(MethodError::Invalid {
+                    method: INFO.name.into(),
+                    tensor: ctx.name.into(),
+                    message: "the per-tensor pass gave sums of another shape".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -328,6 +496,113 @@ mod tests {
                         );
                         for (g, w) in out.values().unwrap()[r.clone()].iter().zip(&want) {
                             assert!((*g as f64 - w).abs() < 1e-6 * (1.0 + w.abs()), "{g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole-tensor implementation this crate had before chunking,
+    /// verbatim in its arithmetic: the chunked merge must give its bits.
+    fn whole_tensor(
+        t: f64,
+        shape: &[usize],
+        (flatten, row_wise): (bool, bool),
+        base: Option<&[f32]>,
+        x0: &[f32],
+        x1: &[f32],
+    ) -> Vec<f32> {
+        let b = |e: usize| base.map_or(0.0, |b| b[e] as f64);
+        let v0 = |e: usize| x0[e] as f64 - b(e);
+        let v1 = |e: usize| x1[e] as f64 - b(e);
+        let numel = x0.len();
+        let (first, last) = (shape[0], shape[shape.len() - 1]);
+        let (count, len, idx): (usize, usize, Box<dyn Fn(usize, usize) -> usize>) =
+            if flatten || shape.len() < 2 || numel == 0 {
+                (1, numel, Box::new(|_, j| j))
+            } else if row_wise {
+                let stride = numel / first;
+                (stride, first, Box::new(move |k, j| j * stride + k))
+            } else {
+                (numel / last, last, Box::new(move |k, j| k * last + j))
+            };
+        let mut res = vec![0.0f64; numel];
+        for k in 0..count {
+            let (mut n0, mut n1, mut dot) = (0.0f64, 0.0f64, 0.0f64);
+            for j in 0..len {
+                let (a, b) = (v0(idx(k, j)), v1(idx(k, j)));
+                n0 += a * a;
+                n1 += b * b;
+                dot += a * b;
+            }
+            let cos = dot / n0.sqrt().max(1e-7) / n1.sqrt().max(1e-7);
+            let theta = cos.clamp(-1.0, 1.0).acos();
+            let sin = theta.sin();
+            let (s0, s1) = if sin.abs() < 1e-8 || cos < -ANTIPARALLEL {
+                (1.0 - t, t)
+            } else {
+                (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
+            };
+            for j in 0..len {
+                let e = idx(k, j);
+                res[e] = s0 * v0(e) + s1 * v1(e);
+            }
+        }
+        res.iter()
+            .enumerate()
+            .map(|(e, r)| (r + b(e)) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn chunks_give_the_bits_of_the_whole_tensor_loop() {
+        let l = Arc::new(
+            Layout::new(vec![
+                TensorInfo::new("m", vec![7, 6], DType::F32),
+                TensorInfo::new("v", vec![11], DType::F32),
+                TensorInfo::new("c", vec![3, 2, 5], DType::F32),
+            ])
+            .unwrap(),
+        );
+        let (a, c, base) = (random(&l, 11), random(&l, 12), random(&l, 13));
+        let m = registry().get("nuslerp").unwrap();
+        for (flatten, row_wise) in [(true, false), (false, false), (false, true)] {
+            for b in [None, Some(&base)] {
+                for chunk_len in [1, 7, 12, 25, usize::MAX] {
+                    let per: Vec<Vec<(&str, ParamValue)>> =
+                        vec![vec![("weight", 2.0.into())], vec![("weight", 1.0.into())]];
+                    let out = Merge::new(
+                        m,
+                        vec![
+                            ("nuslerp_flatten", flatten.into()),
+                            ("nuslerp_row_wise", row_wise.into()),
+                        ],
+                        per,
+                    )
+                    .unwrap()
+                    .chunk_len(chunk_len)
+                    .run(b, &[&a, &c])
+                    .unwrap();
+                    for (info, r) in l.float_tensors() {
+                        let want = whole_tensor(
+                            1.0 / 3.0,
+                            &info.shape,
+                            (flatten, row_wise),
+                            b.map(|b| &b.values().unwrap()[r.clone()]),
+                            &a.values().unwrap()[r.clone()],
+                            &c.values().unwrap()[r.clone()],
+                        );
+                        let got = &out.values().unwrap()[r.clone()];
+                        for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{} entry {e}, flatten {flatten}, row_wise {row_wise}, \
+                                 base {}, chunk_len {chunk_len}",
+                                info.name,
+                                b.is_some()
+                            );
                         }
                     }
                 }
