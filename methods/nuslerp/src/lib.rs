@@ -518,15 +518,16 @@ mod tests {
         let v1 = |e: usize| x1[e] as f64 - b(e);
         let numel = x0.len();
         let (first, last) = (shape[0], shape[shape.len() - 1]);
-        let (count, len, idx): (usize, usize, Box<dyn Fn(usize, usize) -> usize>) =
-            if flatten || shape.len() < 2 || numel == 0 {
-                (1, numel, Box::new(|_, j| j))
-            } else if row_wise {
-                let stride = numel / first;
-                (stride, first, Box::new(move |k, j| j * stride + k))
-            } else {
-                (numel / last, last, Box::new(move |k, j| k * last + j))
-            };
+        // (index of the group k, position j within it) -> entry.
+        type Index = Box<dyn Fn(usize, usize) -> usize>;
+        let (count, len, idx): (usize, usize, Index) = if flatten || shape.len() < 2 || numel == 0 {
+            (1, numel, Box::new(|_, j| j))
+        } else if row_wise {
+            let stride = numel / first;
+            (stride, first, Box::new(move |k, j| j * stride + k))
+        } else {
+            (numel / last, last, Box::new(move |k, j| k * last + j))
+        };
         let mut res = vec![0.0f64; numel];
         for k in 0..count {
             let (mut n0, mut n1, mut dot) = (0.0f64, 0.0f64, 0.0f64);
