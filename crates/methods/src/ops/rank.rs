@@ -28,6 +28,8 @@ pub struct RankOrder {
     tmp_order: Vec<u32>,
     packed: Vec<u64>,
     counts: Vec<u32>,
+    flags: Vec<bool>,
+    mask: Vec<u64>,
 }
 
 /// Rows shorter than this are ranked by a comparison sort of packed
@@ -90,18 +92,18 @@ impl RankOrder {
     }
 }
 
+/// Keys at or above this one are not the bits of a finite non-negative
+/// `f32` (infinity, NaN, or keys with the top bit set): [`RankOrder::keep_mask`]
+/// puts them in its top bucket.
+const NOT_FINITE: u32 = 0x7f80_0000;
+
 impl RankOrder {
     /// Calls `kept(j)` for every position `j` whose draw is below the limit
     /// of its rank: `draws[j] < limit[rank(j)]`, where ranks are those of
     /// [`order`](Self::order) (ascending key, equal keys by position) and
     /// `limit` is non-decreasing in the rank (MagPrune's keep probabilities
-    /// grow with the rank). Positions are visited in no particular order.
-    ///
-    /// The same decisions as ranking every entry, without ranking most of
-    /// them: the keys are counted into ordered buckets, which bounds each
-    /// entry's rank to its bucket's range `lo..=hi`; a draw below `limit[lo]`
-    /// is kept and one at or above `limit[hi]` dropped whatever the exact
-    /// rank, and only the buckets holding a draw in between are sorted.
+    /// grow with the rank). Positions are visited in ascending order; the
+    /// decisions are those of [`keep_mask`](Self::keep_mask).
     ///
     /// ```
     /// use tensormerge_methods::ops::RankOrder;
@@ -110,7 +112,6 @@ impl RankOrder {
     /// let limit = [0, 0, 6, 6]; // ranks 2 and 3 keep a draw of 5
     /// let mut kept = vec![];
     /// r.keep_by_rank(&keys, &draws, &limit, |j| kept.push(j));
-    /// kept.sort();
     /// assert_eq!(kept, [0, 2]); // keys 30 (rank 3) and 20 (rank 2)
     /// ```
     pub fn keep_by_rank(
@@ -120,80 +121,134 @@ impl RankOrder {
         limit: &[u64],
         mut kept: impl FnMut(usize),
     ) {
+        let mut mask = std::mem::take(&mut self.mask);
+        mask.clear();
+        mask.resize(keys.len().div_ceil(64), 0);
+        self.keep_mask(keys, draws, limit, &mut mask);
+        for (w, &word) in mask.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                kept(64 * w + word.trailing_zeros() as usize);
+                word &= word - 1;
+            }
+        }
+        self.mask = mask;
+    }
+
+    /// The keep decisions of [`keep_by_rank`](Self::keep_by_rank) as a mask:
+    /// bit `j % 64` of `mask[j / 64]` is set when `draws[j] <
+    /// limit[rank(j)]`, cleared otherwise (`mask.len()` must be
+    /// `keys.len().div_ceil(64)`; `limit` non-decreasing).
+    ///
+    /// Most entries need no exact rank. The keys are counted into ordered
+    /// buckets (twice as many as keys, linear in the magnitude when the keys
+    /// are [`magnitude_key`](super::magnitude_key)s, so that few keys share
+    /// one), which bounds each entry's rank to its bucket's range `lo..=hi`:
+    /// a draw below `limit[lo]` is kept and one at or above `limit[hi]`
+    /// dropped whatever the exact rank. This is one sweep in position order,
+    /// without a branch. Only the buckets holding a draw in between (few:
+    /// the chance is about the bucket's size over the row's length) are
+    /// sorted to give those entries their exact rank. Any bucket function
+    /// that does not decrease with the key gives the same decisions; the one
+    /// here only makes the uncertain entries rare.
+    pub fn keep_mask(&mut self, keys: &[u32], draws: &[u32], limit: &[u64], mask: &mut [u64]) {
         let n = keys.len();
         assert!(
             draws.len() == n && limit.len() == n,
             "one draw and limit per key"
         );
+        assert!(mask.len() == n.div_ceil(64), "one mask bit per key");
+        assert!(n < u32::MAX as usize / 2, "RankOrder: too many keys");
+        mask.iter_mut().for_each(|w| *w = 0);
         if n < RADIX_FROM {
             for (r, &j) in self.order(keys).iter().enumerate() {
                 if (draws[j as usize] as u64) < limit[r] {
-                    kept(j as usize);
+                    mask[j as usize / 64] |= 1 << (j % 64);
                 }
             }
             return;
         }
-        // Ordered buckets: key >> shift, offset to start at 0, fewer than
-        // `buckets`.
-        let (lo_key, hi_key) = keys
+        // Bucket of a key: its f32 magnitude times `scale`, truncated and
+        // capped (non-decreasing in the key: rounding a product by a
+        // non-negative factor is monotone, as are truncation and the cap; a
+        // NaN product only arises from a zero magnitude, which is bucket 0
+        // anyway, or from the top key times 0, when every finite key is
+        // bucket 0 as well); keys that are no finite magnitude go on top.
+        let buckets = 2 * n;
+        let top = buckets as u32 - 1;
+        let max_finite = keys
             .iter()
-            .fold((u32::MAX, 0), |(a, b), &k| (a.min(k), b.max(k)));
-        let buckets = (n / 4).next_power_of_two();
-        let mut shift = 0;
-        while ((hi_key >> shift) - (lo_key >> shift)) as usize >= buckets {
-            shift += 1;
-        }
-        let base = lo_key >> shift;
+            .fold(0u32, |m, &k| if k < NOT_FINITE { m.max(k) } else { m });
+        let scale = buckets as f32 / f32::from_bits(max_finite);
+        let bucket = |k: u32| -> u32 {
+            if k >= NOT_FINITE {
+                top
+            } else {
+                ((f32::from_bits(k) * scale) as u32).min(top)
+            }
+        };
+        // counts[b] = the first rank of bucket b.
         self.counts.clear();
         self.counts.resize(buckets + 1, 0);
-        for &k in keys {
-            self.counts[((k >> shift) - base) as usize + 1] += 1;
+        self.keys.clear();
+        self.keys.extend(keys.iter().map(|&k| bucket(k)));
+        for &b in &self.keys {
+            self.counts[b as usize + 1] += 1;
         }
-        for b in 1..=buckets {
-            self.counts[b] += self.counts[b - 1];
+        let mut first = 0;
+        for c in &mut self.counts {
+            first += *c;
+            *c = first;
         }
-        // counts[b] = first rank of bucket b; scatter positions (ascending
-        // within a bucket) into `order`.
+        // One sweep: sure keeps into the mask, uncertain positions listed.
+        let (ids, counts) = (&self.keys, &self.counts);
         self.order.clear();
         self.order.resize(n, 0);
-        self.tmp_order.clear();
-        self.tmp_order.extend_from_slice(&self.counts[..buckets]);
-        for (j, &k) in keys.iter().enumerate() {
-            let slot = &mut self.tmp_order[((k >> shift) - base) as usize];
-            self.order[*slot as usize] = j as u32;
-            *slot += 1;
+        let mut unsure = 0usize;
+        for (w, word) in mask.iter_mut().enumerate() {
+            let first = 64 * w;
+            let last = (first + 64).min(n);
+            let mut bits = 0u64;
+            for (e, (&b, &u)) in ids[first..last].iter().zip(&draws[first..last]).enumerate() {
+                let (lo, hi) = (counts[b as usize], counts[b as usize + 1] - 1);
+                let u = u as u64;
+                let (keep, maybe) = (u < limit[lo as usize], u < limit[hi as usize]);
+                bits |= u64::from(keep) << e;
+                self.order[unsure] = (first + e) as u32;
+                unsure += usize::from(maybe & !keep);
+            }
+            *word = bits;
         }
-        for b in 0..buckets {
-            let (lo, hi) = (self.counts[b] as usize, self.counts[b + 1] as usize);
-            if lo == hi {
-                continue;
+        if unsure == 0 {
+            return;
+        }
+        // Exact ranks in the buckets of the uncertain entries: their keys and
+        // positions sorted (whole buckets, in bucket order as the buckets do
+        // not decrease with the key); rank = the bucket's first rank plus the
+        // place within the bucket. A draw below the limit of its exact rank
+        // is kept (entries already decided agree: limit is non-decreasing).
+        self.flags.clear();
+        self.flags.resize(buckets, false);
+        for &e in &self.order[..unsure] {
+            self.flags[ids[e as usize] as usize] = true;
+        }
+        self.packed.clear();
+        for (j, (&b, &k)) in ids.iter().zip(keys).enumerate() {
+            if self.flags[b as usize] {
+                self.packed.push(((k as u64) << 32) | j as u64);
             }
-            let (min, max) = (limit[lo], limit[hi - 1]);
-            let mut unsure = false;
-            for &j in &self.order[lo..hi] {
-                let u = draws[j as usize] as u64;
-                if u < min {
-                    kept(j as usize);
-                } else if u < max {
-                    unsure = true;
-                }
+        }
+        self.packed.sort_unstable();
+        let (mut current, mut from) = (u32::MAX, 0usize);
+        for (at, &p) in self.packed.iter().enumerate() {
+            let j = (p & 0xffff_ffff) as usize;
+            let b = ids[j];
+            if b != current {
+                (current, from) = (b, at);
             }
-            if unsure {
-                // Exact ranks within the bucket, for the draws in between.
-                self.packed.clear();
-                self.packed.extend(
-                    self.order[lo..hi]
-                        .iter()
-                        .map(|&j| ((keys[j as usize] as u64) << 32) | j as u64),
-                );
-                self.packed.sort_unstable();
-                for (r, &p) in (lo..).zip(&self.packed) {
-                    let j = (p & 0xffff_ffff) as usize;
-                    let u = draws[j] as u64;
-                    if u >= min && u < max && u < limit[r] {
-                        kept(j);
-                    }
-                }
+            let rank = counts[b as usize] as usize + (at - from);
+            if (draws[j] as u64) < limit[rank] {
+                mask[j / 64] |= 1 << (j % 64);
             }
         }
     }
@@ -244,44 +299,90 @@ mod tests {
         assert_eq!(r.order(&wide), reference(&wide));
     }
 
+    /// `keep_mask` and `keep_by_rank` against ranks from a stable sort, on
+    /// keys of several kinds (magnitudes of one scale, with an outlier, many
+    /// ties, all equal, zeros, infinities and NaNs, arbitrary words with the
+    /// top bit set) and limits that reach 0 and 2^32.
     #[test]
     fn keep_by_rank_is_the_ranked_decision() {
         let mut r = RankOrder::default();
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
+        let mut next = move || {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (s >> 32) as u32
         };
-        for (n, spread) in [
-            (5usize, 1u32 << 31),
-            (200, 3),
-            (768, 1 << 31),
-            (768, 40),
-            (3000, 1 << 25),
-        ] {
-            for eps in [0.0, 0.1, 0.3] {
-                let keys: Vec<u32> = (0..n).map(|_| (next() % spread) >> 1).collect();
-                let draws: Vec<u32> = (0..n).map(|_| next()).collect();
-                let limit: Vec<u64> = (0..n)
-                    .map(|r| {
-                        let p = (0.3 - eps + 2.0 * eps * r as f64 / (n - 1) as f64).clamp(0.0, 1.0);
-                        (p * 4_294_967_296.0).ceil() as u64
-                    })
-                    .collect();
-                let mut expected: Vec<usize> = r
-                    .order(&keys)
-                    .iter()
-                    .enumerate()
-                    .filter(|&(rank, &j)| (draws[j as usize] as u64) < limit[rank])
-                    .map(|(_, &j)| j as usize)
-                    .collect();
-                expected.sort();
-                let mut got = vec![];
-                r.keep_by_rank(&keys, &draws, &limit, |j| got.push(j));
-                got.sort();
-                assert_eq!(got, expected, "n={n} spread={spread} eps={eps}");
+        let magnitude =
+            |u: u32, scale: f32| ((u as f32 / 4e9 - 0.5) * scale).to_bits() & 0x7fff_ffff;
+        for n in [5usize, 127, 128, 200, 768, 1000, 3000] {
+            let kinds: Vec<(&str, Vec<u32>)> = vec![
+                (
+                    "spread",
+                    (0..n).map(|_| (next() % (1 << 31)) >> 1).collect(),
+                ),
+                ("few", (0..n).map(|_| next() % 3).collect()),
+                (
+                    "magnitudes",
+                    (0..n).map(|_| magnitude(next(), 0.02)).collect(),
+                ),
+                (
+                    "outlier",
+                    (0..n)
+                        .map(|j| magnitude(next(), if j == 7 { 1e6 } else { 0.02 }))
+                        .collect(),
+                ),
+                (
+                    "special",
+                    (0..n)
+                        .map(|j| match j % 11 {
+                            0 => 0,
+                            1 => 0x7f80_0000,
+                            2 => 0x7fc0_0000 + j as u32,
+                            3 => 1,
+                            _ => magnitude(next(), 3.0),
+                        })
+                        .collect(),
+                ),
+                ("words", (0..n).map(|_| next()).collect()),
+                ("equal", vec![0x3c00_0000; n]),
+                ("zeros", vec![0; n]),
+            ];
+            for (kind, keys) in kinds {
+                for (d, eps) in [(0.3, 0.0), (0.3, 0.1), (0.2, 0.3), (0.9, 0.3), (0.5, 0.5)] {
+                    let draws: Vec<u32> = (0..n).map(|_| next()).collect();
+                    let limit: Vec<u64> = (0..n)
+                        .map(|r| {
+                            let f = if n > 1 {
+                                r as f64 / (n - 1) as f64
+                            } else {
+                                0.5
+                            };
+                            let p = (d - eps + 2.0 * eps * f).clamp(0.0, 1.0);
+                            (p * 4_294_967_296.0).ceil() as u64
+                        })
+                        .collect();
+                    let mut expected: Vec<usize> = reference(&keys)
+                        .iter()
+                        .enumerate()
+                        .filter(|&(rank, &j)| (draws[j as usize] as u64) < limit[rank])
+                        .map(|(_, &j)| j as usize)
+                        .collect();
+                    expected.sort();
+                    let mut got = vec![];
+                    r.keep_by_rank(&keys, &draws, &limit, |j| got.push(j));
+                    assert_eq!(got, expected, "n={n} {kind} d={d} eps={eps}");
+                    let mut mask = vec![u64::MAX; n.div_ceil(64)];
+                    r.keep_mask(&keys, &draws, &limit, &mut mask);
+                    let from_mask: Vec<usize> = (0..n)
+                        .filter(|&j| (mask[j / 64] >> (j % 64)) & 1 == 1)
+                        .collect();
+                    assert_eq!(from_mask, expected, "mask: n={n} {kind} d={d} eps={eps}");
+                    assert!(
+                        n % 64 == 0 || mask[n / 64] >> (n % 64) == 0,
+                        "bits past the end"
+                    );
+                }
             }
         }
     }
