@@ -238,8 +238,7 @@ impl RowKeep {
         self.keys.clear();
         self.keys
             .extend(x.iter().zip(b).map(|(x, b)| magnitude_key(x - b)));
-        self.draws.clear();
-        self.draws.resize(len, 0);
+        self.draws.resize(len, 0); // (all overwritten)
         draws.fill(&mut self.draws);
     }
 
@@ -354,6 +353,8 @@ struct L1Pass {
     bits: Vec<Vec<u64>>,
     before: Vec<ExactSum>,
     after: Vec<ExactSum>,
+    /// `|x − b|` of a row (as `f64`).
+    abs: Vec<f64>,
 }
 
 impl StatsPass for L1Pass {
@@ -367,22 +368,28 @@ impl StatsPass for L1Pass {
             let Some(keep) = keep else { continue };
             let (x, bits) = (chunk.models[i], &mut self.bits[i]);
             let (before, after) = (&mut self.before[i], &mut self.after[i]);
+            let abs = &mut self.abs;
             let mut draws = draws_of(chunk, i);
             for start in (0..base.len()).step_by(row) {
                 let end = (start + row).min(base.len());
                 let (xr, br) = (&x[start..end], &base[start..end]);
-                for (x, b) in xr.iter().zip(br) {
-                    before.add((*x as f64 - *b as f64).abs());
-                }
+                abs.clear();
+                abs.extend(
+                    xr.iter()
+                        .zip(br)
+                        .map(|(x, b)| (*x as f64 - *b as f64).abs()),
+                );
+                before.add_all(abs);
                 let mask = keep.mask(xr, br, &mut draws);
-                for (w, &word) in mask.iter().enumerate() {
-                    let mut word = word;
-                    while word != 0 {
-                        let j = 64 * w + word.trailing_zeros() as usize;
-                        after.add((xr[j] as f64 - br[j] as f64).abs());
-                        word &= word - 1;
+                // |τ| of the kept entries, 0 for the others (adds nothing).
+                for (a, &word) in abs.chunks_mut(64).zip(mask) {
+                    for (j, a) in a.iter_mut().enumerate() {
+                        // (a bit mask, not a branch: the bits are random)
+                        let keep = 0u64.wrapping_sub((word >> j) & 1);
+                        *a = f64::from_bits(a.to_bits() & keep);
                     }
                 }
+                after.add_all(abs);
                 or_bits_at(bits, chunk.offset + start, mask, end - start);
             }
         }
@@ -448,6 +455,7 @@ fn tensor_pass(t: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
         rows,
         before: (0..m).map(|_| ExactSum::new()).collect(),
         after: (0..m).map(|_| ExactSum::new()).collect(),
+        abs: Vec::new(),
     }))
 }
 

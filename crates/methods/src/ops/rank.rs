@@ -30,6 +30,7 @@ pub struct RankOrder {
     counts: Vec<u32>,
     flags: Vec<bool>,
     mask: Vec<u64>,
+    near: Vec<[u32; 2]>,
 }
 
 /// Rows shorter than this are ranked by a comparison sort of packed
@@ -141,7 +142,7 @@ impl RankOrder {
     /// `keys.len().div_ceil(64)`; `limit` non-decreasing).
     ///
     /// Most entries need no exact rank. The keys are counted into ordered
-    /// buckets (twice as many as keys, linear in the magnitude when the keys
+    /// buckets (as many as keys, linear in the magnitude when the keys
     /// are [`magnitude_key`](super::magnitude_key)s, so that few keys share
     /// one), which bounds each entry's rank to its bucket's range `lo..=hi`:
     /// a draw below `limit[lo]` is kept and one at or above `limit[hi]`
@@ -174,7 +175,7 @@ impl RankOrder {
         // NaN product only arises from a zero magnitude, which is bucket 0
         // anyway, or from the top key times 0, when every finite key is
         // bucket 0 as well); keys that are no finite magnitude go on top.
-        let buckets = 2 * n;
+        let buckets = (n / 4).max(1);
         let top = buckets as u32 - 1;
         let max_finite = keys
             .iter()
@@ -187,7 +188,7 @@ impl RankOrder {
                 ((f32::from_bits(k) * scale) as u32).min(top)
             }
         };
-        // counts[b] = the first rank of bucket b.
+        // counts[b + 1] = the size of bucket b.
         self.counts.clear();
         self.counts.resize(buckets + 1, 0);
         self.keys.clear();
@@ -195,27 +196,37 @@ impl RankOrder {
         for &b in &self.keys {
             self.counts[b as usize + 1] += 1;
         }
-        let mut first = 0;
-        for c in &mut self.counts {
+        // Then counts[b] = the first rank of bucket b, and near[b] = the
+        // limits of the first and last rank of bucket b (if not empty),
+        // capped to u32::MAX: `u < min(l, 2^32 − 1)` is `u < l` for every
+        // draw but u32::MAX, which is always resolved exactly. No branch:
+        // about half the buckets are empty, unpredictably.
+        let cap = |l: u64| l.min(u32::MAX as u64) as u32;
+        self.near.resize(buckets, [0, 0]); // (every entry is written below)
+        let mut first = 0u32;
+        for (c, near) in self.counts[1..].iter_mut().zip(&mut self.near) {
+            let start = first;
             first += *c;
             *c = first;
+            let (lo, hi) = ((start as usize).min(n - 1), (first.max(1) - 1) as usize);
+            *near = [cap(limit[lo]), cap(limit[hi])];
         }
         // One sweep: sure keeps into the mask, uncertain positions listed.
-        let (ids, counts) = (&self.keys, &self.counts);
-        self.order.clear();
-        self.order.resize(n, 0);
+        let (ids, counts, near) = (&self.keys, &self.counts, &self.near[..buckets]);
+        if self.order.len() < n {
+            self.order.resize(n, 0); // (a list of at most n positions)
+        }
         let mut unsure = 0usize;
         for (w, word) in mask.iter_mut().enumerate() {
             let first = 64 * w;
             let last = (first + 64).min(n);
             let mut bits = 0u64;
             for (e, (&b, &u)) in ids[first..last].iter().zip(&draws[first..last]).enumerate() {
-                let (lo, hi) = (counts[b as usize], counts[b as usize + 1] - 1);
-                let u = u as u64;
-                let (keep, maybe) = (u < limit[lo as usize], u < limit[hi as usize]);
+                let [lo, hi] = near[b as usize];
+                let (keep, maybe) = (u < lo, u < hi);
                 bits |= u64::from(keep) << e;
                 self.order[unsure] = (first + e) as u32;
-                unsure += usize::from(maybe & !keep);
+                unsure += usize::from((maybe & !keep) | (u == u32::MAX));
             }
             *word = bits;
         }
