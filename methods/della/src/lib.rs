@@ -357,13 +357,20 @@ struct L1Pass {
     abs: Vec<f64>,
 }
 
-impl StatsPass for L1Pass {
-    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
-        let t = chunk.tensor;
-        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
-            method: INFO.name.into(),
-        })?;
-        let row = row_len(t.shape);
+impl L1Pass {
+    /// [`rows`](Self::rows) compiled for AVX2 (the same IEEE operations in
+    /// the same order: bit-identical results).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn rows_avx2(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
+        self.rows(chunk, base)
+    }
+
+    /// Draws the keep decisions of a chunk's rows, records them and adds up
+    /// the L1 norms.
+    #[inline(always)]
+    fn rows(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
+        let row = row_len(chunk.tensor.shape);
         for (i, keep) in self.rows.iter_mut().enumerate() {
             let Some(keep) = keep else { continue };
             let (x, bits) = (chunk.models[i], &mut self.bits[i]);
@@ -393,6 +400,21 @@ impl StatsPass for L1Pass {
                 or_bits_at(bits, chunk.offset + start, mask, end - start);
             }
         }
+    }
+}
+
+impl StatsPass for L1Pass {
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
+            method: INFO.name.into(),
+        })?;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.rows_avx2(chunk, base) };
+            return Ok(());
+        }
+        self.rows(chunk, base);
         Ok(())
     }
 
