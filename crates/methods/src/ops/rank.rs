@@ -30,7 +30,8 @@ pub struct RankOrder {
     counts: Vec<u32>,
     flags: Vec<bool>,
     mask: Vec<u64>,
-    near: Vec<[u32; 2]>,
+    lo: Vec<u32>,
+    hi: Vec<u32>,
 }
 
 /// Rows shorter than this are ranked by a comparison sort of packed
@@ -142,16 +143,18 @@ impl RankOrder {
     /// `keys.len().div_ceil(64)`; `limit` non-decreasing).
     ///
     /// Most entries need no exact rank. The keys are counted into ordered
-    /// buckets (as many as keys, linear in the magnitude when the keys
-    /// are [`magnitude_key`](super::magnitude_key)s, so that few keys share
-    /// one), which bounds each entry's rank to its bucket's range `lo..=hi`:
-    /// a draw below `limit[lo]` is kept and one at or above `limit[hi]`
-    /// dropped whatever the exact rank. This is one sweep in position order,
-    /// without a branch. Only the buckets holding a draw in between (few:
-    /// the chance is about the bucket's size over the row's length) are
-    /// sorted to give those entries their exact rank. Any bucket function
-    /// that does not decrease with the key gives the same decisions; the one
-    /// here only makes the uncertain entries rare.
+    /// buckets (a quarter as many as keys, linear in the magnitude when the
+    /// keys are [`magnitude_key`](super::magnitude_key)s, so that few keys
+    /// share one), which bounds each entry's rank to its bucket's range
+    /// `lo..=hi`: a draw below `limit[lo]` is kept and one at or above
+    /// `limit[hi]` dropped whatever the exact rank. This is one branch-free
+    /// sweep in position order. The few entries whose draw lies in between
+    /// (about `2ε · (bucket size − 1)` per row for MagPrune: one or two)
+    /// get their exact rank: counted directly over the row when there are
+    /// at most [`DIRECT_RANKS`] of them, else by sorting the buckets that
+    /// hold them. Any bucket function that does not decrease with the key
+    /// gives the same decisions; the one here only makes the uncertain
+    /// entries rare.
     pub fn keep_mask(&mut self, keys: &[u32], draws: &[u32], limit: &[u64], mask: &mut [u64]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -159,19 +162,28 @@ impl RankOrder {
             unsafe { self.keep_mask_avx2(keys, draws, limit, mask) };
             return;
         }
-        self.keep_mask_portable(keys, draws, limit, mask)
+        self.keep_mask_with(keys, draws, limit, mask, false)
     }
 
-    /// [`keep_mask`](Self::keep_mask) compiled for AVX2 (the same
-    /// operations: the same decisions).
+    /// [`keep_mask`](Self::keep_mask) compiled for AVX2, with the bucket and
+    /// sweep phases in AVX2 intrinsics (the same bucket ids and decisions).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn keep_mask_avx2(&mut self, keys: &[u32], draws: &[u32], limit: &[u64], mask: &mut [u64]) {
-        self.keep_mask_portable(keys, draws, limit, mask)
+        self.keep_mask_with(keys, draws, limit, mask, true)
     }
 
+    /// The phases of [`keep_mask`](Self::keep_mask); `simd` selects the AVX2
+    /// bucket and sweep loops (only when the CPU has AVX2).
     #[inline(always)]
-    fn keep_mask_portable(&mut self, keys: &[u32], draws: &[u32], limit: &[u64], mask: &mut [u64]) {
+    fn keep_mask_with(
+        &mut self,
+        keys: &[u32],
+        draws: &[u32],
+        limit: &[u64],
+        mask: &mut [u64],
+        simd: bool,
+    ) {
         let n = keys.len();
         assert!(
             draws.len() == n && limit.len() == n,
@@ -188,68 +200,78 @@ impl RankOrder {
             }
             return;
         }
-        // Bucket of a key: its f32 magnitude times `scale`, truncated and
-        // capped (non-decreasing in the key: rounding a product by a
-        // non-negative factor is monotone, as are truncation and the cap; a
-        // NaN product only arises from a zero magnitude, which is bucket 0
-        // anyway, or from the top key times 0, when every finite key is
-        // bucket 0 as well); keys that are no finite magnitude go on top.
         let buckets = (n / 4).max(1);
         let top = buckets as u32 - 1;
         let max_finite = keys
             .iter()
-            .fold(0u32, |m, &k| if k < NOT_FINITE { m.max(k) } else { m });
+            .fold(0u32, |m, &k| m.max(if k < NOT_FINITE { k } else { 0 }));
         let scale = buckets as f32 / f32::from_bits(max_finite);
-        let bucket = |k: u32| -> u32 {
-            if k >= NOT_FINITE {
-                top
-            } else {
-                ((f32::from_bits(k) * scale) as u32).min(top)
-            }
-        };
+        self.keys.resize(n, 0); // (every id is written below)
+        let ids = &mut self.keys[..n];
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set by `keep_mask_avx2`, which runs on
+            // CPUs with AVX2.
+            unsafe { bucket_ids_avx2(keys, scale, top, ids) };
+        } else {
+            bucket_ids(keys, scale, top, ids);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = simd;
+            bucket_ids(keys, scale, top, ids);
+        }
         // counts[b + 1] = the size of bucket b.
         self.counts.clear();
         self.counts.resize(buckets + 1, 0);
-        self.keys.clear();
-        self.keys.extend(keys.iter().map(|&k| bucket(k)));
-        for &b in &self.keys {
-            self.counts[b as usize + 1] += 1;
+        let counts = &mut self.counts[..];
+        for &b in ids.iter() {
+            counts[b as usize + 1] += 1;
         }
-        // Then counts[b] = the first rank of bucket b, and near[b] = the
+        // Then counts[b] = the first rank of bucket b, and lo[b], hi[b] = the
         // limits of the first and last rank of bucket b (if not empty),
         // capped to u32::MAX: `u < min(l, 2^32 − 1)` is `u < l` for every
         // draw but u32::MAX, which is always resolved exactly. No branch:
         // about half the buckets are empty, unpredictably.
         let cap = |l: u64| l.min(u32::MAX as u64) as u32;
-        self.near.resize(buckets, [0, 0]); // (every entry is written below)
+        self.lo.resize(buckets, 0); // (every entry is written below)
+        self.hi.resize(buckets, 0);
+        let (lo, hi) = (&mut self.lo[..buckets], &mut self.hi[..buckets]);
         let mut first = 0u32;
-        for (c, near) in self.counts[1..].iter_mut().zip(&mut self.near) {
+        for ((c, lo), hi) in counts[1..].iter_mut().zip(lo.iter_mut()).zip(hi.iter_mut()) {
             let start = first;
             first += *c;
             *c = first;
-            let (lo, hi) = ((start as usize).min(n - 1), (first.max(1) - 1) as usize);
-            *near = [cap(limit[lo]), cap(limit[hi])];
+            *lo = cap(limit[(start as usize).min(n - 1)]);
+            *hi = cap(limit[(first.max(1) - 1) as usize]);
         }
         // One sweep: sure keeps into the mask, uncertain positions listed.
-        let (ids, counts, near) = (&self.keys, &self.counts, &self.near[..buckets]);
-        if self.order.len() < n {
-            self.order.resize(n, 0); // (a list of at most n positions)
-        }
-        let mut unsure = 0usize;
-        for (w, word) in mask.iter_mut().enumerate() {
-            let first = 64 * w;
-            let last = (first + 64).min(n);
-            let mut bits = 0u64;
-            for (e, (&b, &u)) in ids[first..last].iter().zip(&draws[first..last]).enumerate() {
-                let [lo, hi] = near[b as usize];
-                let (keep, maybe) = (u < lo, u < hi);
-                bits |= u64::from(keep) << e;
-                self.order[unsure] = (first + e) as u32;
-                unsure += usize::from((maybe & !keep) | (u == u32::MAX));
-            }
-            *word = bits;
-        }
+        self.order.resize(self.order.len().max(n), 0); // (a list of at most n positions)
+        let list = &mut self.order[..n];
+        let (ids, lo, hi) = (&self.keys[..n], &self.lo[..buckets], &self.hi[..buckets]);
+        #[cfg(target_arch = "x86_64")]
+        let unsure = if simd {
+            // SAFETY: as for `bucket_ids_avx2` above.
+            unsafe { sweep_avx2(ids, draws, lo, hi, mask, list) }
+        } else {
+            sweep(ids, draws, lo, hi, mask, list)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let unsure = sweep(ids, draws, lo, hi, mask, list);
         if unsure == 0 {
+            return;
+        }
+        if unsure <= DIRECT_RANKS {
+            // rank(j) = the keys below key j, plus the equal keys before j.
+            for &j in &self.order[..unsure] {
+                let j = j as usize;
+                let k = keys[j];
+                let below: u32 = keys.iter().map(|&o| u32::from(o < k)).sum();
+                let equal: u32 = keys[..j].iter().map(|&o| u32::from(o == k)).sum();
+                if (draws[j] as u64) < limit[(below + equal) as usize] {
+                    mask[j / 64] |= 1 << (j % 64);
+                }
+            }
             return;
         }
         // Exact ranks in the buckets of the uncertain entries: their keys and
@@ -263,12 +285,16 @@ impl RankOrder {
             self.flags[ids[e as usize] as usize] = true;
         }
         self.packed.clear();
-        for (j, (&b, &k)) in ids.iter().zip(keys).enumerate() {
-            if self.flags[b as usize] {
-                self.packed.push(((k as u64) << 32) | j as u64);
-            }
-        }
+        let flags = &self.flags[..];
+        self.packed.extend(
+            ids.iter()
+                .zip(keys)
+                .enumerate()
+                .filter(|&(_, (&b, _))| flags[b as usize])
+                .map(|(j, (_, &k))| ((k as u64) << 32) | j as u64),
+        );
         self.packed.sort_unstable();
+        let counts = &self.counts[..];
         let (mut current, mut from) = (u32::MAX, 0usize);
         for (at, &p) in self.packed.iter().enumerate() {
             let j = (p & 0xffff_ffff) as usize;
@@ -282,6 +308,157 @@ impl RankOrder {
             }
         }
     }
+}
+
+/// [`RankOrder::keep_mask`] counts the exact ranks of up to this many
+/// uncertain entries of a row directly (one vectorised pass over the row's
+/// keys each); more are resolved by sorting their buckets.
+pub const DIRECT_RANKS: usize = 4;
+
+/// The bucket of each key for [`RankOrder::keep_mask`]: its `f32` magnitude
+/// times `scale`, capped to `top` and truncated; keys that are no finite
+/// magnitude (`>= NOT_FINITE`) go to `top`. Non-decreasing in the key:
+/// rounding a product by a non-negative factor is monotone, as are the cap
+/// and the truncation. A NaN product (only from a zero magnitude times an
+/// infinite `scale`, when every other finite key is `top` anyway) is `top`,
+/// as `f32::min` returns the number.
+#[inline(always)]
+fn bucket_ids(keys: &[u32], scale: f32, top: u32, ids: &mut [u32]) {
+    let top_f = top as f32;
+    for (id, &k) in ids.iter_mut().zip(keys) {
+        let b = ((f32::from_bits(k) * scale).min(top_f).max(0.0) as u32).min(top);
+        *id = if k >= NOT_FINITE { top } else { b };
+    }
+}
+
+/// [`bucket_ids`] in AVX2 intrinsics (the same ids: `_mm256_min_ps` returns
+/// its second operand, the cap, for a NaN product as `f32::min` does, and
+/// truncates the same non-negative values below `2^31`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn bucket_ids_avx2(keys: &[u32], scale: f32, top: u32, ids: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let n = keys.len().min(ids.len());
+    let (scale_v, top_f) = (_mm256_set1_ps(scale), _mm256_set1_ps(top as f32));
+    let (top_i, not_finite) = (
+        _mm256_set1_epi32(top as i32),
+        _mm256_set1_epi32(NOT_FINITE as i32),
+    );
+    let zero = _mm256_setzero_ps();
+    for g in 0..n / 8 {
+        // SAFETY: `8 g + 8 <= n` for both slices; unaligned loads and stores.
+        let k = unsafe { _mm256_loadu_si256(keys.as_ptr().add(8 * g) as *const __m256i) };
+        let f = _mm256_mul_ps(_mm256_castsi256_ps(k), scale_v);
+        let f = _mm256_max_ps(_mm256_min_ps(f, top_f), zero);
+        let b = _mm256_min_epu32(_mm256_cvttps_epi32(f), top_i);
+        let special = _mm256_cmpeq_epi32(_mm256_max_epu32(k, not_finite), k);
+        let b = _mm256_blendv_epi8(b, top_i, special);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_si256(ids.as_mut_ptr().add(8 * g) as *mut __m256i, b) };
+    }
+    let done = 8 * (n / 8);
+    bucket_ids(&keys[done..n], scale, top, &mut ids[done..n]);
+}
+
+/// The sweep of [`RankOrder::keep_mask`]: the bits of the entries whose draw
+/// is below the limit of their bucket's first rank (`lo`, kept whatever the
+/// exact rank) into `mask` (cleared), and the positions whose draw lies
+/// between that and the limit of the bucket's last rank (`hi`), or is
+/// `u32::MAX`, listed in `list`; returns how many were listed.
+#[inline(always)]
+fn sweep(
+    ids: &[u32],
+    draws: &[u32],
+    lo: &[u32],
+    hi: &[u32],
+    mask: &mut [u64],
+    list: &mut [u32],
+) -> usize {
+    let n = ids.len();
+    let mut unsure = 0usize;
+    for (w, word) in mask.iter_mut().enumerate() {
+        let first = 64 * w;
+        let last = (first + 64).min(n);
+        let mut bits = 0u64;
+        for (e, (&b, &u)) in ids[first..last].iter().zip(&draws[first..last]).enumerate() {
+            let (keep, maybe) = (u < lo[b as usize], u < hi[b as usize]);
+            bits |= u64::from(keep) << e;
+            list[unsure] = (first + e) as u32;
+            unsure += usize::from((maybe & !keep) | (u == u32::MAX));
+        }
+        *word |= bits;
+    }
+    unsure
+}
+
+/// [`sweep`] in AVX2 intrinsics, eight entries at a time with gathers of
+/// `lo` and `hi` (the same bits and list). Bucket ids are capped to the last
+/// bucket before the gathers, so every load is in bounds whatever `ids`
+/// holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sweep_avx2(
+    ids: &[u32],
+    draws: &[u32],
+    lo: &[u32],
+    hi: &[u32],
+    mask: &mut [u64],
+    list: &mut [u32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let n = ids.len();
+    assert!(
+        draws.len() == n && list.len() >= n && mask.len() == n.div_ceil(64),
+        "sweep: one draw, mask bit and list slot per entry"
+    );
+    assert!(
+        !lo.is_empty() && lo.len() == hi.len() && lo.len() <= i32::MAX as usize,
+        "sweep: one lo and hi per bucket"
+    );
+    let last = _mm256_set1_epi32((lo.len() - 1) as i32);
+    let all = _mm256_set1_epi32(-1);
+    let mut unsure = 0usize;
+    let octets = n / 8;
+    for g in 0..octets {
+        // SAFETY: `8 g + 8 <= n` for `ids` and `draws`; unaligned loads. The
+        // gather indices are capped to `lo.len() − 1` (as unsigned, so also
+        // non-negative as `i32`), inside `lo` and `hi`.
+        let (u, l, h) = unsafe {
+            let b = _mm256_loadu_si256(ids.as_ptr().add(8 * g) as *const __m256i);
+            let b = _mm256_min_epu32(b, last);
+            let u = _mm256_loadu_si256(draws.as_ptr().add(8 * g) as *const __m256i);
+            let l = _mm256_i32gather_epi32::<4>(lo.as_ptr() as *const i32, b);
+            let h = _mm256_i32gather_epi32::<4>(hi.as_ptr() as *const i32, b);
+            (u, l, h)
+        };
+        // u >= l (unsigned) is max(u, l) == u.
+        let ge_l = _mm256_cmpeq_epi32(_mm256_max_epu32(u, l), u);
+        let ge_h = _mm256_cmpeq_epi32(_mm256_max_epu32(u, h), u);
+        let is_max = _mm256_cmpeq_epi32(u, all);
+        let keep = !_mm256_movemask_ps(_mm256_castsi256_ps(ge_l)) as u32 & 0xff;
+        let maybe = _mm256_or_si256(_mm256_andnot_si256(ge_h, ge_l), is_max);
+        let mut m = _mm256_movemask_ps(_mm256_castsi256_ps(maybe)) as u32;
+        mask[g / 8] |= (keep as u64) << (8 * (g % 8));
+        while m != 0 {
+            list[unsure] = (8 * g) as u32 + m.trailing_zeros();
+            unsure += 1;
+            m &= m - 1;
+        }
+    }
+    let done = 8 * octets;
+    if done < n {
+        // The tail: at most 7 entries, in the last mask word.
+        for e in done..n {
+            let (u, b) = (draws[e], ids[e].min(lo.len() as u32 - 1) as usize);
+            let keep = u < lo[b];
+            mask[e / 64] |= u64::from(keep) << (e % 64);
+            if (u < hi[b] && !keep) || u == u32::MAX {
+                list[unsure] = e as u32;
+                unsure += 1;
+            }
+        }
+    }
+    unsure
 }
 
 #[cfg(test)]
@@ -376,6 +553,16 @@ mod tests {
                 ),
                 ("words", (0..n).map(|_| next()).collect()),
                 ("equal", vec![0x3c00_0000; n]),
+                (
+                    // Equal neighbours spread over one binade: few uncertain
+                    // entries, each with an equal key before or after it.
+                    "pairs",
+                    (0..n as u32)
+                        .map(|j| {
+                            0x3c00_0000 + ((j / 2).wrapping_mul(2_654_435_761) % n as u32) * 16
+                        })
+                        .collect(),
+                ),
                 ("zeros", vec![0; n]),
             ];
             for (kind, keys) in kinds {
@@ -412,6 +599,10 @@ mod tests {
                         n % 64 == 0 || mask[n / 64] >> (n % 64) == 0,
                         "bits past the end"
                     );
+                    // The portable loops give the same mask as the AVX2 ones.
+                    let mut portable = vec![u64::MAX; n.div_ceil(64)];
+                    r.keep_mask_with(&keys, &draws, &limit, &mut portable, false);
+                    assert_eq!(portable, mask, "portable: n={n} {kind} d={d} eps={eps}");
                 }
             }
         }
