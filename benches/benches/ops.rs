@@ -4,31 +4,28 @@
 //! rank), measured side by side.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tensormerge_methods::ops::{RankOrder, magnitude_key};
+use tensormerge_benches::Inputs;
+use tensormerge_methods::ops::{RankOrder, dare_limit, magnitude_key};
+use tensormerge_methods::rng::Draws;
 
-/// Task-vector-like keys (magnitudes of a sum of uniforms, about normal),
-/// draws and MagPrune limits (density 0.2, epsilon 0.15) for `rows` rows of
-/// `n` entries.
+/// DELLA's inputs for `rows` rows of `n` entries: the magnitude keys of a
+/// task vector of the benches' synthetic [`Inputs`] (model − base), the
+/// ChaCha draws DELLA would make ([`Draws`]) and its keep limits by rank
+/// for density 0.2, epsilon 0.15 ([`dare_limit`] + 1, as DELLA's tables).
 fn rows(n: usize, rows: usize) -> (Vec<u32>, Vec<u32>, Vec<u64>) {
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (s >> 32) as u32
-    };
-    let keys = (0..n * rows)
-        .map(|_| {
-            let v: f32 = (0..4).map(|_| next() as f32 / 4.294_967e9 - 0.5).sum();
-            magnitude_key(v * 0.01)
-        })
+    let inputs = Inputs::new(n * rows, 1);
+    let keys = inputs.models[0]
+        .iter()
+        .zip(&inputs.base)
+        .map(|(x, b)| magnitude_key(x - b))
         .collect();
-    let draws = (0..n * rows).map(|_| next()).collect();
+    let mut draws = vec![0u32; n * rows];
+    Draws::new(7, "bench", 0, 0).fill(&mut draws);
     let (d, eps) = (0.2, 0.15);
     let limit = (0..n)
         .map(|r| {
             let p: f64 = (d - eps + 2.0 * eps * r as f64 / (n - 1) as f64).clamp(0.0, 1.0);
-            (p * 4_294_967_296.0).ceil() as u64
+            dare_limit(p).map_or(0, |l| l as u64 + 1)
         })
         .collect();
     (keys, draws, limit)

@@ -360,6 +360,17 @@ fn bucket_ids_avx2(keys: &[u32], scale: f32, top: u32, ids: &mut [u32]) {
     bucket_ids(&keys[done..n], scale, top, &mut ids[done..n]);
 }
 
+/// The decision of the sweep for one entry with draw `u` in a bucket whose
+/// first and last ranks have limits `lo` and `hi`: `(keep, unsure)`, where
+/// `keep` holds whatever the exact rank and `unsure` asks for the exact rank
+/// (the draw lies in between, or is `u32::MAX`, which the capped limits
+/// cannot decide).
+#[inline(always)]
+fn decide(u: u32, lo: u32, hi: u32) -> (bool, bool) {
+    let keep = u < lo;
+    (keep, (u < hi && !keep) | (u == u32::MAX))
+}
+
 /// The sweep of [`RankOrder::keep_mask`]: the bits of the entries whose draw
 /// is below the limit of their bucket's first rank (`lo`, kept whatever the
 /// exact rank) into `mask` (cleared), and the positions whose draw lies
@@ -381,10 +392,10 @@ fn sweep(
         let last = (first + 64).min(n);
         let mut bits = 0u64;
         for (e, (&b, &u)) in ids[first..last].iter().zip(&draws[first..last]).enumerate() {
-            let (keep, maybe) = (u < lo[b as usize], u < hi[b as usize]);
+            let (keep, maybe) = decide(u, lo[b as usize], hi[b as usize]);
             bits |= u64::from(keep) << e;
             list[unsure] = (first + e) as u32;
-            unsure += usize::from((maybe & !keep) | (u == u32::MAX));
+            unsure += usize::from(maybe);
         }
         *word |= bits;
     }
@@ -450,9 +461,9 @@ fn sweep_avx2(
         // The tail: at most 7 entries, in the last mask word.
         for e in done..n {
             let (u, b) = (draws[e], ids[e].min(lo.len() as u32 - 1) as usize);
-            let keep = u < lo[b];
+            let (keep, maybe) = decide(u, lo[b], hi[b]);
             mask[e / 64] |= u64::from(keep) << (e % 64);
-            if (u < hi[b] && !keep) || u == u32::MAX {
+            if maybe {
                 list[unsure] = e as u32;
                 unsure += 1;
             }
