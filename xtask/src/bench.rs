@@ -297,19 +297,33 @@ pub(crate) fn floor(
     Ok((read, write))
 }
 
-/// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
-/// RSS in bytes, CPU time user + system).
-pub(crate) fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
-    // Linux carries the RSS high-water mark of the address space a process
-    // replaces at `execve` into its `ru_maxrss`. `Command` spawns with
-    // `vfork` semantics (posix_spawn), where that address space is this
-    // process's, so the child would report our peak (the generator's
-    // buffers). A `pre_exec` hook makes `Command` use a real `fork`, whose
-    // copy starts its high-water mark at our current (small) RSS.
+/// Makes `cmd` spawn its child so that the child's `ru_maxrss` is (nearly)
+/// its own.
+///
+/// Linux carries the RSS high-water mark of the address space a process
+/// replaces at `execve` into its `ru_maxrss`. `Command` spawns with `vfork`
+/// semantics (posix_spawn), where that address space is this process's, so
+/// the child would report our peak (the generator's buffers). A `pre_exec`
+/// hook makes `Command` use a real `fork`, whose copy starts its high-water
+/// mark at our *current* RSS; `malloc_trim` first hands the memory our
+/// allocator keeps after frees (the generator's and checker's buffers) back
+/// to the system, so that this is small (`scale::inherited` measures it).
+pub(crate) fn real_fork(cmd: &mut Command) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `malloc_trim` only releases free memory of glibc's heap.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     // SAFETY: the hook does nothing, so it is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| Ok(()));
     }
+}
+
+/// Runs `cmd`, waits with `wait4` and returns (wall time, exit status, peak
+/// RSS in bytes, CPU time user + system).
+pub(crate) fn run_measured(cmd: &mut Command) -> Result<(Duration, i32, u64, Duration)> {
+    real_fork(cmd);
     let t = Instant::now();
     let child = cmd.spawn().context("starting tensormerge")?;
     let pid = child.id() as libc::pid_t;

@@ -6,13 +6,19 @@
 //! number of layers chosen so that each file is about the asked size), then,
 //! through the release `tensormerge` binary as a child process:
 //!
-//! - the I/O floor on the same files in the same run: every input byte read
-//!   once plus an output-sized file written and synced;
-//! - `task_arithmetic` and `ties` (density 0.2) on one worker: wall time,
-//!   ratio to the floor, peak RSS (`ru_maxrss`, target < 1 GiB);
+//! - the I/O floor on the same files in the same run: every input read once
+//!   and an output-sized file written and synced, all at once (one thread
+//!   per input, one writing), as a merge overlaps them; measured cold, then
+//!   again at once (warm: whatever of the inputs the page cache kept);
+//! - `task_arithmetic` on one worker, cold, then again at once (against the
+//!   warm floor; its output must be byte-identical to the first run's);
 //! - the same task arithmetic split over two workers on this machine
 //!   (`--shard 0/2` and `--shard 1/2` at once, `-j 1` each) plus `join`,
 //!   whose output must be byte-identical to the one-worker output;
+//! - `ties` (density 0.2) on one worker, cold;
+//! - for each: wall time, ratio to the floor, peak RSS (`ru_maxrss`, target
+//!   < 1 GiB; a child's figure is never below what it inherits from this
+//!   process at the fork, so figures at that level are shown as "≤");
 //! - every output checked against an independent recomputation (in this
 //!   file, from the input bytes, in f64) of a sample of tensors: task
 //!   arithmetic to within one BF16 step per element, ties likewise except
@@ -20,12 +26,17 @@
 //!   entries a top-k keeps is a tie-breaking choice; they are counted and
 //!   left out).
 //!
+//! Every merge writes 1 GB output shards (`--out-shard-size 1GB`), so that
+//! even the smallest size gives both workers shards to write. Outputs are
+//! compared by SHA-256 of each file, and each is deleted before the next
+//! is written, so the disk must hold the four inputs and one output (checked
+//! first, with a 1 GB margin); the generated inputs are deleted after each
+//! size unless `--keep`.
+//!
 //! The page cache is dropped (`echo 3 > /proc/sys/vm/drop_caches`, root
-//! only) before the floor and before each merge, so every run starts cold;
-//! without root every run is warm (whatever of the inputs the page cache
-//! holds), and the report says which. Free disk space is checked first (four
-//! inputs, two outputs and a margin); the generated files are deleted after
-//! each size unless `--keep`.
+//! only) before the floor and before each cold run; without root every run
+//! is warm (whatever of the inputs the page cache holds), and the report
+//! says which.
 //!
 //! Options: `--scale-gb G` (size of each input at 1x; default 10),
 //! `--sizes 0.25,0.5,1`, `--dir DIR` (default: a fresh directory under the
@@ -39,7 +50,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Dt, Rng, bf16_bits, build_binary, config, floor, mib, run_measured};
+use crate::bench::{Dt, Rng, bf16_bits, build_binary, config, mib, real_fork, run_measured};
 
 /// Llama-7B's widths.
 const D: usize = 4096;
@@ -48,6 +59,10 @@ const VOCAB: usize = 32000;
 
 /// Peak RSS target of every merge.
 const RSS_LIMIT: u64 = 1 << 30;
+
+/// `--out-shard-size` of every merge: small enough that even the smallest
+/// size has several output shards for the two `--shard` workers to share.
+const OUT_SHARD: &str = "1GB";
 
 /// The tensors of a Llama-shaped model with `layers` layers, in checkpoint
 /// order.
@@ -315,38 +330,163 @@ fn check(root: &Path, out: &Path, method: &str, layers: usize) -> Result<(u64, u
     Ok((compared, skipped, worst))
 }
 
-/// Byte-compares two model directories (same files, same bytes).
-fn same_dirs(a: &Path, b: &Path) -> Result<bool> {
-    let list = |d: &Path| -> Result<Vec<String>> {
-        let mut v: Vec<String> = fs::read_dir(d)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<std::io::Result<_>>()?;
-        v.sort();
-        Ok(v)
+/// Each file of a model directory with its SHA-256 (`sha256sum`), in name
+/// order: two outputs are byte-identical when these are equal. Checksums
+/// instead of a byte comparison, so that only one output need be on disk
+/// at a time.
+fn digests(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut names: Vec<String> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    let out = Command::new("sha256sum")
+        .args(&names)
+        .current_dir(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running sha256sum")?;
+    if !out.status.success() {
+        bail!("sha256sum failed in {}", dir.display());
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let sums: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    if sums.len() != names.len() {
+        bail!(
+            "sha256sum gave {} sums for {} files in {}",
+            sums.len(),
+            names.len(),
+            dir.display()
+        );
+    }
+    Ok(names.into_iter().zip(sums).collect())
+}
+
+/// The task arithmetic of `cfg` split over two `--shard` workers running at
+/// once on this machine (`-j 1` each), then `join`; the result compared
+/// with the one-worker `reference`. Returns (workers' wall time, join's,
+/// peak RSS as text, whether all is well, the check's text).
+fn sharded(
+    bin: &Path,
+    cfg: &Path,
+    out: &Path,
+    reference: &[(String, String)],
+) -> Result<(Duration, Duration, String, bool, String)> {
+    drop_caches();
+    let mut cmds: Vec<Command> = (0..2)
+        .map(|i| {
+            let mut c = Command::new(bin);
+            c.args(["--no-progress", "merge"])
+                .arg(cfg)
+                .arg("-o")
+                .arg(out)
+                .args(["--out-shard-size", OUT_SHARD])
+                .args(["-j", "1", "--shard", &format!("{i}/2")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        })
+        .collect();
+    let (wall_w, results) = run_together(&mut cmds)?;
+    let mut join = Command::new(bin);
+    join.args(["--no-progress", "join"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let (wall_j, code_j, rss_j, _) = run_measured(&mut join)?;
+    let worst = results.iter().map(|r| r.1).max().unwrap_or(0).max(rss_j);
+    let floor = inherited();
+    let rss = format!(
+        "workers {}, join {}",
+        results
+            .iter()
+            .map(|r| peak_text(r.1, floor))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        peak_text(rss_j, floor)
+    );
+    let codes_ok = results.iter().all(|r| r.0 == 0) && code_j == 0;
+    let same = codes_ok && digests(out)? == reference;
+    let text = if same {
+        format!("ok: byte-identical to 1 worker ({} files)", reference.len())
+    } else {
+        format!(
+            "FAILED: exit codes {:?}, join {code_j}; differs from 1 worker",
+            results.iter().map(|r| r.0).collect::<Vec<_>>()
+        )
     };
-    let (la, lb) = (list(a)?, list(b)?);
-    if la != lb {
-        return Ok(false);
-    }
-    let mut x = vec![0u8; 8 << 20];
-    let mut y = vec![0u8; 8 << 20];
-    for f in la {
-        let (mut fa, mut fb) = (File::open(a.join(&f))?, File::open(b.join(&f))?);
-        if fa.metadata()?.len() != fb.metadata()?.len() {
-            return Ok(false);
-        }
-        loop {
-            let n = fa.read(&mut x)?;
-            if n == 0 {
-                break;
+    Ok((wall_w, wall_j, rss, same && worst < RSS_LIMIT, text))
+}
+
+/// The I/O floor of one merge on this machine: every input read once and
+/// an output-sized file written and synced, all at the same time (one
+/// thread per input, one writing), as a merge overlaps its reads and
+/// writes. Returns the wall time until the last of them is done.
+fn floor_together(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<Duration> {
+    let path = scratch.join("floor.bin");
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let readers: Vec<_> = inputs
+            .iter()
+            .map(|p| {
+                s.spawn(move || -> Result<u8> {
+                    let mut buf = vec![0u8; 8 << 20];
+                    let mut f = File::open(p).with_context(|| p.display().to_string())?;
+                    let mut x = 0u8;
+                    loop {
+                        let n = f.read(&mut buf)?;
+                        if n == 0 {
+                            return Ok(x);
+                        }
+                        x ^= buf[n - 1];
+                    }
+                })
+            })
+            .collect();
+        let writer = s.spawn(|| -> Result<()> {
+            let buf = vec![1u8; 8 << 20];
+            let mut f = File::create(&path)?;
+            let mut left = out_bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                f.write_all(&buf[..n])?;
+                left -= n as u64;
             }
-            fb.read_exact(&mut y[..n])?;
-            if x[..n] != y[..n] {
-                return Ok(false);
-            }
+            f.sync_all()?;
+            Ok(())
+        });
+        for r in readers {
+            std::hint::black_box(r.join().expect("floor reader panicked")?);
         }
+        writer.join().expect("floor writer panicked")
+    })?;
+    let wall = t.elapsed();
+    fs::remove_file(&path)?;
+    Ok(wall)
+}
+
+/// The peak RSS a child spawned now would report if it used no memory of
+/// its own: the resident set it inherits from this process at the fork
+/// (see `bench::real_fork`), measured by spawning `true` the same way.
+/// A child's `ru_maxrss` is the larger of this and its own peak.
+fn inherited() -> u64 {
+    let mut t = Command::new("true");
+    t.stdin(Stdio::null()).stdout(Stdio::null());
+    run_measured(&mut t).map_or(0, |r| r.2)
+}
+
+/// A peak RSS as text; at or below what a child inherits (`floor`) the
+/// child's own peak is only known to be at most that.
+fn peak_text(rss: u64, floor: u64) -> String {
+    if rss <= floor {
+        format!("≤ {:.0} MiB", mib(rss))
+    } else {
+        format!("{:.0} MiB", mib(rss))
     }
-    Ok(true)
 }
 
 /// Drops the page cache (root only). Returns whether it did.
@@ -376,15 +516,10 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 /// Runs several children at once; returns the wall time until the last
 /// one ended, and each one's exit code and peak RSS.
 fn run_together(cmds: &mut [Command]) -> Result<(Duration, Vec<(i32, u64)>)> {
-    use std::os::unix::process::CommandExt;
     let t = Instant::now();
     let mut pids = Vec::new();
     for c in cmds.iter_mut() {
-        // A real fork, so that ru_maxrss is the child's own (see
-        // `bench::run_measured`). SAFETY: the hook does nothing.
-        unsafe {
-            c.pre_exec(|| Ok(()));
-        }
+        real_fork(c);
         pids.push(c.spawn().context("starting tensormerge")?.id() as libc::pid_t);
     }
     let mut out = Vec::new();
@@ -505,11 +640,14 @@ pub fn run(args: &[String]) -> Result<()> {
             .iter()
             .map(|(_, s)| numel(s) as u64 * 2)
             .sum::<u64>();
-        let need = per_input * 7 + (1 << 30);
+        // Peak disk use: the four inputs plus one output (each output is
+        // reduced to its checksums and deleted before the next is written;
+        // the floor's file is deleted by `floor`).
+        let need = per_input * 5 + (1 << 30);
         let free = free_bytes(&root)?;
         if free < need {
             bail!(
-                "{frac}x needs {:.1} GB free in {} (4 inputs, 2 outputs, the floor's file and 1 GB), only {:.1} GB free: use a smaller --scale-gb, fewer --sizes or another --dir",
+                "{frac}x needs {:.1} GB free in {} (4 inputs, 1 output and 1 GB), only {:.1} GB free: use a smaller --scale-gb, fewer --sizes or another --dir",
                 gb(need),
                 root.display(),
                 gb(free)
@@ -532,34 +670,48 @@ pub fn run(args: &[String]) -> Result<()> {
         let size = format!("{frac}x");
         let inp = format!("4 x {:.2} GB", gb(per_input));
         drop_caches();
-        let (r, w) = floor(&inputs, per_input, &dir)?;
-        let fl = r + w;
+        let fl = floor_together(&inputs, per_input, &dir)?;
+        let fl_warm = floor_together(&inputs, per_input, &dir)?;
+        let cache = if cold { "cold" } else { "warm" };
         println!(
-            "| {size} | {layers} | {inp} | floor (read {:.0} s + write {:.0} s) | {:.0} s | | 1.00x | | |",
-            r.as_secs_f64(),
-            w.as_secs_f64(),
+            "| {size} | {layers} | {inp} | floor, {cache} | {:.0} s | | 1.00x | | |",
             fl.as_secs_f64()
         );
-        let row = |run: &str, wall: Duration, rss: u64, check: &str| {
+        println!(
+            "| {size} | {layers} | {inp} | floor, again at once | {:.0} s | | 1.00x | | |",
+            fl_warm.as_secs_f64()
+        );
+        let row = |run: &str, wall: Duration, fl: Duration, rss: &str, check: &str| {
             println!(
-                "| {size} | {layers} | {inp} | {run} | {:.0} s | {:.0} s | {:.2}x | {:.0} MiB | {check} |",
+                "| {size} | {layers} | {inp} | {run} | {:.1} s | {:.1} s | {:.2}x | {rss} | {check} |",
                 wall.as_secs_f64(),
                 fl.as_secs_f64(),
                 wall.as_secs_f64() / fl.as_secs_f64(),
-                mib(rss)
             );
         };
-        for method in ["task_arithmetic", "ties"] {
+        let rss_text = |rss: u64| peak_text(rss, inherited());
+        // The reference checksums of the one-worker task arithmetic.
+        let mut single: Option<Vec<(String, String)>> = None;
+        // (method, page cache dropped first)
+        for (method, drop) in [
+            ("task_arithmetic", true),
+            ("task_arithmetic", false),
+            ("ties", true),
+        ] {
             let cfg = dir.join(format!("{method}.yml"));
             fs::write(&cfg, config(method, &dir, Dt::Bf16))?;
             let out = dir.join(format!("out-{method}"));
             let err = dir.join(format!("{method}.err"));
-            drop_caches();
+            let state = if !drop { "again at once" } else { cache };
+            if drop {
+                drop_caches();
+            }
             let mut cmd = Command::new(&bin);
             cmd.args(["--no-progress", "merge"])
                 .arg(&cfg)
                 .arg("-o")
                 .arg(&out)
+                .args(["--out-shard-size", OUT_SHARD])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(File::create(&err)?);
@@ -576,16 +728,11 @@ pub fn run(args: &[String]) -> Result<()> {
                 failed.push(format!("{size} {method}"));
                 continue;
             }
-            let (n, skipped, worst) = check(&dir, &out, method, layers)?;
-            let ok = worst <= 1 && rss < RSS_LIMIT;
-            if !ok {
-                failed.push(format!("{size} {method}"));
-            }
-            row(
-                &format!("{method}, 1 worker"),
-                wall,
-                rss,
-                &format!(
+            let mut ok = rss < RSS_LIMIT;
+            let check_text = if single.is_none() || method != "task_arithmetic" {
+                let (n, skipped, worst) = check(&dir, &out, method, layers)?;
+                ok &= worst <= 1;
+                format!(
                     "{} {n} elements of {} tensors, max {worst} BF16 step(s){}",
                     if ok { "ok:" } else { "FAILED:" },
                     sample(layers).len(),
@@ -594,68 +741,52 @@ pub fn run(args: &[String]) -> Result<()> {
                     } else {
                         String::new()
                     }
-                ),
-            );
-            if method == "ties" {
-                fs::remove_dir_all(&out)?;
+                )
+            } else {
+                let same = single.as_ref() == Some(&digests(&out)?);
+                ok &= same;
+                if same {
+                    "ok: byte-identical to the first run".to_string()
+                } else {
+                    "FAILED: differs from the first run".to_string()
+                }
+            };
+            if !ok {
+                failed.push(format!("{size} {method} ({state})"));
             }
-        }
-        // Two workers at once on this machine, then join.
-        let single = dir.join("out-task_arithmetic");
-        if single.is_dir() {
-            let cfg = dir.join("task_arithmetic.yml");
-            // The same directory name as the one-worker output: the model
-            // card names it.
-            let out = dir.join("sharded").join("out-task_arithmetic");
-            drop_caches();
-            let mut cmds: Vec<Command> = (0..2)
-                .map(|i| {
-                    let mut c = Command::new(&bin);
-                    c.args(["--no-progress", "merge"])
-                        .arg(&cfg)
-                        .arg("-o")
-                        .arg(&out)
-                        .args(["-j", "1", "--shard", &format!("{i}/2")])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null());
-                    c
-                })
-                .collect();
-            let (wall_w, results) = run_together(&mut cmds)?;
-            let mut join = Command::new(&bin);
-            join.args(["--no-progress", "join"])
-                .arg(&out)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let (wall_j, code_j, rss_j, _) = run_measured(&mut join)?;
-            let rss = results.iter().map(|r| r.1).max().unwrap_or(0).max(rss_j);
-            let codes_ok = results.iter().all(|r| r.0 == 0) && code_j == 0;
-            let same = codes_ok && same_dirs(&single, &out)?;
-            if !same || rss >= RSS_LIMIT {
-                failed.push(format!("{size} sharded"));
+            if method == "task_arithmetic" && single.is_none() {
+                single = Some(digests(&out)?);
             }
             row(
-                &format!(
-                    "task_arithmetic, 2 workers (-j 1 each) {:.0} s + join {:.0} s",
-                    wall_w.as_secs_f64(),
-                    wall_j.as_secs_f64()
-                ),
-                wall_w + wall_j,
-                rss,
-                &if same {
-                    "ok: byte-identical to 1 worker".to_string()
-                } else {
-                    format!(
-                        "FAILED: exit codes {:?}, join {code_j}; differs from 1 worker",
-                        results.iter().map(|r| r.0).collect::<Vec<_>>()
-                    )
-                },
+                &format!("{method}, 1 worker, {state}"),
+                wall,
+                if drop { fl } else { fl_warm },
+                &rss_text(rss),
+                &check_text,
             );
-            let _ = fs::remove_dir_all(dir.join("sharded"));
+            fs::remove_dir_all(&out)?;
+            if method == "task_arithmetic" && single.is_some() && !drop {
+                // Two workers at once on this machine, then join.
+                let out = dir.join("sharded").join("out-task_arithmetic");
+                let (wall_w, wall_j, rss, sharded_ok, text) =
+                    sharded(&bin, &cfg, &out, single.as_deref().unwrap_or(&[]))?;
+                if !sharded_ok {
+                    failed.push(format!("{size} sharded"));
+                }
+                row(
+                    &format!(
+                        "task_arithmetic, 2 workers (-j 1 each), {cache}: workers {:.0} s + join {:.0} s",
+                        wall_w.as_secs_f64(),
+                        wall_j.as_secs_f64()
+                    ),
+                    wall_w + wall_j,
+                    fl,
+                    &rss,
+                    &text,
+                );
+                let _ = fs::remove_dir_all(dir.join("sharded"));
+            }
         }
-        let _ = fs::remove_dir_all(&single);
         if !args.keep {
             fs::remove_dir_all(&dir)?;
         }
