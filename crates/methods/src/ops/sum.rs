@@ -178,31 +178,48 @@ impl ExactSum {
     /// ```
     pub fn add_squares_f32(&mut self, values: &[f32]) {
         const FLUSH: usize = 1 << 16;
-        let mut by_exp = [0u64; 256];
+        // `LANES` tables, entry `i` of each group of `LANES` into table `i`:
+        // neighbouring values mostly share an exponent, and with one table
+        // each increment would wait for the previous one's store.
+        const LANES: usize = 4;
+        let mut by_exp = [[0u64; 256]; LANES];
+        #[inline(always)]
+        fn square(v: f32) -> (usize, u64) {
+            let bits = v.to_bits();
+            let exp = ((bits >> 23) & 0xff) as usize;
+            let frac = (bits & 0x7f_ffff) as u64;
+            let m = if exp == 0 { frac } else { frac | 0x80_0000 };
+            (exp, m * m)
+        }
         for part in values.chunks(FLUSH) {
-            for &v in part {
-                let bits = v.to_bits();
-                let exp = ((bits >> 23) & 0xff) as usize;
-                let frac = (bits & 0x7f_ffff) as u64;
-                let m = if exp == 0 { frac } else { frac | 0x80_0000 };
-                by_exp[exp] += m * m;
+            let mut groups = part.chunks_exact(LANES);
+            for g in &mut groups {
+                for (table, &v) in by_exp.iter_mut().zip(g) {
+                    let (exp, sq) = square(v);
+                    table[exp] += sq;
+                }
+            }
+            for &v in groups.remainder() {
+                let (exp, sq) = square(v);
+                by_exp[0][exp] += sq;
             }
             // Non-finite values (exponent field 255, whose `m` is never 0)
             // are summed as `add` sums them.
-            if by_exp[255] != 0 {
-                by_exp[255] = 0;
+            if by_exp.iter().any(|t| t[255] != 0) {
+                by_exp.iter_mut().for_each(|t| t[255] = 0);
                 for &v in part.iter().filter(|v| !v.is_finite()) {
                     self.special += v as f64 * v as f64;
                 }
             }
-            for (exp, b) in by_exp.iter_mut().enumerate().take(255) {
-                if *b != 0 {
+            for exp in 0..255 {
+                // At most 2^16 squares below 2^48 each: no overflow.
+                let b: u64 = by_exp.iter_mut().map(|t| std::mem::take(&mut t[exp])).sum();
+                if b != 0 {
                     // |v| = m · 2^(max(exp, 1) − 150), so v² = m² · 2^s with
                     // s = 2 (max(exp, 1) − 150); bucket `k` of `buckets`
                     // holds multiples of 2^(max(k, 1) − 1075).
                     let s = 2 * ((exp as i32).max(1) - 150);
-                    self.buckets[(s + 1075) as usize] += *b as i128;
-                    *b = 0;
+                    self.buckets[(s + 1075) as usize] += b as i128;
                 }
             }
         }
