@@ -264,19 +264,31 @@ impl SelectPass {
         // `Selection::keeps` for one segment: above the threshold, or at it
         // up to the last kept tie.
         let (threshold, ties) = selection.map_or((0, Some(u64::MAX)), |s| s.for_segment(""));
+        // The kept entries of the block, then each model's squares of them
+        // added in bulk (`ExactSum::add_all`: exact, so the same sum as
+        // adding them one by one).
+        let mut kept = [0u32; BLOCK];
+        let mut count = 0;
         for (j, &k) in keys.iter().enumerate() {
-            let e = start + j;
-            let at = offset + e;
-            let kept = k > threshold || (k == threshold && ties.is_some_and(|t| at as u64 <= t));
-            if kept {
-                if let Some(bits) = bits {
-                    bits[at / 64] |= 1 << (at % 64);
-                }
-                for (x, s) in models.iter().zip(&mut *energy) {
-                    let d = x[e] as f64 - base[e] as f64;
-                    s.add(d * d);
-                }
+            let at = offset + start + j;
+            let keep = k > threshold || (k == threshold && ties.is_some_and(|t| at as u64 <= t));
+            kept[count] = j as u32;
+            count += usize::from(keep);
+            if keep && let Some(bits) = bits {
+                bits[at / 64] |= 1 << (at % 64);
             }
+        }
+        let kept = &kept[..count];
+        let mut squares = [0.0f64; BLOCK];
+        let squares = &mut squares[..count];
+        let base = &base[start..start + keys.len()];
+        for (x, s) in models.iter().zip(&mut *energy) {
+            let x = &x[start..start + keys.len()];
+            for (q, &j) in squares.iter_mut().zip(kept) {
+                let d = x[j as usize] as f64 - base[j as usize] as f64;
+                *q = d * d;
+            }
+            s.add_all(squares);
         }
     }
 
