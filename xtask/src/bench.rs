@@ -267,34 +267,44 @@ pub(crate) fn floor(
 ) -> Result<(Duration, Duration)> {
     let mut buf = vec![0u8; 8 << 20];
     let t = Instant::now();
-    let mut checksum = 0u8;
     for p in inputs {
-        let mut f = File::open(p)?;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            checksum ^= buf[n - 1];
-        }
+        std::hint::black_box(read_through(p, &mut buf)?);
     }
     let read = t.elapsed();
-    std::hint::black_box(checksum);
     let t = Instant::now();
     let path = scratch.join("floor.bin");
-    {
-        let mut f = File::create(&path)?;
-        let mut left = out_bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            f.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        f.sync_all()?;
-    }
+    write_synced(&path, out_bytes, &buf)?;
     let write = t.elapsed();
     fs::remove_file(&path)?;
     Ok((read, write))
+}
+
+/// Reads all of `path` through `buf`; returns a byte of what it read, so
+/// that the reads cannot be optimised away.
+pub(crate) fn read_through(path: &Path, buf: &mut [u8]) -> Result<u8> {
+    let mut f = File::open(path).with_context(|| path.display().to_string())?;
+    let mut x = 0u8;
+    loop {
+        let n = f.read(buf)?;
+        if n == 0 {
+            return Ok(x);
+        }
+        x ^= buf[n - 1];
+    }
+}
+
+/// Writes `bytes` bytes (copies of `buf`) to a new file at `path` and
+/// syncs it.
+pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| path.display().to_string())?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
 }
 
 /// Makes `cmd` spawn its child so that the child's `ru_maxrss` is (nearly)

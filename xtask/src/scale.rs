@@ -50,7 +50,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{Dt, Rng, bf16_bits, build_binary, config, mib, real_fork, run_measured};
+use crate::bench::{
+    Dt, Rng, bf16_bits, build_binary, config, mib, read_through, real_fork, run_measured,
+    write_synced,
+};
 
 /// Llama-7B's widths.
 const D: usize = 4096;
@@ -432,33 +435,9 @@ fn floor_together(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<
     std::thread::scope(|s| -> Result<()> {
         let readers: Vec<_> = inputs
             .iter()
-            .map(|p| {
-                s.spawn(move || -> Result<u8> {
-                    let mut buf = vec![0u8; 8 << 20];
-                    let mut f = File::open(p).with_context(|| p.display().to_string())?;
-                    let mut x = 0u8;
-                    loop {
-                        let n = f.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(x);
-                        }
-                        x ^= buf[n - 1];
-                    }
-                })
-            })
+            .map(|p| s.spawn(move || read_through(p, &mut vec![0u8; 8 << 20])))
             .collect();
-        let writer = s.spawn(|| -> Result<()> {
-            let buf = vec![1u8; 8 << 20];
-            let mut f = File::create(&path)?;
-            let mut left = out_bytes;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                f.write_all(&buf[..n])?;
-                left -= n as u64;
-            }
-            f.sync_all()?;
-            Ok(())
-        });
+        let writer = s.spawn(|| write_synced(&path, out_bytes, &vec![1u8; 8 << 20]));
         for r in readers {
             std::hint::black_box(r.join().expect("floor reader panicked")?);
         }
