@@ -127,7 +127,7 @@ pub struct MergeArgs {
 
     /// Memory budget for tensors in flight (input chunks, results waiting to
     /// be written); large tensors are processed in chunks to stay under it
-    /// (methods that need whole tensors, such as karcher, may go over it by
+    /// (methods that need whole tensors, such as slerp, may go over it by
     /// one tensor's working set).
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     pub max_memory: Size,

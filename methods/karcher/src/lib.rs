@@ -40,9 +40,10 @@
 //! iteration runs in `f64`. A base model, if given, is not merged.
 #![deny(missing_docs)]
 
+use std::sync::Arc;
 use tensormerge_methods::{
-    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec,
-    register_method,
+    BaseModel, Chunk, Default, MergeMethod, MethodError, MethodInfo, ParamKind, ParamSpec, Stats,
+    StatsPass, TensorContext, register_method,
 };
 
 /// The `karcher` method.
@@ -94,230 +95,512 @@ fn sum_start() -> f64 {
     std::iter::empty::<f64>().sum()
 }
 
-/// Elements per block: the per-element work of a sweep (divisions by the
-/// norms, the tangent) is done a block at a time, where it vectorises, and
-/// only the sequential sums run element by element.
-const BLOCK: usize = 256;
+/// Elements per block: the mean is recomputed a block at a time (in cache),
+/// and only the sequential sums run element by element.
+const BLOCK: usize = 32;
 
-/// Most models whose sequential sums one sweep carries side by side.
+/// Most sequential sums one loop carries side by side (in registers).
 const LANES: usize = 4;
 
-/// `block[j] = x[j] / norm`, in `f64`.
-fn unit_block(x: &[f32], norm: f64, block: &mut [f64]) {
-    for (u, &v) in block.iter_mut().zip(x) {
-        *u = v as f64 / norm;
+/// `acc[k] += term(k, j)` for `j` in `0..len`, in order: `acc.len()`
+/// independent sequential `f64` sums, [`LANES`] of them side by side so that
+/// their additions overlap. Each sum is bit for bit the plain loop's.
+#[inline(always)]
+fn chains(acc: &mut [f64], len: usize, term: impl Fn(usize, usize) -> f64) {
+    #[inline(always)]
+    fn group<const K: usize>(
+        acc: &mut [f64],
+        k0: usize,
+        len: usize,
+        term: &impl Fn(usize, usize) -> f64,
+    ) {
+        let mut a: [f64; K] = std::array::from_fn(|k| acc[k0 + k]);
+        for j in 0..len {
+            for (k, a) in a.iter_mut().enumerate() {
+                *a += term(k0 + k, j);
+            }
+        }
+        acc[k0..k0 + K].copy_from_slice(&a);
+    }
+    for k0 in (0..acc.len()).step_by(LANES) {
+        match (acc.len() - k0).min(LANES) {
+            1 => group::<1>(acc, k0, len, &term),
+            2 => group::<2>(acc, k0, len, &term),
+            3 => group::<3>(acc, k0, len, &term),
+            _ => group::<4>(acc, k0, len, &term),
+        }
     }
 }
 
-/// The sequential sums `Σ_e x_k[e]²` of up to [`LANES`] models in one
-/// sweep.
-#[allow(clippy::needless_range_loop)] // `K` sums side by side, element by element
-fn squares<const K: usize>(ms: &[&[f32]]) -> [f64; K] {
-    let len = ms[0].len();
-    let ms: [&[f32]; K] = std::array::from_fn(|k| &ms[k][..len]);
-    let mut acc = [sum_start(); K];
-    for e in 0..len {
-        for k in 0..K {
-            let x = ms[k][e] as f64;
-            acc[k] += x * x;
-        }
-    }
-    acc
+/// The models that pull in one gradient step: (position among the valid
+/// models, `cos θ`, coefficient `α θ / sin θ`).
+type Pull = Vec<(usize, f64, f64)>;
+
+/// Where the iteration starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Start {
+    /// The weighted average of the valid models' unit directions.
+    Average,
+    /// The unit direction of the first valid model (the average was near
+    /// zero).
+    Unit,
 }
 
-/// One sweep over `mean`: first divides it by `div` when given (the
-/// normalisation owed by the previous step), then the sequential dot
-/// products `Σ_e mean[e] · x_k[e]/‖x_k‖` of up to [`LANES`] models.
-fn dots<const K: usize>(
-    mean: &mut [f64],
-    div: Option<f64>,
-    ms: &[&[f32]],
-    norms: &[f64],
-) -> [f64; K] {
-    let mut acc = [sum_start(); K];
-    let mut units = [[0.0f64; BLOCK]; K];
-    for (b, mean) in mean.chunks_mut(BLOCK).enumerate() {
-        let r = b * BLOCK..b * BLOCK + mean.len();
-        if let Some(n) = div {
-            mean.iter_mut().for_each(|m| *m /= n);
-        }
-        for k in 0..K {
-            unit_block(&ms[k][r.clone()], norms[k], &mut units[k]);
-        }
-        for (j, &m) in mean.iter().enumerate() {
-            for k in 0..K {
-                acc[k] += m * units[k][j];
+/// One gradient step: its pull, then `μ ← c μ + s g`.
+#[derive(Debug, Clone)]
+struct Step {
+    pull: Pull,
+    c: f64,
+    s: f64,
+}
+
+/// What the per-tensor pass finds: every scalar of the iteration, from which
+/// the mean at any entry is recomputed from the models' entries alone. The
+/// mean after `k` steps is the start, then for each step `j < k`: divided by
+/// `owed[j]` (the normalisation owed by what came before), the step; then
+/// divided by `owed[k]`. Recomputing it costs `k` tangents per entry, where
+/// a whole-tensor loop would store it: in exchange memory is a block, not
+/// an `f64` copy of the tensor, and the tensor streams in chunks.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// `α_i = w_i / Σ w_j` of every model.
+    alphas: Vec<f64>,
+    /// `‖x_i‖` of every model.
+    norms: Vec<f64>,
+    /// The models that pull (norm above `tol`, positive weight), with
+    /// `α_i / Σ_valid α_j`.
+    valid: Vec<(usize, f64)>,
+    /// `Σ α_i ‖x_i‖`.
+    scale: f64,
+    start: Start,
+    /// The divisions owed: one more than there are `steps`.
+    owed: Vec<Option<f64>>,
+    /// The steps taken.
+    steps: Vec<Step>,
+}
+
+impl Plan {
+    /// The valid models' unit directions `x_i / ‖x_i‖` on the entries `r`
+    /// of the models: valid model `v`'s in `u[v * BLOCK..][..r.len()]`.
+    /// Each sweep divides once per entry and model, and everything else
+    /// reads these.
+    #[inline(always)]
+    fn units(&self, models: &[&[f32]], r: std::ops::Range<usize>, u: &mut [f64]) {
+        for (&(i, _), u) in self.valid.iter().zip(u.chunks_exact_mut(BLOCK)) {
+            let n = self.norms[i];
+            for (u, &x) in u.iter_mut().zip(&models[i][r.clone()]) {
+                *u = x as f64 / n;
             }
         }
     }
-    acc
-}
 
-/// Runs `K`-lane kernel `f` on `ms` (1 to [`LANES`] models), returning one
-/// value per model.
-macro_rules! lanes {
-    ($n:expr, $f:ident ( $($arg:expr),* )) => {
-        match $n {
-            1 => $f::<1>($($arg),*).to_vec(),
-            2 => $f::<2>($($arg),*).to_vec(),
-            3 => $f::<3>($($arg),*).to_vec(),
-            4 => $f::<4>($($arg),*).to_vec(),
-            _ => unreachable!("groups hold 1 to {LANES} models"),
+    /// The mean after `k` steps (with `owed[k]` divided in, once known) on
+    /// `len` entries with unit directions `u` (from [`units`](Self::units)),
+    /// into `m`.
+    #[inline(always)]
+    fn mean(&self, u: &[f64], len: usize, k: usize, m: &mut [f64]) {
+        let m = &mut m[..len];
+        match self.start {
+            Start::Average => {
+                m.fill(0.0);
+                for (&(_, a), u) in self.valid.iter().zip(u.chunks_exact(BLOCK)) {
+                    for (m, &u) in m.iter_mut().zip(u) {
+                        *m += a * u;
+                    }
+                }
+            }
+            Start::Unit => m.copy_from_slice(&u[..len]),
         }
-    };
+        let mut t = [0.0f64; BLOCK];
+        for (j, step) in self.steps[..k].iter().enumerate() {
+            divide(m, self.owed[j]);
+            tangent(u, &step.pull, m, &mut t);
+            for (m, t) in m.iter_mut().zip(&t) {
+                *m = step.c * *m + step.s * t;
+            }
+        }
+        // Not known yet while the start's norm is being found.
+        divide(m, self.owed.get(k).copied().flatten());
+    }
 }
 
-/// The models that pull in one gradient step: (model, `cos θ`, coefficient
-/// `α θ / sin θ`).
-type Pull = Vec<(usize, f64, f64)>;
-
-/// The tangent `g = Σ c_i (u_i − cos θ_i · mean)` on one block, in model
-/// order.
-fn tangent_block(
-    models: &[&[f32]],
-    norms: &[f64],
-    pull: &Pull,
-    r: std::ops::Range<usize>,
-    mean: &[f64],
-    t: &mut [f64],
-) {
-    let t = &mut t[..mean.len()];
+/// The tangent `g = Σ c_i (u_i − cos θ_i · μ)` at the mean `m`, in model
+/// order, from the unit directions `u` (as in [`Plan::units`]).
+#[inline(always)]
+fn tangent(u: &[f64], pull: &Pull, m: &[f64], t: &mut [f64]) {
+    let t = &mut t[..m.len()];
     t.fill(0.0);
-    for &(i, d, c) in pull {
-        let (x, n) = (&models[i][r.clone()], norms[i]);
-        for ((t, &m), &x) in t.iter_mut().zip(mean).zip(x) {
-            *t += c * (x as f64 / n - d * m);
+    for &(v, d, c) in pull {
+        let u = &u[v * BLOCK..][..m.len()];
+        for ((t, &m), &u) in t.iter_mut().zip(m).zip(u) {
+            *t += c * (u - d * m);
         }
     }
 }
 
-/// The weighted Karcher mean of `models` (weights `alphas`, any positive
-/// scale) into `out`.
-///
-/// Each gradient step is three sweeps over the tensor: the dot products of
-/// all models at once (with the previous step's normalisation folded in),
-/// the tangent's norm (writing the output as it stands, in case this is the
-/// last step), and the exponential map with the new mean's norm; the tangent
-/// is recomputed where it is needed instead of stored. Every sum is
-/// the same sequential `f64` sum, in the same order, as in the plain loop
-/// over one quantity at a time (a test compares the two bit for bit).
-pub fn karcher_mean(models: &[&[f32]], alphas: &[f64], max_iter: usize, tol: f64, out: &mut [f32]) {
-    let mut mean = vec![0.0; out.len()];
-    karcher_into(models, alphas, max_iter, tol, &mut mean, out, |v| v as f32);
+/// `m /= d`, when a division is owed.
+#[inline(always)]
+fn divide(m: &mut [f64], d: Option<f64>) {
+    if let Some(d) = d {
+        m.iter_mut().for_each(|m| *m /= d);
+    }
 }
 
-/// [`karcher_mean`] with the running mean in `mean` (zeros, as long as
-/// `out`: the merge lends it from its [`Scratch`](tensormerge_methods::Scratch),
-/// so its pages are not allocated afresh for every tensor) and each output
-/// entry made by `cast` from its `f64` value (the tests compare the `f64`
-/// values themselves).
-fn karcher_into<O>(
-    models: &[&[f32]],
-    alphas: &[f64],
+/// Which sum the coming sweep takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sweep {
+    /// `Σ x_i²` of every model.
+    Squares,
+    /// `‖μ₀‖²` of the starting average.
+    StartNorm,
+    /// `μ · u_i` of every valid model, at the current mean.
+    Dots,
+    /// `‖g‖²` of the tangent.
+    TangentNorm,
+    /// `‖c μ + s g‖²` of the stepped mean.
+    StepNorm,
+    /// Nothing more: the mean is found.
+    Done,
+}
+
+/// The per-tensor pass: the iteration of [`karcher_mean`], one sum a sweep,
+/// each a sequential `f64` sum carried from chunk to chunk, so that every
+/// scalar is the one a loop over the whole tensor finds. Two sweeps, then
+/// three a gradient step (the last step one: fine-tunes of one base lie so
+/// close together that the first tangent is below `tol`).
+#[derive(Debug)]
+struct KarcherPass {
     max_iter: usize,
     tol: f64,
-    mean: &mut [f64],
+    sweep: Sweep,
+    /// The running sums of the sweep.
+    acc: Vec<f64>,
+    /// A block of the valid models' unit directions.
+    units: Vec<f64>,
+    plan: Plan,
+}
+
+impl KarcherPass {
+    /// A pass for models with weights `weights` (any positive scale).
+    fn new(weights: &[f64], max_iter: usize, tol: f64) -> Self {
+        let total: f64 = weights.iter().sum();
+        KarcherPass {
+            max_iter,
+            tol,
+            sweep: Sweep::Squares,
+            acc: vec![sum_start(); weights.len()],
+            units: Vec::new(),
+            plan: Plan {
+                alphas: weights.iter().map(|a| a / total).collect(),
+                norms: Vec::new(),
+                valid: Vec::new(),
+                scale: 0.0,
+                start: Start::Average,
+                owed: Vec::new(),
+                steps: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds the entries `models` (the next chunk, in order) to the sweep's
+    /// sums.
+    fn observe(&mut self, models: &[&[f32]]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { self.observe_avx2(models) };
+            return;
+        }
+        self.observe_portable(models)
+    }
+
+    /// [`observe`](Self::observe) compiled for AVX2: the same operations,
+    /// four `f64` divisions at a time instead of two (they bound the pass).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn observe_avx2(&mut self, models: &[&[f32]]) {
+        self.observe_portable(models)
+    }
+
+    #[inline(always)]
+    fn observe_portable(&mut self, models: &[&[f32]]) {
+        let len = models[0].len();
+        let plan = &self.plan;
+        // The steps taken: the last one of `steps` is still being found
+        // during its tangent's and its new mean's norms.
+        let k = match self.sweep {
+            Sweep::TangentNorm | Sweep::StepNorm => plan.steps.len() - 1,
+            _ => plan.steps.len(),
+        };
+        let u = &mut self.units[..];
+        let mut m = [0.0f64; BLOCK];
+        let mut t = [0.0f64; BLOCK];
+        for start in (0..len).step_by(BLOCK) {
+            let r = start..(start + BLOCK).min(len);
+            let n = r.len();
+            if self.sweep == Sweep::Squares {
+                chains(&mut self.acc, n, |i, j| {
+                    let x = models[i][start + j] as f64;
+                    x * x
+                });
+                continue;
+            }
+            plan.units(models, r, u);
+            match self.sweep {
+                Sweep::StartNorm => {
+                    plan.mean(u, n, 0, &mut m);
+                    chains(&mut self.acc, n, |_, j| m[j] * m[j]);
+                }
+                Sweep::Dots => {
+                    plan.mean(u, n, k, &mut m);
+                    chains(&mut self.acc, n, |v, j| m[j] * u[v * BLOCK + j]);
+                }
+                Sweep::TangentNorm | Sweep::StepNorm => {
+                    plan.mean(u, n, k, &mut m);
+                    let step = plan.steps.last().expect("the step's pull is known");
+                    tangent(u, &step.pull, &m[..n], &mut t);
+                    if self.sweep == Sweep::StepNorm {
+                        for (m, t) in m[..n].iter_mut().zip(&t) {
+                            *m = step.c * *m + step.s * t;
+                        }
+                        chains(&mut self.acc, n, |_, j| m[j] * m[j]);
+                    } else {
+                        chains(&mut self.acc, n, |_, j| t[j] * t[j]);
+                    }
+                }
+                Sweep::Squares | Sweep::Done => return,
+            }
+        }
+    }
+
+    /// Ends the sweep: turns its sums into the plan's next scalars and
+    /// chooses the next sweep.
+    fn end_sweep(&mut self) {
+        let tol = self.tol;
+        let plan = &mut self.plan;
+        let next = match self.sweep {
+            Sweep::Squares => {
+                plan.norms = self.acc.iter().map(|s| s.sqrt()).collect();
+                let valid: Vec<usize> = (0..plan.norms.len())
+                    .filter(|&i| plan.norms[i] > tol && plan.alphas[i] > 0.0)
+                    .collect();
+                let vsum: f64 = valid.iter().map(|&i| plan.alphas[i]).sum();
+                plan.valid = valid.iter().map(|&i| (i, plan.alphas[i] / vsum)).collect();
+                self.units = vec![0.0; plan.valid.len() * BLOCK];
+                plan.scale = plan
+                    .alphas
+                    .iter()
+                    .zip(&plan.norms)
+                    .map(|(a, n)| a * n)
+                    .sum();
+                if plan.valid.is_empty() {
+                    Sweep::Done
+                } else {
+                    Sweep::StartNorm
+                }
+            }
+            Sweep::StartNorm => {
+                let mn = self.acc[0].sqrt();
+                if mn < tol {
+                    plan.start = Start::Unit;
+                    plan.owed.push(None);
+                } else {
+                    plan.owed.push(Some(mn));
+                }
+                self.then_dots()
+            }
+            Sweep::Dots => {
+                let pull = plan
+                    .valid
+                    .iter()
+                    .zip(&self.acc)
+                    .enumerate()
+                    .filter_map(|(v, (&(_, a), d))| {
+                        let dot = d.clamp(-1.0, 1.0);
+                        let theta = dot.acos();
+                        (theta >= tol).then(|| (v, dot, a * theta / theta.sin()))
+                    })
+                    .collect();
+                plan.steps.push(Step {
+                    pull,
+                    c: 0.0,
+                    s: 0.0,
+                });
+                Sweep::TangentNorm
+            }
+            Sweep::TangentNorm => {
+                let tn = self.acc[0].sqrt();
+                if tn < tol {
+                    // Not taken: the mean stands.
+                    plan.steps.pop();
+                    Sweep::Done
+                } else {
+                    let step = plan.steps.last_mut().expect("pushed by the dots");
+                    (step.c, step.s) = (tn.cos(), tn.sin() / tn);
+                    Sweep::StepNorm
+                }
+            }
+            Sweep::StepNorm => {
+                let n = self.acc[0].sqrt();
+                plan.owed.push((n > tol).then_some(n));
+                self.then_dots()
+            }
+            Sweep::Done => Sweep::Done,
+        };
+        let sums = match next {
+            Sweep::Squares => self.plan.alphas.len(),
+            Sweep::Dots => self.plan.valid.len(),
+            _ => 1,
+        };
+        self.acc.clear();
+        self.acc.resize(sums, sum_start());
+        self.sweep = next;
+    }
+
+    /// The sweep after the mean is known at some step: the dots of the next
+    /// step, unless `max_iter` steps are taken.
+    fn then_dots(&self) -> Sweep {
+        if self.plan.steps.len() < self.max_iter {
+            Sweep::Dots
+        } else {
+            Sweep::Done
+        }
+    }
+
+    /// The most sweeps `max_iter` steps can take.
+    fn most_sweeps(max_iter: usize) -> usize {
+        2 + 3 * max_iter
+    }
+}
+
+impl StatsPass for KarcherPass {
+    fn sweeps(&self) -> usize {
+        Self::most_sweeps(self.max_iter)
+    }
+
+    fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
+        KarcherPass::observe(self, chunk.models);
+        Ok(())
+    }
+
+    fn end_sweep(&mut self, _sweep: usize) -> Result<(), MethodError> {
+        KarcherPass::end_sweep(self);
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.sweep == Sweep::Done
+    }
+
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        Ok(Arc::new(self.plan))
+    }
+}
+
+/// Each entry of the merge of `models` (the chunk's entries) made by `cast`
+/// from its `f64` value: `scale · μ`, or zeros when no model pulls.
+fn write<O>(plan: &Plan, models: &[&[f32]], out: &mut [O], cast: impl Fn(f64) -> O) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { write_avx2(plan, models, out, cast) };
+        return;
+    }
+    write_portable(plan, models, out, cast)
+}
+
+/// [`write`] compiled for AVX2 (the same operations).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn write_avx2<O>(plan: &Plan, models: &[&[f32]], out: &mut [O], cast: impl Fn(f64) -> O) {
+    write_portable(plan, models, out, cast)
+}
+
+#[inline(always)]
+fn write_portable<O>(plan: &Plan, models: &[&[f32]], out: &mut [O], cast: impl Fn(f64) -> O) {
+    if plan.valid.is_empty() {
+        out.iter_mut().for_each(|o| *o = cast(0.0));
+        return;
+    }
+    let mut u = vec![0.0f64; plan.valid.len() * BLOCK];
+    let mut m = [0.0f64; BLOCK];
+    for (b, out) in out.chunks_mut(BLOCK).enumerate() {
+        let r = b * BLOCK..b * BLOCK + out.len();
+        plan.units(models, r, &mut u);
+        plan.mean(&u, out.len(), plan.steps.len(), &mut m);
+        for (o, &m) in out.iter_mut().zip(&m) {
+            *o = cast(plan.scale * m);
+        }
+    }
+}
+
+/// Runs the pass over `models` cut into chunks of `chunk` entries (as the
+/// engine would), then writes the merge with `cast`.
+fn karcher_chunked<O>(
+    models: &[&[f32]],
+    weights: &[f64],
+    max_iter: usize,
+    tol: f64,
+    chunk: usize,
     out: &mut [O],
     cast: impl Fn(f64) -> O,
 ) {
     let len = out.len();
-    let total: f64 = alphas.iter().sum();
-    let alphas: Vec<f64> = alphas.iter().map(|a| a / total).collect();
-    let mut norms = Vec::with_capacity(models.len());
-    for g in models.chunks(LANES) {
-        norms.extend(lanes!(g.len(), squares(g)).into_iter().map(f64::sqrt));
+    let mut pass = KarcherPass::new(weights, max_iter, tol);
+    while pass.sweep != Sweep::Done {
+        for start in (0..len).step_by(chunk.max(1)) {
+            let r = start..(start + chunk.max(1)).min(len);
+            let ms: Vec<&[f32]> = models.iter().map(|m| &m[r.clone()]).collect();
+            pass.observe(&ms);
+        }
+        pass.end_sweep();
     }
-    let valid: Vec<usize> = (0..models.len())
-        .filter(|&i| norms[i] > tol && alphas[i] > 0.0)
-        .collect();
-    if valid.is_empty() {
-        out.iter_mut().for_each(|o| *o = cast(0.0));
-        return;
-    }
-    let vsum: f64 = valid.iter().map(|&i| alphas[i]).sum();
-    let blocks =
-        |len: usize| (0..len.div_ceil(BLOCK)).map(move |b| b * BLOCK..(b * BLOCK + BLOCK).min(len));
-    let mut t = [0.0f64; BLOCK];
+    write(&pass.plan, models, out, cast);
+}
 
-    // The normalised weighted average, with its norm from the same sweep.
-    let mut mn = sum_start();
-    for r in blocks(len) {
-        let m = &mut mean[r.clone()];
-        for &i in &valid {
-            let (a, x, n) = (alphas[i] / vsum, &models[i][r.clone()], norms[i]);
-            for (m, &x) in m.iter_mut().zip(x) {
-                *m += a * (x as f64 / n);
-            }
-        }
-        m.iter().for_each(|m| mn += m * m);
-    }
-    let mn = mn.sqrt();
-    // The division by the mean's norm still owed (done by the next sweep).
-    let mut owed = None;
-    if mn < tol {
-        let (x, n) = (models[valid[0]], norms[valid[0]]);
-        for r in blocks(len) {
-            unit_block(&x[r.clone()], n, &mut mean[r]);
-        }
-    } else {
-        owed = Some(mn);
-    }
+/// The weighted Karcher mean of `models` (weights `alphas`, any positive
+/// scale) into `out`, as the merge computes it for one tensor.
+///
+/// Each sum of the iteration (the norms, the start's norm, each step's dot
+/// products, tangent norm and new norm) is one sweep over the entries, a
+/// sequential `f64` sum in entry order, so streaming the tensor in chunks
+/// changes no bit (a test compares with the plain loops over whole
+/// vectors). The mean itself is never stored: each sweep recomputes it a
+/// block at a time from the scalars found so far.
+pub fn karcher_mean(models: &[&[f32]], alphas: &[f64], max_iter: usize, tol: f64, out: &mut [f32]) {
+    karcher_chunked(models, alphas, max_iter, tol, out.len(), out, |v| v as f32);
+}
 
-    let scale: f64 = alphas.iter().zip(&norms).map(|(a, n)| a * n).sum();
-    let mut dot = vec![0.0; models.len()];
-    for _ in 0..max_iter {
-        for g in valid.chunks(LANES) {
-            let ms: Vec<&[f32]> = g.iter().map(|&i| models[i]).collect();
-            let ns: Vec<f64> = g.iter().map(|&i| norms[i]).collect();
-            // Only the first group's sweep divides.
-            let div = owed.take();
-            for (&i, d) in g.iter().zip(lanes!(g.len(), dots(mean, div, &ms, &ns))) {
-                dot[i] = d.clamp(-1.0, 1.0);
-            }
-        }
-        let pull: Pull = valid
-            .iter()
-            .filter_map(|&i| {
-                let theta = dot[i].acos();
-                (theta >= tol).then(|| (i, dot[i], alphas[i] / vsum * theta / theta.sin()))
-            })
-            .collect();
-        // The tangent's norm, and the output as it is if this is the last
-        // step (the usual case for fine-tunes of one base: they lie close
-        // together, and the first step finds the gradient below `tol`).
-        let mut tn = sum_start();
-        for r in blocks(len) {
-            let m = &mean[r.clone()];
-            for (o, &m) in out[r.clone()].iter_mut().zip(m) {
-                *o = cast(scale * m);
-            }
-            tangent_block(models, &norms, &pull, r, m, &mut t);
-            t[..m.len()].iter().for_each(|t| tn += t * t);
-        }
-        let tn = tn.sqrt();
-        if tn < tol {
-            return;
-        }
-        let (c, s) = (tn.cos(), tn.sin() / tn);
-        let mut n = sum_start();
-        for r in blocks(len) {
-            let m = &mut mean[r.clone()];
-            tangent_block(models, &norms, &pull, r, m, &mut t);
-            for (m, t) in m.iter_mut().zip(&t) {
-                *m = c * *m + s * t;
-                n += *m * *m;
-            }
-        }
-        let n = n.sqrt();
-        if n > tol {
-            owed = Some(n);
-        }
+/// The models' weights, checked: not all zero.
+fn weights(ctx: &TensorContext<'_>) -> Result<Vec<f64>, MethodError> {
+    let alphas = ctx
+        .models
+        .iter()
+        .map(|p| p.f64("weight"))
+        .collect::<Result<Vec<_>, _>>()?;
+    if alphas.iter().sum::<f64>() <= 0.0 {
+        return Err(MethodError::Invalid {
+            method: INFO.name.into(),
+            tensor: ctx.name.into(),
+            message: "the models' weights sum to zero; give at least one model a positive weight"
+                .into(),
+        });
     }
-    let div = owed.unwrap_or(1.0);
-    for (o, m) in out.iter_mut().zip(mean.iter()) {
-        // `m / 1.0` is `m`, exactly.
-        *o = cast(scale * (m / div));
-    }
+    Ok(alphas)
+}
+
+/// `max_iter` and `tol`.
+fn settings(ctx: &TensorContext<'_>) -> Result<(usize, f64), MethodError> {
+    let max_iter = match ctx.global.get("max_iter") {
+        Some(tensormerge_methods::ParamValue::Int(n)) => *n as usize,
+        _ => {
+            return Err(MethodError::MissingParameter {
+                method: INFO.name.into(),
+                param: "max_iter".into(),
+            });
+        }
+    };
+    Ok((max_iter, ctx.global.f64("tol")?))
 }
 
 impl MergeMethod for Karcher {
@@ -325,9 +608,18 @@ impl MergeMethod for Karcher {
         &INFO
     }
 
-    /// The mean is a property of whole tensors.
-    fn chunkable(&self) -> bool {
-        false
+    /// The iteration's sums stream over the tensor's chunks (see
+    /// [`karcher_mean`]).
+    fn tensor_pass(&self, tensor: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        if tensor.models.len() < 2 {
+            return None;
+        }
+        let (max_iter, tol) = settings(tensor).ok()?;
+        Some(Box::new(KarcherPass::new(
+            &weights(tensor).ok()?,
+            max_iter,
+            tol,
+        )))
     }
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
@@ -336,34 +628,18 @@ impl MergeMethod for Karcher {
             out.copy_from_slice(only);
             return Ok(());
         }
-        let alphas = ctx
-            .models
-            .iter()
-            .map(|p| p.f64("weight"))
-            .collect::<Result<Vec<_>, _>>()?;
-        if alphas.iter().sum::<f64>() <= 0.0 {
-            return Err(MethodError::Invalid {
+        // The errors, if any, of a pass that could not start.
+        weights(ctx)?;
+        settings(ctx)?;
+        let plan = chunk
+            .tensor_stats
+            .and_then(|s| s.downcast_ref::<Plan>())
+            .ok_or_else(|| MethodError::Invalid {
                 method: INFO.name.into(),
                 tensor: ctx.name.into(),
-                message:
-                    "the models' weights sum to zero; give at least one model a positive weight"
-                        .into(),
-            });
-        }
-        let max_iter = match ctx.global.get("max_iter") {
-            Some(tensormerge_methods::ParamValue::Int(n)) => *n as usize,
-            _ => {
-                return Err(MethodError::MissingParameter {
-                    method: INFO.name.into(),
-                    param: "max_iter".into(),
-                });
-            }
-        };
-        let tol = ctx.global.f64("tol")?;
-        let mut mean = chunk.scratch.f64s(out.len());
-        karcher_into(chunk.models, &alphas, max_iter, tol, &mut mean, out, |v| {
-            v as f32
-        });
+                message: "the Karcher pass did not run".into(),
+            })?;
+        write(plan, chunk.models, out, |v| v as f32);
         Ok(())
     }
 }
@@ -644,19 +920,19 @@ mod tests {
                         alphas[2] = 0.0;
                     }
                     for (iters, tol) in [(0, 1e-5), (10, 1e-5), (100, 1e-14)] {
-                        let mut fast = vec![0.0f64; len];
                         let mut plain = vec![0.0f64; len];
-                        let mut mean = vec![0.0; len];
-                        karcher_into(&refs, &alphas, iters, tol, &mut mean, &mut fast, |v| v);
                         reference_mean(&refs, &alphas, iters, tol, &mut plain);
-                        let (f, p): (Vec<u64>, Vec<u64>) = (
-                            fast.iter().map(|v| v.to_bits()).collect(),
-                            plain.iter().map(|v| v.to_bits()).collect(),
-                        );
-                        assert_eq!(
-                            f, p,
-                            "len {len}, {count} models, spread {spread}, {iters} steps"
-                        );
+                        let p: Vec<u64> = plain.iter().map(|v| v.to_bits()).collect();
+                        for chunk in [len, 1, 5, BLOCK, 2 * BLOCK + 3] {
+                            let mut fast = vec![0.0f64; len];
+                            karcher_chunked(&refs, &alphas, iters, tol, chunk, &mut fast, |v| v);
+                            let f: Vec<u64> = fast.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(
+                                f, p,
+                                "len {len}, {count} models, spread {spread}, {iters} steps, \
+                                 chunks of {chunk}"
+                            );
+                        }
                     }
                 }
             }
