@@ -7,9 +7,12 @@
 //! [`merge_tensor`] — the same pass protocol as the in-memory
 //! [`Merge`](tensormerge_methods::Merge), so results are bit-identical — and
 //! converts each result chunk to the output dtype. The tensor at the head of
-//! the output order streams straight into the writer; later tensors wait in a
-//! reorder buffer whose size the admission rule bounds. Results depend only on
-//! the inputs, parameters and seed, never on the number of workers.
+//! the output order streams straight into the writer, and so do the later
+//! tensors of the same output shard file, each written ahead at its place in
+//! the file ([`ModelWriter::write_ahead`]); the tensors of later shard files
+//! (and of a sharded worker's pieces, hashed as they are written) wait in a
+//! reorder buffer whose size the admission rule bounds. Results depend only
+//! on the inputs, parameters and seed, never on the number of workers.
 //!
 //! A method's whole-model pass (TIES with `trim_scope: model`, Fisher norms)
 //! runs first, streaming over every tensor in order, as many sweeps as it asks.
@@ -285,8 +288,9 @@ fn fetch(
 ///
 /// A tensor reserves its working set (one chunk of every input, decoded, and
 /// of the result) and, unless it is the next tensor to be written when it
-/// starts (then it streams straight into the writer), room for its encoded
-/// result in the reorder buffer. It is admitted when the reservations fit the
+/// starts or lies in that tensor's output shard file (then it streams
+/// straight into the writer), room for its encoded result in the reorder
+/// buffer. It is admitted when the reservations fit the
 /// budget, or when nothing else is in flight. One tensor whose working set
 /// alone is over the budget (a whole tensor merged at once, such as the
 /// embedding under `slerp`) is admitted when it is next to be written,
@@ -304,6 +308,9 @@ struct Scheduler<'a> {
     out: &'a [u64],
     /// The next tensor to be written (owned by [`Output`]).
     head: &'a AtomicUsize,
+    /// Each tensor's output shard, when tensors of the head's shard are
+    /// written ahead instead of buffered (not for a sharded worker).
+    ahead: Option<&'a [usize]>,
     /// Reorder-buffer bytes reserved by each admitted tensor.
     reserved_out: Vec<AtomicU64>,
 }
@@ -326,7 +333,10 @@ impl Scheduler<'_> {
                 return None;
             }
             let i = st.next;
-            let out = if self.head.load(Ordering::Acquire) == i {
+            let head = self.head.load(Ordering::Acquire);
+            // The head only moves forward: a tensor of its shard stays in
+            // the shard being written until it is complete.
+            let out = if head == i || self.ahead.is_some_and(|s| s[i] == s[head]) {
                 0
             } else {
                 self.out[i]
@@ -415,7 +425,25 @@ impl Output<'_> {
         if idx == st.next {
             self.write_now(&mut st, idx, &bytes)
         } else {
-            let p = st.pending.entry(idx).or_default();
+            let OutState {
+                writer,
+                pending,
+                written,
+                ..
+            } = &mut *st;
+            let p = pending.entry(idx).or_default();
+            // Ahead, unless it began in the buffer (it then stays there).
+            if let Some(w) = writer
+                && p.bytes.is_empty()
+                && w.can_write_ahead(idx)
+            {
+                let name = &self.plan.tensors[idx].out.name;
+                w.write_ahead(idx, &bytes).map_err(|source| {
+                    EngineError::io(format!("cannot write tensor `{name}`"), source)
+                })?;
+                *written += bytes.len() as u64;
+                return Ok(());
+            }
             if p.bytes.capacity() == 0 {
                 let total = self.plan.tensors[idx].out.checked_byte_len().unwrap_or(0);
                 p.bytes.reserve_exact(total.max(bytes.len()));
@@ -435,6 +463,7 @@ impl Output<'_> {
         st.pending.remove(&idx);
         let mut written = vec![idx];
         st.next += 1;
+        self.settle(&mut st)?;
         self.head.store(st.next, Ordering::Release);
         loop {
             let n = st.next;
@@ -452,9 +481,21 @@ impl Output<'_> {
             st.pending.remove(&n);
             written.push(n);
             st.next += 1;
+            self.settle(&mut st)?;
             self.head.store(st.next, Ordering::Release);
         }
         Ok(written)
+    }
+
+    /// Moves the writer past the complete tensors, so that it takes the
+    /// tensors of the new head's shard ahead.
+    fn settle(&self, st: &mut OutState) -> Result<(), EngineError> {
+        match st.writer.as_mut() {
+            Some(w) => w
+                .settle()
+                .map_err(|source| EngineError::io("cannot write the output".to_string(), source)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -600,6 +641,9 @@ fn execute_inner(
         out_bytes.push(t.out.checked_byte_len().unwrap_or(0) as u64);
     }
     let head = AtomicUsize::new(range.start);
+    let shard_of: Option<Vec<usize>> = part
+        .is_none()
+        .then(|| (0..n).map(|i| writer.shard_of_tensor(i)).collect());
     let sched = Scheduler {
         end: range.end,
         state: Mutex::new(SchedState {
@@ -614,6 +658,7 @@ fn execute_inner(
         working: &working,
         out: &out_bytes,
         head: &head,
+        ahead: shard_of.as_deref(),
         reserved_out: (0..n).map(|_| AtomicU64::new(0)).collect(),
     };
     let output = Output {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +92,15 @@ impl Write for ShardFile {
     }
 }
 
+/// Moving forward over bytes already written ahead
+/// ([`ModelWriter::write_ahead`], never for a hashed piece).
+impl Seek for ShardFile {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        debug_assert!(self.hasher.is_none(), "a hashed piece is written in order");
+        self.file.seek(pos)
+    }
+}
+
 /// What a writer of a part ([`ModelWriter::create_part`]) remembers.
 #[derive(Debug)]
 struct Part {
@@ -136,12 +145,17 @@ pub struct ModelWriter {
     tensors: Vec<TensorInfo>,
     sizes: Vec<u64>,
     shards: Vec<ShardPlan>,
+    /// Each tensor's byte offset in its shard's data.
+    offsets: Vec<u64>,
+    /// Bytes of each tensor after `cur` written ahead of it
+    /// ([`write_ahead`](ModelWriter::write_ahead)).
+    ahead: Vec<u64>,
     /// Index of the tensor being written.
     cur: usize,
     /// Bytes of it written so far.
     written: u64,
-    /// Shard currently open, if any.
-    open: Option<(usize, BufWriter<ShardFile>)>,
+    /// Shard currently open, if any, with the file offset of its data.
+    open: Option<(usize, BufWriter<ShardFile>, u64)>,
     /// Shards fully written.
     closed: usize,
     /// End of the tensors (and of the shards) this writer writes: all of
@@ -206,6 +220,17 @@ impl ModelWriter {
             .map(|t| t.checked_byte_len().unwrap_or(0) as u64)
             .collect();
         let shards = plan_shards(&sizes, opts.max_shard_bytes);
+        let mut offsets = vec![0; sizes.len()];
+        for sh in &shards {
+            let mut at = 0;
+            for (o, s) in offsets[sh.first..sh.end]
+                .iter_mut()
+                .zip(&sizes[sh.first..sh.end])
+            {
+                *o = at;
+                at += s;
+            }
+        }
         let (out, selected) = match &part {
             None => (out_dir.to_path_buf(), 0..shards.len()),
             Some(p) => {
@@ -234,8 +259,10 @@ impl ModelWriter {
             out,
             tmp,
             opts,
+            ahead: vec![0; tensors.len()],
             tensors,
             sizes,
+            offsets,
             shards,
             cur: tensor_range.start,
             written: 0,
@@ -337,7 +364,7 @@ impl ModelWriter {
         }
         let shard = self.shard_of(self.cur);
         let result = self.ensure_open(shard).and_then(|()| {
-            let (_, w) = self.open.as_mut().expect("shard open");
+            let (_, w, _) = self.open.as_mut().expect("shard open");
             w.write_all(bytes)
                 .map_err(|e| IoError::io(self.tmp.join(&self.shards[shard].file_name), e))
         });
@@ -346,6 +373,121 @@ impl ModelWriter {
         }
         result?;
         self.written = total;
+        Ok(())
+    }
+
+    /// The output shard (index into the shard files) that holds tensor
+    /// `tensor` (an index into the declared list).
+    ///
+    /// # Panics
+    /// When `tensor` is not a declared tensor's index.
+    pub fn shard_of_tensor(&self, tensor: usize) -> usize {
+        self.shard_of(tensor)
+    }
+
+    /// Whether [`write_ahead`](Self::write_ahead) takes tensor `tensor` now:
+    /// it is the tensor being written or comes after it in the same output
+    /// shard, and this writer is not writing a part (whose files are hashed
+    /// as they are written, in order). Call [`settle`](Self::settle) first
+    /// for an answer about the tensors after the complete ones.
+    pub fn can_write_ahead(&self, tensor: usize) -> bool {
+        self.part.is_none()
+            && !self.failed
+            && !self.finished
+            && tensor >= self.cur
+            && tensor < self.end_tensor
+            && self.shard_of(tensor) == self.shard_of(self.cur)
+    }
+
+    /// Moves past the complete tensors (those written in order, and those
+    /// written ahead, in full): what [`write`](Self::write) does anyway
+    /// when the next tensor comes, done now, so that
+    /// [`can_write_ahead`](Self::can_write_ahead) speaks of the next
+    /// incomplete tensor.
+    pub fn settle(&mut self) -> Result<(), IoError> {
+        self.check_usable()?;
+        while self.cur < self.end_tensor && self.written == self.sizes[self.cur] {
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// Appends `bytes` to tensor `tensor` before the tensors ahead of it are
+    /// complete: straight to its place in the shard file (a positioned
+    /// write), so a merge need not hold finished tensors in memory until
+    /// their turn. The tensor's pieces still come in order; when
+    /// [`write`](Self::write) reaches the tensor it continues after what was
+    /// written ahead. The file's bytes are those of writing in order.
+    ///
+    /// ```
+    /// use tensormerge_core::{DType, TensorInfo};
+    /// use tensormerge_io::{Model, ModelWriter, WriterOptions};
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let out = tmp.path().join("out");
+    /// let tensors = vec![
+    ///     TensorInfo::new("a", vec![1], DType::F32),
+    ///     TensorInfo::new("b", vec![2], DType::F32),
+    /// ];
+    /// let mut w = ModelWriter::create(&out, tensors, WriterOptions::default()).unwrap();
+    /// assert!(w.can_write_ahead(1));
+    /// w.write_ahead(1, &2.0f32.to_le_bytes()).unwrap(); // half of `b`, before `a`
+    /// w.write("a", &1.0f32.to_le_bytes()).unwrap();
+    /// w.write("b", &3.0f32.to_le_bytes()).unwrap(); // the rest of `b`
+    /// w.finish().unwrap();
+    /// let m = Model::open_path(&out).unwrap();
+    /// assert_eq!(m.read_f32_vec("b").unwrap(), vec![2.0, 3.0]);
+    /// ```
+    ///
+    /// # Errors
+    /// When [`can_write_ahead`](Self::can_write_ahead) is false, when the
+    /// tensor would get more bytes than it holds, or on an I/O error.
+    pub fn write_ahead(&mut self, tensor: usize, bytes: &[u8]) -> Result<(), IoError> {
+        self.settle()?;
+        let name = self
+            .tensors
+            .get(tensor)
+            .map_or_else(String::new, |t| t.name.clone());
+        if tensor == self.cur && self.can_write_ahead(tensor) {
+            // Its turn has come: in order.
+            return self.write(&name, bytes);
+        }
+        if !self.can_write_ahead(tensor) {
+            return Err(IoError::WriteOrder {
+                out: self.out.clone(),
+                expected: self.tensors[self.cur.min(self.tensors.len() - 1)]
+                    .name
+                    .clone(),
+                got: name,
+                detail: "cannot be written ahead (not after it in the same shard file)".into(),
+            });
+        }
+        let total = self.ahead[tensor] + bytes.len() as u64;
+        if total > self.sizes[tensor] {
+            return Err(IoError::TooManyBytes {
+                out: self.out.clone(),
+                tensor: name,
+                expected: self.sizes[tensor],
+                written: total,
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let shard = self.shard_of(tensor);
+        let at = self.offsets[tensor] + self.ahead[tensor];
+        let result = self.ensure_open(shard).and_then(|()| {
+            use std::os::unix::fs::FileExt;
+            let (_, w, data) = self.open.as_ref().expect("shard open");
+            w.get_ref()
+                .file
+                .write_all_at(bytes, data + at)
+                .map_err(|e| IoError::io(self.tmp.join(&self.shards[shard].file_name), e))
+        });
+        if result.is_err() {
+            self.failed = true;
+        }
+        result?;
+        self.ahead[tensor] = total;
         Ok(())
     }
 
@@ -615,19 +757,27 @@ impl ModelWriter {
         let shard = self.shard_of(self.cur);
         self.cur += 1;
         self.written = 0;
-        if self.cur == self.shards[shard].end {
-            let r = self.ensure_open(shard).and_then(|()| self.close_open());
-            if r.is_err() {
-                self.failed = true;
-            }
-            r?;
+        let r = if self.cur == self.shards[shard].end {
+            self.ensure_open(shard).and_then(|()| self.close_open())
+        } else if self.ahead[self.cur] > 0 {
+            // Written ahead: go on after it.
+            self.written = std::mem::take(&mut self.ahead[self.cur]);
+            let (_, w, _) = self.open.as_mut().expect("written ahead, so open");
+            w.seek(SeekFrom::Current(self.written as i64))
+                .map(|_| ())
+                .map_err(|e| IoError::io(self.tmp.join(&self.shards[shard].file_name), e))
+        } else {
+            Ok(())
+        };
+        if r.is_err() {
+            self.failed = true;
         }
-        Ok(())
+        r
     }
 
     /// Opens shard `s` (writing its header) unless it is already open.
     fn ensure_open(&mut self, s: usize) -> Result<(), IoError> {
-        if matches!(self.open, Some((o, _)) if o == s) {
+        if matches!(self.open, Some((o, _, _)) if o == s) {
             return Ok(());
         }
         debug_assert!(self.open.is_none() && s == self.closed);
@@ -647,12 +797,12 @@ impl ModelWriter {
         w.write_all(&(header.len() as u64).to_le_bytes())
             .and_then(|()| w.write_all(&header))
             .map_err(|e| IoError::io(&path, e))?;
-        self.open = Some((s, w));
+        self.open = Some((s, w, 8 + header.len() as u64));
         Ok(())
     }
 
     fn close_open(&mut self) -> Result<(), IoError> {
-        if let Some((s, w)) = self.open.take() {
+        if let Some((s, w, _)) = self.open.take() {
             let path = self.tmp.join(&self.shards[s].file_name);
             let ShardFile { file, hasher } = w
                 .into_inner()

@@ -725,3 +725,99 @@ fn config_dtype_keys_are_both_updated() {
         "{e}"
     );
 }
+
+/// Tensors written ahead of their turn ([`ModelWriter::write_ahead`]), in
+/// pieces, in a scrambled order, across shard files: the files are byte for
+/// byte those written in order; tensors of a later shard are refused; too
+/// many bytes ahead is an error, and so is finishing with a tensor only partly
+/// written ahead.
+#[test]
+fn writing_ahead_gives_the_bytes_of_writing_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Sizes 12, 8, 16, 4, 20 bytes; a 24-byte limit gives [t0 t1] [t2 t3] [t4].
+    let sizes = [3usize, 2, 4, 1, 5];
+    let infos: Vec<TensorInfo> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| TensorInfo::new(format!("t{i}"), vec![n], DType::F32))
+        .collect();
+    let data: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            (0..n)
+                .flat_map(|j| ((i * 10 + j) as f32 + 0.5).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let opts = || WriterOptions {
+        max_shard_bytes: 24,
+        ..Default::default()
+    };
+    let in_order = tmp.path().join("in-order");
+    let mut w = ModelWriter::create(&in_order, infos.clone(), opts()).unwrap();
+    for (t, d) in infos.iter().zip(&data) {
+        w.write(&t.name, d).unwrap();
+    }
+    w.finish().unwrap();
+
+    let ahead = tmp.path().join("ahead");
+    let mut w = ModelWriter::create(&ahead, infos.clone(), opts()).unwrap();
+    assert_eq!(
+        (0..5).map(|t| w.shard_of_tensor(t)).collect::<Vec<_>>(),
+        [0, 0, 1, 1, 2]
+    );
+    // t1 in full before t0; t2 is in the next shard: not yet.
+    assert!(w.can_write_ahead(1) && !w.can_write_ahead(2));
+    w.write_ahead(1, &data[1][..4]).unwrap();
+    w.write_ahead(1, &data[1][4..]).unwrap();
+    let e = w.write_ahead(1, &[0; 1]).unwrap_err();
+    assert!(matches!(e, IoError::TooManyBytes { .. }), "{e}");
+    // (a new writer for the next case)
+    drop(w);
+    let mut w = ModelWriter::create(&ahead, infos.clone(), opts()).unwrap();
+    let e = w.write_ahead(2, &data[2]).unwrap_err();
+    assert!(matches!(e, IoError::WriteOrder { .. }), "{e}");
+    drop(w);
+    let mut w = ModelWriter::create(&ahead, infos.clone(), opts()).unwrap();
+    w.write_ahead(1, &data[1]).unwrap();
+    w.write("t0", &data[0][..8]).unwrap();
+    w.write("t0", &data[0][8..]).unwrap();
+    // t0 and t1 complete: settled, the second shard's tensors may go ahead;
+    // half of t3, then t2 in order, then the rest of t3 in order after it.
+    w.settle().unwrap();
+    assert!(w.can_write_ahead(3) && !w.can_write_ahead(4));
+    w.write_ahead(3, &data[3][..0]).unwrap();
+    w.write_ahead(3, &data[3][..2]).unwrap();
+    w.write("t2", &data[2]).unwrap();
+    w.write("t3", &data[3][2..]).unwrap();
+    // The tensor whose turn it is, "ahead": in order.
+    w.write_ahead(4, &data[4][..8]).unwrap();
+    w.write("t4", &data[4][8..]).unwrap();
+    w.finish().unwrap();
+    for f in [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        INDEX_FILE,
+    ] {
+        assert_eq!(
+            std::fs::read(in_order.join(f)).unwrap(),
+            std::fs::read(ahead.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
+    // Finishing with a tensor only partly written ahead: incomplete.
+    let partial = tmp.path().join("partial");
+    let mut w = ModelWriter::create(&partial, infos.clone(), WriterOptions::default()).unwrap();
+    w.write_ahead(2, &data[2][..4]).unwrap();
+    w.write("t0", &data[0]).unwrap();
+    w.write("t1", &data[1]).unwrap();
+    let e = w.finish().unwrap_err();
+    assert!(
+        matches!(&e, IoError::Incomplete { tensor, expected: 16, written: 4, .. } if tensor == "t2"),
+        "{e}"
+    );
+    assert!(!partial.exists());
+}
