@@ -19,8 +19,13 @@
 //! A third row runs the same task arithmetic as an expression through
 //! `tensormerge eval` (held to the task_arithmetic target).
 //!
-//! Targets (issue #4, on two cores): task_arithmetic ≤ 3× the floor, ties ≤
-//! 6×, peak RSS < 512 MiB. Inputs are in the page cache for both the floor
+//! Targets (issue #13, on two cores; issue #4 had 3× and 6×): f32
+//! task_arithmetic ≤ 1.15× the floor, f32 ties (density 0.2) ≤ 1.6×, bf16
+//! task_arithmetic ≤ 1.3×, bf16 ties ≤ 2×, eval ≤ 1.3×, peak RSS ≤ 256 MiB
+//! for each. The floor is the faster of reading every input and then writing
+//! the output, and doing both at once (as a merge does); its writes start
+//! the write-back to the disk every 8 MiB, as the merge's writer does.
+//! Inputs are in the page cache for both the floor
 //! and the merges (they were just written), so the comparison is warm against
 //! warm. `--quick` uses a tiny model of the same structure (a smoke test; not
 //! part of `cargo test`).
@@ -258,13 +263,29 @@ pub(crate) fn write_model(dir: &Path, shape: Shape, dt: Dt, model: usize) -> Res
     Ok(fs::metadata(&path)?.len())
 }
 
+/// One measurement of the floor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Floor {
+    /// Every input read once, one after the other.
+    pub(crate) read: Duration,
+    /// Then an output-sized file written once and synced.
+    pub(crate) write: Duration,
+    /// The same reads and write at the same time (a thread per input and
+    /// one writer), as a merge overlaps them.
+    pub(crate) together: Duration,
+}
+
+impl Floor {
+    /// The faster of the two ways: the least time this machine needed to
+    /// move the merge's bytes.
+    pub(crate) fn best(&self) -> Duration {
+        (self.read + self.write).min(self.together)
+    }
+}
+
 /// The floor: read every input byte once, write an output-sized file once
-/// (synced). Returns (read time, write time).
-pub(crate) fn floor(
-    inputs: &[PathBuf],
-    out_bytes: u64,
-    scratch: &Path,
-) -> Result<(Duration, Duration)> {
+/// (synced), first one after the other, then at the same time.
+pub(crate) fn floor(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<Floor> {
     let mut buf = vec![0u8; 8 << 20];
     let t = Instant::now();
     for p in inputs {
@@ -276,7 +297,38 @@ pub(crate) fn floor(
     write_synced(&path, out_bytes, &buf)?;
     let write = t.elapsed();
     fs::remove_file(&path)?;
-    Ok((read, write))
+    let together = floor_together(inputs, out_bytes, scratch)?;
+    Ok(Floor {
+        read,
+        write,
+        together,
+    })
+}
+
+/// Every input read once (a thread each) while an output-sized file is
+/// written and synced (another thread): the I/O floor of a merge that
+/// overlaps its reads and writes. Returns the wall time.
+pub(crate) fn floor_together(
+    inputs: &[PathBuf],
+    out_bytes: u64,
+    scratch: &Path,
+) -> Result<Duration> {
+    let path = scratch.join("floor.bin");
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let readers: Vec<_> = inputs
+            .iter()
+            .map(|p| s.spawn(move || read_through(p, &mut vec![0u8; 8 << 20])))
+            .collect();
+        let writer = s.spawn(|| write_synced(&path, out_bytes, &vec![1u8; 8 << 20]));
+        for r in readers {
+            std::hint::black_box(r.join().expect("floor reader panicked")?);
+        }
+        writer.join().expect("floor writer panicked")
+    })?;
+    let wall = t.elapsed();
+    fs::remove_file(&path)?;
+    Ok(wall)
 }
 
 /// Reads all of `path` through `buf`; returns a byte of what it read, so
@@ -294,14 +346,26 @@ pub(crate) fn read_through(path: &Path, buf: &mut [u8]) -> Result<u8> {
 }
 
 /// Writes `bytes` bytes (copies of `buf`) to a new file at `path` and
-/// syncs it.
+/// syncs it, starting the write-back to the disk every 8 MiB as
+/// `tensormerge`'s writer does (`sync_file_range`), so that the floor gets
+/// the same head start on the disk as a merge.
 pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let mut f = File::create(path).with_context(|| path.display().to_string())?;
-    let mut left = bytes;
+    let (mut left, mut dirty) = (bytes, 0u64);
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         f.write_all(&buf[..n])?;
         left -= n as u64;
+        dirty += n as u64;
+        if dirty >= 8 << 20 {
+            dirty = 0;
+            // SAFETY: a valid open descriptor; offset and length 0 name the
+            // whole file; the call only schedules writes of written pages.
+            unsafe {
+                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
     }
     f.sync_all()?;
     Ok(())
@@ -373,6 +437,19 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
 /// The task arithmetic of the config files, written as an expression: the
 /// weights 0.5, 0.3, 0.2 on the task vectors, λ = 1.
 const EVAL_EXPR: &str = "base + (0.5 * (ft1 - base) + 0.3 * (ft2 - base) + 0.2 * (ft3 - base))";
+
+/// Most peak RSS of each merge (issue #13).
+const MAX_RSS: u64 = 256 << 20;
+
+/// The merges of the main table with their targets, as ratios to the floor
+/// (issue #13: on two cores, f32 task_arithmetic ≤ 1.15×, f32 ties ≤ 1.6×,
+/// bf16 task_arithmetic ≤ 1.3×, bf16 ties ≤ 2×, eval ≤ 1.3×).
+fn targets(dt: Dt) -> [(&'static str, f64); 3] {
+    match dt {
+        Dt::F32 => [("task_arithmetic", 1.15), ("ties", 1.6), ("eval", 1.3)],
+        Dt::Bf16 => [("task_arithmetic", 1.3), ("ties", 2.0), ("eval", 1.3)],
+    }
+}
 
 pub(crate) fn config(method: &str, root: &Path, dt: Dt) -> String {
     let m = |n: &str| root.join(n).display().to_string();
@@ -510,6 +587,16 @@ pub(crate) fn mib(b: u64) -> f64 {
 
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<()> {
+    // Buffers of 256 KiB and more straight from the system and back to it
+    // when freed: glibc otherwise raises this threshold after the first
+    // large free, and the floor's 8 MiB read buffers (a thread each) would
+    // stay in its heaps, in the resident set every child inherits at the
+    // fork (see `real_fork`), and in the children's peak RSS.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `mallopt` only changes glibc's allocation policy.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
     if args.iter().any(|a| a == "--scale") {
         return crate::scale::run(args);
     }
@@ -614,18 +701,20 @@ pub fn run(args: &[String]) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
         // The floor: best of three, so the merge is compared with the
-        // fastest plain read + write this machine managed.
+        // fastest plain read + write this machine managed (one after the
+        // other, or at the same time).
         let mut best = Duration::MAX;
-        let mut parts = (Duration::ZERO, Duration::ZERO);
+        let mut parts = None;
         for _ in 0..3 {
-            let (r, w) = floor(&inputs, out_bytes, &dir)?;
-            if r + w < best {
-                best = r + w;
-                parts = (r, w);
+            let f = floor(&inputs, out_bytes, &dir)?;
+            if f.best() < best {
+                best = f.best();
+                parts = Some(f);
             }
         }
+        let parts = parts.expect("three floors measured");
         println!(
-            "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>10} {:>9} {:>7} {:>7}  read {:.2} s + write&sync {:.2} s",
+            "{:<5} {:<16} {:>8.3}s {:>7.0} MB/s {:>10} {:>9} {:>7} {:>7}  read {:.2} s + write&sync {:.2} s; together {:.2} s",
             dt.label(),
             "floor",
             best.as_secs_f64(),
@@ -634,10 +723,11 @@ pub fn run(args: &[String]) -> Result<()> {
             "",
             "1.0x",
             "",
-            parts.0.as_secs_f64(),
-            parts.1.as_secs_f64()
+            parts.read.as_secs_f64(),
+            parts.write.as_secs_f64(),
+            parts.together.as_secs_f64()
         );
-        let runs: [(&str, f64); 3] = [("task_arithmetic", 3.0), ("ties", 6.0), ("eval", 3.0)];
+        let runs = targets(dt);
         for (method, target) in runs {
             let out = dir.join(format!("out-{method}"));
             let _ = fs::remove_dir_all(&out);
@@ -692,7 +782,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 continue;
             }
             let ratio = wall.as_secs_f64() / best.as_secs_f64();
-            let rss_ok = rss < 512 << 20;
+            let rss_ok = rss <= MAX_RSS;
             if !(ratio <= target && rss_ok) {
                 missed.push(label);
             }
@@ -709,8 +799,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 match (ratio <= target, rss_ok) {
                     (true, true) => "ok",
                     (false, true) => "SLOW",
-                    (true, false) => "RSS over 512 MiB",
-                    (false, false) => "SLOW, RSS over 512 MiB",
+                    (true, false) => "RSS over 256 MiB",
+                    (false, false) => "SLOW, RSS over 256 MiB",
                 },
                 cpu.as_secs_f64()
             );

@@ -51,8 +51,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::bench::{
-    Dt, Rng, bf16_bits, build_binary, config, mib, read_through, real_fork, run_measured,
-    write_synced,
+    Dt, Rng, bf16_bits, build_binary, config, floor_together, mib, real_fork, run_measured,
 };
 
 /// Llama-7B's widths.
@@ -423,29 +422,6 @@ fn sharded(
         )
     };
     Ok((wall_w, wall_j, rss, same && worst < RSS_LIMIT, text))
-}
-
-/// The I/O floor of one merge on this machine: every input read once and
-/// an output-sized file written and synced, all at the same time (one
-/// thread per input, one writing), as a merge overlaps its reads and
-/// writes. Returns the wall time until the last of them is done.
-fn floor_together(inputs: &[PathBuf], out_bytes: u64, scratch: &Path) -> Result<Duration> {
-    let path = scratch.join("floor.bin");
-    let t = Instant::now();
-    std::thread::scope(|s| -> Result<()> {
-        let readers: Vec<_> = inputs
-            .iter()
-            .map(|p| s.spawn(move || read_through(p, &mut vec![0u8; 8 << 20])))
-            .collect();
-        let writer = s.spawn(|| write_synced(&path, out_bytes, &vec![1u8; 8 << 20]));
-        for r in readers {
-            std::hint::black_box(r.join().expect("floor reader panicked")?);
-        }
-        writer.join().expect("floor writer panicked")
-    })?;
-    let wall = t.elapsed();
-    fs::remove_file(&path)?;
-    Ok(wall)
 }
 
 /// The peak RSS a child spawned now would report if it used no memory of

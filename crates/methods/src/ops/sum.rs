@@ -273,9 +273,10 @@ impl ExactSum {
 
     #[inline(always)]
     fn add_all_portable(&mut self, values: &[f64]) {
-        let mut rest = [0.0f64; ALL_BLOCK];
+        // Not zeroed first (that cost as much as the copy into it when the
+        // values are a short row): every value used is copied in below.
+        let mut rest = [std::mem::MaybeUninit::<f64>::uninit(); ALL_BLOCK];
         for block in values.chunks(ALL_BLOCK) {
-            let rest = &mut rest[..block.len()];
             // In 8 lanes (so that it vectorises): the largest magnitude, and
             // Σ v · 0, NaN if any v is not finite.
             let (mut maxes, mut poison) = ([0.0f64; 8], [0.0f64; 8]);
@@ -299,7 +300,7 @@ impl ExactSum {
                 block.iter().for_each(|&v| self.add(v));
                 continue;
             }
-            rest.copy_from_slice(block);
+            let rest = rest[..block.len()].write_copy_of_slice(block);
             for _ in 0..3 {
                 if max < pow2(-900) {
                     break; // zero, or left to the one by one additions
