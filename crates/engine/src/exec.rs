@@ -124,6 +124,21 @@ impl Source {
         out: &mut Vec<f32>,
         scratch: &mut Vec<u8>,
     ) -> Result<u64, EngineError> {
+        self.read_with(name, range, out, scratch, true)
+    }
+
+    /// [`read`](Self::read), looking for non-finite values only when
+    /// `first` (the first read of these elements; a pass with several sweeps
+    /// reads a tensor in several chunks again and again).
+    fn read_with(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut Vec<f32>,
+        scratch: &mut Vec<u8>,
+        first: bool,
+    ) -> Result<u64, EngineError> {
+        let check = self.check_finite && first;
         let size = self
             .model
             .layout()
@@ -135,16 +150,14 @@ impl Source {
         // Decoding and the NaN/infinity check are one pass over the data.
         let bad = self
             .model
-            .read_f32_range_copied(name, range, out, scratch)
+            .read_f32_range_copied_with(name, range, out, scratch, check)
             .map_err(|source| {
                 EngineError::io(
                     format!("cannot read tensor `{name}` of `{}`", self.reference),
                     source,
                 )
             })?;
-        if self.check_finite
-            && let Some(i) = bad
-        {
+        if check && let Some(i) = bad {
             return Err(EngineError::NonFinite {
                 model: self.reference.clone(),
                 tensor: name.to_owned(),
@@ -207,6 +220,12 @@ impl Sources {
 
 /// Reads one chunk of tensor `t` from every input taking part into `data`
 /// (its buffers reused). Returns the bytes read.
+///
+/// `checked`: the elements below it were read before and found finite in
+/// every input, so a range within them is not searched for NaN and infinity
+/// again (passes read a tensor in several chunks once per sweep, and then
+/// once more to merge); it grows as ranges are read in order.
+#[allow(clippy::too_many_arguments)]
 fn fetch(
     src: &Sources,
     t: &TensorPlan,
@@ -215,8 +234,10 @@ fn fetch(
     range: Range<usize>,
     data: &mut ChunkData,
     scratch: &mut Vec<u8>,
+    checked: &mut usize,
 ) -> Result<u64, EngineError> {
     src.check_cancel()?;
+    let first = range.end > *checked;
     let name = t.out.name.as_str();
     let mut bytes = 0u64;
     let aux_present: Vec<bool> = src
@@ -275,12 +296,15 @@ fn fetch(
                         *scratch = cell.into_inner();
                         bytes += r?;
                     }
-                    None => bytes += s.read(name, range.clone(), buf, scratch)?,
+                    None => bytes += s.read_with(name, range.clone(), buf, scratch, first)?,
                 }
             }
             Ok::<_, EngineError>(())
         },
     )?;
+    if first && range.start <= *checked {
+        *checked = range.end;
+    }
     Ok(bytes)
 }
 
@@ -941,13 +965,14 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                 encoded,
                 scratch,
             } = worker;
+            let mut checked = 0;
             merge_tensor_reusing::<EngineError>(
                 plan.method,
                 &ctx,
                 chunk_len,
                 merge,
                 |r, data| {
-                    let b = fetch(sources, t, aux, *base_aux, r, data, scratch)?;
+                    let b = fetch(sources, t, aux, *base_aux, r, data, scratch, &mut checked)?;
                     read_bytes += b;
                     progress.advance(b, 0);
                     Ok(())
@@ -1024,9 +1049,20 @@ fn model_pass(
                 progress.advance(plan.tensor_bytes_to_read(t), 0);
                 continue;
             }
+            // Searched for non-finite values in the first sweep only.
+            let mut checked = if sweep == 0 { 0 } else { usize::MAX };
             for r in chunk_ranges(method, &t.out.shape, t.out.numel(), chunk_len) {
                 let offset = r.start;
-                let b = fetch(sources, t, aux, *base_aux, r, &mut data, &mut scratch)?;
+                let b = fetch(
+                    sources,
+                    t,
+                    aux,
+                    *base_aux,
+                    r,
+                    &mut data,
+                    &mut scratch,
+                    &mut checked,
+                )?;
                 bytes += b;
                 progress.advance(b, 0);
                 data.with_chunk(&ctx, offset, None, |c| pass.observe(sweep, c))?;

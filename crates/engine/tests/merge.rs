@@ -167,6 +167,55 @@ impl MergeMethod for Passes {
 }
 register_method!(Passes);
 
+/// Only a per-tensor pass (max |τ|), of two sweeps (the second observes
+/// nothing): out = base + τ · max|τ|.
+struct TensorPassOnly;
+static TENSOR_PASS_ONLY: MethodInfo = MethodInfo {
+    name: "engine_test_tensor_pass",
+    summary: "a two-sweep per-tensor pass",
+    paper: "test",
+    base: BaseModel::Required,
+    min_models: 1,
+    max_models: Some(1),
+    params: &[],
+};
+struct TwoSweeps(MaxPass);
+impl StatsPass for TwoSweeps {
+    fn sweeps(&self) -> usize {
+        2
+    }
+    fn observe(&mut self, sweep: usize, c: &Chunk<'_>) -> Result<(), MethodError> {
+        if sweep == 0 {
+            self.0.observe(sweep, c)?;
+        }
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
+        Box::new(self.0).finish()
+    }
+}
+impl MergeMethod for TensorPassOnly {
+    fn info(&self) -> &'static MethodInfo {
+        &TENSOR_PASS_ONLY
+    }
+    fn tensor_pass(&self, _: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
+        Some(Box::new(TwoSweeps(MaxPass(0.0))))
+    }
+    fn merge(&self, c: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
+        let tmax = *c
+            .tensor_stats
+            .expect("tensor pass")
+            .downcast_ref::<f64>()
+            .expect("f64");
+        let b = c.base.expect("base");
+        for ((o, x), y) in out.iter_mut().zip(c.models[0]).zip(b) {
+            *o = y + (x - y) * tmax as f32;
+        }
+        Ok(())
+    }
+}
+register_method!(TensorPassOnly);
+
 /// Fisher-weighted average: Σ F_i x_i / Σ F_i (plain mean where a model has
 /// no Fisher for the tensor).
 struct Fish;
@@ -816,4 +865,62 @@ fn inputs_larger_than_the_remap_interval_merge_exactly() {
         .run(Some(&vector(&mapper, &base)), &[&vector(&mapper, &a)])
         .unwrap();
     check_against(&out, &expected_bytes(&mapper, &v, |t| t.dtype));
+}
+
+/// Non-finite values are searched for on a tensor's first read only (passes
+/// read a tensor of several chunks again in every sweep): a NaN in the last
+/// chunk of a 4-chunk F32 tensor, merged by a method with a two-sweep
+/// whole-model pass and a per-tensor pass, or by one with only a two-sweep
+/// per-tensor pass, is still refused with its element index, and goes
+/// through with `allow_non_finite`.
+#[test]
+fn a_nan_in_a_later_chunk_is_found_whatever_the_sweeps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = vec![t("big.weight", &[100, 123], DType::F32)];
+    let base = write_model(&tmp.path().join("base"), &big, 10, u64::MAX);
+    let a = tmp.path().join("a");
+    let infos = vec![TensorInfo::new("big.weight", vec![100, 123], DType::F32)];
+    let at = 12_299 - 5; // in the last chunk of 4096 elements
+    let vals: Vec<f32> = (0..12_300)
+        .map(|i| if i == at { f32::NAN } else { i as f32 * 1e-3 })
+        .collect();
+    let mut w = ModelWriter::create(&a, infos, WriterOptions::default()).unwrap();
+    w.write(
+        "big.weight",
+        &convert::encode_f32_vec(DType::F32, &vals).unwrap(),
+    )
+    .unwrap();
+    w.finish().unwrap();
+    for (method, threads) in [
+        ("engine_test_passes", 1),
+        ("engine_test_passes", 2),
+        ("engine_test_tensor_pass", 1),
+        ("engine_test_tensor_pass", 2),
+    ] {
+        let yaml = format!(
+            "merge_method: {method}\nbase_model: {}\nmodels:\n  - model: {}\ndtype: float32\n",
+            base.display(),
+            a.display()
+        );
+        let out = tmp.path().join(format!("{method}-{threads}"));
+        let e = merge(&yaml, &out, &opts(threads, 40_000)).unwrap_err();
+        match &e {
+            EngineError::NonFinite { tensor, index, .. } => {
+                assert_eq!((tensor.as_str(), *index), ("big.weight", at as u64), "{e}")
+            }
+            other => panic!("expected a non-finite error, got {other}"),
+        }
+        assert!(!out.exists());
+        let allowed = RunOptions {
+            allow_non_finite: true,
+            ..opts(threads, 40_000)
+        };
+        let r = merge(&yaml, &out, &allowed).unwrap();
+        assert_eq!(r.chunk_len, 4096);
+        let v = Model::open_path(&out)
+            .unwrap()
+            .read_f32_vec("big.weight")
+            .unwrap();
+        assert!(v[at].is_nan(), "{method}: {}", v[at]);
+    }
 }

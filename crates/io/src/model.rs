@@ -522,6 +522,37 @@ impl Model {
         out: &mut [f32],
         scratch: &mut Vec<u8>,
     ) -> Result<Option<usize>, IoError> {
+        self.read_f32_range_copied_with(name, range, out, scratch, true)
+    }
+
+    /// [`read_f32_range_copied`](Self::read_f32_range_copied), with the
+    /// search for a non-finite value of an F32 tensor skipped when `check`
+    /// is false (then the result is `None` for it): for a range read again
+    /// that was checked the first time. Other dtypes are checked as they
+    /// are decoded, which costs next to nothing, and so are tensors that a
+    /// LoRA adapter changes: always.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use tensormerge_core::{convert, DType, TensorInfo};
+    /// use tensormerge_io::{Model, ModelWriter, WriterOptions};
+    /// let mut w = ModelWriter::create(dir.path().join("m").as_path(),
+    ///     vec![TensorInfo::new("w", vec![2], DType::F32)], WriterOptions::default()).unwrap();
+    /// w.write("w", &convert::encode_f32_vec(DType::F32, &[1.0, f32::NAN]).unwrap()).unwrap();
+    /// let m = Model::open_path(&w.finish().unwrap()).unwrap();
+    /// let (mut out, mut scratch) = ([0f32; 2], Vec::new());
+    /// assert_eq!(m.read_f32_range_copied_with("w", 0..2, &mut out, &mut scratch, true).unwrap(), Some(1));
+    /// assert_eq!(m.read_f32_range_copied_with("w", 0..2, &mut out, &mut scratch, false).unwrap(), None);
+    /// assert!(out[1].is_nan());
+    /// ```
+    pub fn read_f32_range_copied_with(
+        &self,
+        name: &str,
+        range: Range<usize>,
+        out: &mut [f32],
+        scratch: &mut Vec<u8>,
+        check: bool,
+    ) -> Result<Option<usize>, IoError> {
         use std::os::unix::fs::FileExt;
         let i = self
             .layout
@@ -551,7 +582,11 @@ impl Model {
         };
         let bad = if info.dtype == DType::F32 && cfg!(target_endian = "little") {
             read(bytemuck::cast_slice_mut(out))?;
-            convert::first_non_finite(out)
+            if check {
+                convert::first_non_finite(out)
+            } else {
+                None
+            }
         } else {
             if scratch.len() < n {
                 scratch.resize(n, 0);
