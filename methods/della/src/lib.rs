@@ -300,8 +300,28 @@ fn or_bits_at(dst: &mut [u64], at: usize, src: &[u64], len: usize) {
 
 /// `out[e] = (x[e] − b[e]) · scale` (in `f64`) where bit `first + e` of
 /// `bits` is set, else 0: one mask word per run of up to 64 entries.
-#[inline(always)]
+#[inline]
 fn masked(bits: &[u64], first: usize, out: &mut [f64], x: &[f32], b: &[f32], scale: f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { masked_avx2(bits, first, out, x, b, scale) };
+        return;
+    }
+    masked_body(bits, first, out, x, b, scale)
+}
+
+/// [`masked`] compiled for AVX2 (the same IEEE operations: the same bits).
+/// It runs inside the merge's block loop, from a closure that the compiler
+/// does not inline into the AVX2 loop, so it was compiled for SSE2 alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn masked_avx2(bits: &[u64], first: usize, out: &mut [f64], x: &[f32], b: &[f32], scale: f64) {
+    masked_body(bits, first, out, x, b, scale)
+}
+
+#[inline(always)]
+fn masked_body(bits: &[u64], first: usize, out: &mut [f64], x: &[f32], b: &[f32], scale: f64) {
     let n = out.len();
     let (x, b) = (&x[..n], &b[..n]);
     let mut e = 0;
@@ -355,6 +375,8 @@ struct L1Pass {
     after: Vec<ExactSum>,
     /// `|x − b|` of a row (as `f64`).
     abs: Vec<f64>,
+    /// The same for the kept entries of the row, 0 for the others.
+    kept: Vec<f64>,
 }
 
 impl L1Pass {
@@ -375,7 +397,7 @@ impl L1Pass {
             let Some(keep) = keep else { continue };
             let (x, bits) = (chunk.models[i], &mut self.bits[i]);
             let (before, after) = (&mut self.before[i], &mut self.after[i]);
-            let abs = &mut self.abs;
+            let (abs, kept) = (&mut self.abs, &mut self.kept);
             let mut draws = draws_of(chunk, i);
             for start in (0..base.len()).step_by(row) {
                 let end = (start + row).min(base.len());
@@ -388,15 +410,18 @@ impl L1Pass {
                 );
                 before.add_all(abs);
                 let mask = keep.mask(xr, br, &mut draws);
-                // |τ| of the kept entries, 0 for the others (adds nothing).
-                for (a, &word) in abs.chunks_mut(64).zip(mask) {
-                    for (j, a) in a.iter_mut().enumerate() {
+                // |τ| of the kept entries, 0 for the others (adds nothing),
+                // into another buffer: zeroing `abs` in place compiled to
+                // masked stores, which cost more than the whole computation.
+                kept.resize(abs.len(), 0.0); // (every entry is written below)
+                for ((k, a), &word) in kept.chunks_mut(64).zip(abs.chunks(64)).zip(mask) {
+                    for (j, (k, a)) in k.iter_mut().zip(a).enumerate() {
                         // (a bit mask, not a branch: the bits are random)
                         let keep = 0u64.wrapping_sub((word >> j) & 1);
-                        *a = f64::from_bits(a.to_bits() & keep);
+                        *k = f64::from_bits(a.to_bits() & keep);
                     }
                 }
-                after.add_all(abs);
+                after.add_all(kept);
                 or_bits_at(bits, chunk.offset + start, mask, end - start);
             }
         }
@@ -478,6 +503,7 @@ fn tensor_pass(t: &TensorContext<'_>) -> Option<Box<dyn StatsPass>> {
         before: (0..m).map(|_| ExactSum::new()).collect(),
         after: (0..m).map(|_| ExactSum::new()).collect(),
         abs: Vec::new(),
+        kept: Vec::new(),
     }))
 }
 
