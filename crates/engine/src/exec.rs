@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tensormerge_core::convert;
+use tensormerge_core::{DType, convert};
 use tensormerge_io::{Model, ModelWriter, PartSpec, SUPPORT_FILES, WriterOptions};
 use tensormerge_methods::{
     ChunkData, ChunkInput, MergeBuffers, Stats, chunk_ranges, merge_tensor_reusing,
@@ -978,6 +978,12 @@ fn process(job: Job<'_>, idx: usize, worker: &mut Worker) -> Result<u64, EngineE
                     Ok(())
                 },
                 |_, vals| {
+                    if out_dtype == DType::F32 && cfg!(target_endian = "little") {
+                        // The values' own bytes are their F32 encoding:
+                        // handed over as they are, not copied first.
+                        let bytes: &[u8] = bytemuck::cast_slice(vals);
+                        return output.push(idx, std::borrow::Cow::Borrowed(bytes));
+                    }
                     for piece in vals.chunks(ENCODE_PIECE) {
                         encoded.resize(piece.len() * out_dtype.size_in_bytes(), 0);
                         convert::encode_f32(out_dtype, piece, encoded)?;

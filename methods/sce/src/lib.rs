@@ -242,9 +242,18 @@ struct SelectPass {
     /// The selection as bits, recorded by the energy sweep for the merge.
     bits: Option<Vec<u64>>,
     keys: Box<[u32; BLOCK]>,
+    /// The energy sweep's buffers for one block (kept positions, squares).
+    block: Box<EnergyBlock>,
     /// A tensor in one chunk: the keys of all its entries, computed once
     /// for every sweep (4 bytes per entry while the tensor is in flight).
     all_keys: Vec<u32>,
+}
+
+/// The energy sweep's per-block buffers, reused from block to block (as
+/// arrays on the stack they were zeroed for every block: 12 KiB each time).
+struct EnergyBlock {
+    kept: [u32; BLOCK],
+    squares: [f64; BLOCK],
 }
 
 impl SelectPass {
@@ -252,6 +261,7 @@ impl SelectPass {
     /// chunk at `offset` (`keys`: their variance keys, read only when there
     /// is a selection): records the selected entries as bits and adds their
     /// `τ²` to each model's [`ExactSum`].
+    #[allow(clippy::too_many_arguments)]
     fn energy_block(
         selection: Option<&Selection>,
         bits: &mut Option<Vec<u64>>,
@@ -260,26 +270,49 @@ impl SelectPass {
         base: &[f32],
         (offset, start): (usize, usize),
         keys: &[u32],
+        block: &mut EnergyBlock,
     ) {
         // `Selection::keeps` for one segment: above the threshold, or at it
         // up to the last kept tie.
         let (threshold, ties) = selection.map_or((0, Some(u64::MAX)), |s| s.for_segment(""));
+        let (has_ties, last_tie) = (ties.is_some(), ties.unwrap_or(0));
         // The kept entries of the block, then each model's squares of them
         // added in bulk (`ExactSum::add_all`: exact, so the same sum as
-        // adding them one by one).
-        let mut kept = [0u32; BLOCK];
-        let mut count = 0;
-        for (j, &k) in keys.iter().enumerate() {
+        // adding them one by one). The keep test and the bits are computed
+        // without branches (`&`, `|` on bools): about a fifth of the
+        // entries is kept, at random places, and branches on it were
+        // mispredicted.
+        let EnergyBlock { kept, squares } = block;
+        let keep_of = |j: usize, k: u32| {
             let at = offset + start + j;
-            let keep = k > threshold || (k == threshold && ties.is_some_and(|t| at as u64 <= t));
-            kept[count] = j as u32;
-            count += usize::from(keep);
-            if keep && let Some(bits) = bits {
-                bits[at / 64] |= 1 << (at % 64);
+            (k > threshold) | ((k == threshold) & has_ties & (at as u64 <= last_tie))
+        };
+        let mut count = 0;
+        match bits {
+            Some(bits) => {
+                // The bits of one mask word gathered in a register, stored
+                // when the word is complete and after the last entry.
+                let mut word = 0u64;
+                for (j, &k) in keys.iter().enumerate() {
+                    let keep = keep_of(j, k);
+                    kept[count] = j as u32;
+                    count += usize::from(keep);
+                    let at = offset + start + j;
+                    word |= u64::from(keep) << (at % 64);
+                    if at % 64 == 63 || j + 1 == keys.len() {
+                        bits[at / 64] |= word;
+                        word = 0;
+                    }
+                }
+            }
+            None => {
+                for (j, &k) in keys.iter().enumerate() {
+                    kept[count] = j as u32;
+                    count += usize::from(keep_of(j, k));
+                }
             }
         }
         let kept = &kept[..count];
-        let mut squares = [0.0f64; BLOCK];
         let squares = &mut squares[..count];
         let base = &base[start..start + keys.len()];
         for (x, s) in models.iter().zip(&mut *energy) {
@@ -332,6 +365,7 @@ impl SelectPass {
                     base,
                     (0, start),
                     &keys[start..end],
+                    &mut self.block,
                 );
             }
             self.phase = Phase::Done;
@@ -389,6 +423,7 @@ impl StatsPass for SelectPass {
                         base,
                         (chunk.offset, start),
                         keys,
+                        &mut self.block,
                     );
                 }
             }
@@ -480,6 +515,10 @@ impl MergeMethod for Sce {
             energy: (0..tensor.models.len()).map(|_| ExactSum::new()).collect(),
             bits: None,
             keys: Box::new([0; BLOCK]),
+            block: Box::new(EnergyBlock {
+                kept: [0; BLOCK],
+                squares: [0.0; BLOCK],
+            }),
             all_keys: Vec::new(),
         }))
     }
