@@ -346,11 +346,11 @@ pub(crate) fn read_through(path: &Path, buf: &mut [u8]) -> Result<u8> {
 }
 
 /// Writes `bytes` bytes (copies of `buf`) to a new file at `path` and
-/// syncs it, starting the write-back to the disk every 8 MiB as
-/// `tensormerge`'s writer does (`sync_file_range`), so that the floor gets
-/// the same head start on the disk as a merge.
+/// syncs it, starting the write-back to the disk as `tensormerge`'s writer
+/// does (the same call, as often), so that the floor gets the same head
+/// start on the disk as a merge.
 pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
-    use std::os::fd::AsRawFd;
+    use tensormerge::io::{WRITEBACK_EVERY, start_writeback};
     let mut f = File::create(path).with_context(|| path.display().to_string())?;
     let (mut left, mut dirty) = (bytes, 0u64);
     while left > 0 {
@@ -358,13 +358,9 @@ pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
         f.write_all(&buf[..n])?;
         left -= n as u64;
         dirty += n as u64;
-        if dirty >= 8 << 20 {
+        if dirty >= WRITEBACK_EVERY {
             dirty = 0;
-            // SAFETY: a valid open descriptor; offset and length 0 name the
-            // whole file; the call only schedules writes of written pages.
-            unsafe {
-                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
+            start_writeback(&f);
         }
     }
     f.sync_all()?;

@@ -48,7 +48,7 @@ const MAX_PLAIN_CHUNK: u64 = 1 << 16;
 /// Most result elements encoded and handed to the writer at once: a whole
 /// tensor's result (methods that merge whole tensors) goes out in pieces, so
 /// the encoded bytes stay in cache on their way into `write` and the encode
-/// buffer stays small.
+/// buffer stays small. F32 results need no encoding and go out as they are.
 const ENCODE_PIECE: usize = 1 << 16;
 
 /// What a finished merge did.

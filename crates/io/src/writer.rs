@@ -71,9 +71,9 @@ pub(crate) struct ShardPlan {
     pub(crate) end: usize,
 }
 
-/// Bytes written to a shard file between two starts of its write-back
-/// ([`ShardFile::written`]).
-const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Bytes [`ModelWriter`] writes to a shard file between two calls of
+/// [`start_writeback`] on it.
+pub const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// A shard file being written, hashed on the way when it is a piece.
 #[derive(Debug)]
@@ -112,9 +112,21 @@ impl ShardFile {
     }
 }
 
-/// Starts writing `file`'s dirty pages to the disk, without waiting (Linux;
-/// elsewhere nothing).
-pub(crate) fn start_writeback(file: &File) {
+/// Starts writing `file`'s dirty pages to the disk, without waiting for
+/// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; elsewhere
+/// nothing). A hint: errors are ignored, a later `sync_all` reports them.
+/// [`ModelWriter`] calls it every [`WRITEBACK_EVERY`] bytes of a shard file.
+///
+/// ```
+/// use std::io::Write;
+/// # let dir = tempfile::tempdir().unwrap();
+/// let mut f = std::fs::File::create(dir.path().join("out.bin")).unwrap();
+/// f.write_all(&[7u8; 1 << 20]).unwrap();
+/// tensormerge_io::start_writeback(&f);
+/// f.sync_all().unwrap();
+/// assert_eq!(std::fs::read(dir.path().join("out.bin")).unwrap(), vec![7u8; 1 << 20]);
+/// ```
+pub fn start_writeback(file: &File) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
