@@ -237,8 +237,15 @@ def test_keyboard_interrupt_removes_the_temporary_output(models, tmp_path: Path,
             else:
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        tm.merge(config_text(models), tmp_path / "merged", progress=progress)
+    # A process started in the background by a shell without job control
+    # (`cmd &` in a script) inherits SIGINT ignored, and Python then installs
+    # no handler: install Python's own for this test, whoever launched it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tm.merge(config_text(models), tmp_path / "merged", progress=progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert during and not (tmp_path / "merged").exists()
     assert leftovers(tmp_path, before) == []  # no temporary sibling left behind
     # the next merge works
