@@ -518,12 +518,37 @@ fn merge(
                 .map(|m| m.as_slice())
         })
         .collect();
+    // With every dropping model's mask at hand, the fused kernel merges
+    // all but the last few elements (bit-identical to the block path).
+    let fused: Option<Vec<Option<&[u64]>>> = (0..dens.len())
+        .map(|i| match (drops(dens[i]), masks[i]) {
+            (true, Some(m)) => Some(Some(m)),
+            (true, None) => None,
+            (false, _) => Some(None),
+        })
+        .collect();
+    let done = match fused {
+        Some(keep) => ops::combine_masked(
+            &combine,
+            base,
+            chunk.models,
+            &keep,
+            chunk.offset,
+            &scales,
+            out,
+        ),
+        None => 0,
+    };
+    if done == out.len() {
+        return Ok(());
+    }
     let mut rngs: Vec<_> = (0..dens.len())
-        .map(|i| stream_of(t, i, chunk.offset))
+        .map(|i| stream_of(t, i, chunk.offset + done))
         .collect();
     let mut draws = [0u32; ops::BLOCK];
     let fill = Fill {
         chunk,
+        at: done,
         base,
         dens: &dens,
         scales: &scales,
@@ -531,13 +556,15 @@ fn merge(
         rngs: &mut rngs,
         draws: &mut draws,
     };
-    ops::combine_blocks_with(&combine, Some(base), out, fill);
+    ops::combine_blocks_with(&combine, Some(&base[done..]), &mut out[done..], fill);
     Ok(())
 }
 
 /// The task vectors DARE hands to [`ops::combine_blocks_with`].
 struct Fill<'a, 'c> {
     chunk: &'a Chunk<'c>,
+    /// Where in the chunk the block path starts (after the fused kernel).
+    at: usize,
     base: &'a [f32],
     dens: &'a [f64],
     scales: &'a [f64],
@@ -549,6 +576,7 @@ struct Fill<'a, 'c> {
 impl ops::BlockFill for Fill<'_, '_> {
     #[inline(always)]
     fn fill(&mut self, i: usize, start: usize, buf: &mut [f64]) {
+        let start = self.at + start;
         let x = &self.chunk.models[i][start..start + buf.len()];
         let b = &self.base[start..start + buf.len()];
         let first = self.chunk.offset + start;

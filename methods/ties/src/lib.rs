@@ -399,7 +399,7 @@ impl MergeMethod for Ties {
             normalize: t.global.bool("normalize")?,
             rule: Rule::Ties(consensus(t.global)?),
         };
-        ops::combine_blocks(&combine, Some(base), out, |i, start, buf| {
+        let fill = |i: usize, start: usize, buf: &mut [f64]| {
             let x = &chunk.models[i][start..start + buf.len()];
             let b = &base[start..start + buf.len()];
             let (thr, lim) = limits[i];
@@ -425,7 +425,41 @@ impl MergeMethod for Ties {
                     *d = if keep { delta } else { 0.0 };
                 }
             }
-        });
+        };
+        // Pieces of the chunk within which each model keeps by one threshold
+        // (cut where a model's kept ties end): merged by the fused kernel,
+        // their last few elements (or all, without AVX2) by the block path.
+        let (first, n) = (chunk.offset as u64, out.len());
+        let tie_end = |lim: Option<u64>| lim.map_or(0, |l| l.saturating_add(1));
+        let mut cuts: Vec<usize> = limits
+            .iter()
+            .map(|&(_, lim)| tie_end(lim))
+            .filter(|&t| t > first && t < first + n as u64)
+            .map(|t| (t - first) as usize)
+            .chain([0, n])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for piece in cuts.windows(2) {
+            let (lo, hi) = (piece[0], piece[1]);
+            let above: Vec<i32> = limits
+                .iter()
+                .map(|&(thr, lim)| ops::key_above(thr, tie_end(lim) > first + lo as u64))
+                .collect();
+            let models: Vec<&[f32]> = chunk.models.iter().map(|m| &m[lo..hi]).collect();
+            let done =
+                ops::combine_trimmed(&combine, &base[lo..hi], &models, &above, &mut out[lo..hi]);
+            let rest = lo + done;
+            if rest == hi {
+                continue;
+            }
+            ops::combine_blocks(
+                &combine,
+                Some(&base[rest..hi]),
+                &mut out[rest..hi],
+                |i, start, buf| fill(i, rest + start, buf),
+            );
+        }
         Ok(())
     }
 }

@@ -92,7 +92,7 @@ impl Combine {
     }
 
     /// `1 / Σ w_i` for a normalised linear rule, else 1.
-    fn inverse_weight_sum(&self) -> f64 {
+    pub(super) fn inverse_weight_sum(&self) -> f64 {
         if self.normalize && self.rule == Rule::Linear {
             1.0 / weight_sum(&self.weights)
         } else {
