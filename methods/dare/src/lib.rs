@@ -295,6 +295,76 @@ fn masked(mask: &[u64], first: usize, out: &mut [f64], x: &[f32], b: &[f32], s: 
     runs(out, head + 64 * words, n);
 }
 
+/// One block of [`L1Pass::blocks`] for one model, in AVX2 registers: adds
+/// `|x − b|` (in `f64`) to `total` and the kept ones to `kept` (the keep
+/// rule `(limit, any)` of [`keep_rule`] on `draws`), and sets the keep bits
+/// of positions `at..` in `mask`. The same sums in the same lane order as
+/// [`PositionalSum::add_at`] and the same bits as [`record`].
+///
+/// # Safety
+/// AVX2 is available; `at` and `x.len()` are multiples of 8 and `b`,
+/// `draws` are as long as `x`, `mask` covers position `at + x.len() - 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn l1_block_avx2(
+    x: &[f32],
+    b: &[f32],
+    draws: &[u32],
+    (limit, any): (u32, bool),
+    at: usize,
+    mask: &mut [u64],
+    total: &mut ops::PositionalSum,
+    kept: &mut ops::PositionalSum,
+) {
+    use std::arch::x86_64::*;
+    assert!(at.is_multiple_of(8) && x.len().is_multiple_of(8));
+    assert!(b.len() == x.len() && draws.len() == x.len());
+    assert!(x.is_empty() || (at + x.len() - 1) / 64 < mask.len());
+    let (t, k) = (total.lanes(), kept.lanes());
+    // SAFETY (the block): AVX2 is enabled on this function; every load is
+    // within the slices, whose lengths are asserted above; `[f64; 8]` is 8
+    // contiguous `f64`s.
+    unsafe {
+        let mut t = [
+            _mm256_loadu_pd(t.as_ptr()),
+            _mm256_loadu_pd(t.as_ptr().add(4)),
+        ];
+        let mut k = [
+            _mm256_loadu_pd(k.as_ptr()),
+            _mm256_loadu_pd(k.as_ptr().add(4)),
+        ];
+        let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+        let lim = _mm_set1_epi32(limit as i32);
+        let none = _mm_set1_epi32(if any { -1 } else { 0 });
+        // Eight elements at a time: lanes 0-3 then 4-7 (`at` is a multiple of 8).
+        for e8 in (0..x.len()).step_by(8) {
+            for h in 0..2 {
+                let e = e8 + 4 * h;
+                let xv = _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(e)));
+                let bv = _mm256_cvtps_pd(_mm_loadu_ps(b.as_ptr().add(e)));
+                let v = _mm256_and_pd(_mm256_sub_pd(xv, bv), abs);
+                let u = _mm_loadu_si128(draws.as_ptr().add(e) as *const __m128i);
+                // u <= limit, unsigned: min(u, limit) == u.
+                let keep = _mm_and_si128(_mm_cmpeq_epi32(_mm_min_epu32(u, lim), u), none);
+                let bits = _mm_movemask_ps(_mm_castsi128_ps(keep)) as u64;
+                let p = at + e;
+                *mask.get_unchecked_mut(p >> 6) |= bits << (p & 63);
+                let kv = _mm256_and_pd(v, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(keep)));
+                t[h] = _mm256_add_pd(t[h], v);
+                k[h] = _mm256_add_pd(k[h], kv);
+            }
+        }
+        let mut out = [0.0f64; 8];
+        _mm256_storeu_pd(out.as_mut_ptr(), t[0]);
+        _mm256_storeu_pd(out.as_mut_ptr().add(4), t[1]);
+        total.set_lanes(out);
+        _mm256_storeu_pd(out.as_mut_ptr(), k[0]);
+        _mm256_storeu_pd(out.as_mut_ptr().add(4), k[1]);
+        kept.set_lanes(out);
+    }
+}
+
 /// The L1 norms of each model's task vector and of its kept entries, summed
 /// chunk-invariantly ([`PositionalSum`]).
 struct L1Pass {
@@ -313,13 +383,16 @@ impl L1Pass {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     fn blocks_avx2(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
-        self.blocks(chunk, base)
+        self.blocks::<true>(chunk, base)
     }
 
     /// Draws the keep decisions of a chunk, records them and adds up the L1
     /// norms.
+    /// With `FUSED` (only from [`blocks_avx2`](Self::blocks_avx2)), the
+    /// blocks at positions that are multiples of 8 go through
+    /// [`l1_block_avx2`].
     #[inline(always)]
-    fn blocks(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
+    fn blocks<const FUSED: bool>(&mut self, chunk: &Chunk<'_>, base: &[f32]) {
         let (mut all, mut kept) = ([0.0f64; PASS_BLOCK], [0.0f64; PASS_BLOCK]);
         let mut draws = [0u32; PASS_BLOCK];
         let mut rngs: Vec<_> = (0..self.densities.len())
@@ -339,6 +412,23 @@ impl L1Pass {
                 let draws = &mut draws[..n];
                 draw(&mut rngs[i], draws);
                 let (limit, any) = keep_rule(d);
+                #[cfg(target_arch = "x86_64")]
+                if FUSED && at.is_multiple_of(8) && n.is_multiple_of(8) {
+                    // SAFETY: the AVX2 caller (`FUSED`); the lengths agree.
+                    unsafe {
+                        l1_block_avx2(
+                            x,
+                            b,
+                            draws,
+                            (limit, any),
+                            at,
+                            &mut self.masks[i],
+                            &mut self.total[i],
+                            &mut self.kept[i],
+                        )
+                    };
+                    continue;
+                }
                 let (all, kept) = (&mut all[..n], &mut kept[..n]);
                 for ((((a, k), &u), &x), &b) in all
                     .iter_mut()
@@ -370,7 +460,7 @@ impl StatsPass for L1Pass {
             unsafe { self.blocks_avx2(chunk, base) };
             return Ok(());
         }
-        self.blocks(chunk, base);
+        self.blocks::<false>(chunk, base);
         Ok(())
     }
 

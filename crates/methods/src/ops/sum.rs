@@ -421,6 +421,20 @@ impl PositionalSum {
         }
     }
 
+    /// The eight running lane sums (lane `p mod 8` has summed the elements
+    /// at positions `p`, in order), for a kernel that goes on adding in
+    /// registers and stores them back with [`set_lanes`](Self::set_lanes):
+    /// adding each lane's elements in position order gives the same sum as
+    /// [`add_at`](Self::add_at).
+    pub fn lanes(&self) -> [f64; 8] {
+        self.lanes
+    }
+
+    /// Replaces the lane sums (see [`lanes`](Self::lanes)).
+    pub fn set_lanes(&mut self, lanes: [f64; 8]) {
+        self.lanes = lanes;
+    }
+
     /// The sum of the lanes, taken exactly and rounded once.
     pub fn value(&self) -> f64 {
         weight_sum(&self.lanes)
