@@ -61,3 +61,18 @@ pub use rank::*;
 pub use sum::*;
 pub use topk::*;
 pub use weights::*;
+
+/// Hints the CPU to load the cache line holding `data[at]` (no effect past
+/// the end of `data`, or off x86-64).
+#[inline(always)]
+pub fn prefetch<T>(data: &[T], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = data.get(at) {
+        // SAFETY: a prefetch never faults, and `p` is in bounds anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (p as *const T).cast(),
+            )
+        };
+    }
+}

@@ -372,6 +372,45 @@ impl TopK {
         }
     }
 
+    /// [`observe`](Self::observe) of the keys of the differences `x − b`
+    /// ([`magnitude_key`]), `x` and `b` of one length (at most
+    /// [`BLOCK`](super::BLOCK)), with the same result. In the sweep after a
+    /// guess, the usual and often the only one, the keys are computed as
+    /// they are compared and never stored; otherwise they are written to
+    /// `keys` (scratch, at least `x.len()` long) and observed.
+    #[inline(always)]
+    pub fn observe_diff(
+        &mut self,
+        segment: &str,
+        offset: u64,
+        x: &[f32],
+        b: &[f32],
+        keys: &mut [u32],
+    ) {
+        assert!(x.len() == b.len() && x.len() <= BLOCK);
+        if let Stage::Guess { lo, hi, .. } = self.stage {
+            if self.seen == 0 && self.one_segment {
+                self.segment = segment.to_string();
+            }
+            let cap = if self.cands_ok { self.cap() } else { 0 };
+            let (count, ok) = guess_sweep_diff(&mut self.cands, cap, offset, x, b, lo, hi);
+            if let Stage::Guess { above, .. } = &mut self.stage {
+                *above += count;
+            }
+            if !ok {
+                self.cands_ok = false;
+                self.cands = Vec::new();
+            }
+            self.seen += x.len() as u64;
+            return;
+        }
+        let keys = &mut keys[..x.len()];
+        for ((k, &x), &b) in keys.iter_mut().zip(x).zip(b) {
+            *k = magnitude_key(x - b);
+        }
+        self.observe(segment, offset, keys);
+    }
+
     /// Sees the keys of positions `offset..offset + keys.len()` of `segment`.
     /// (Inlined, so that a caller compiled for AVX2 runs it with AVX2.)
     #[inline(always)]
@@ -866,6 +905,40 @@ fn guess_sweep(
     (above, ok)
 }
 
+/// [`guess_sweep`] of the keys of `x − b` (one block), computed as they
+/// are compared ([`range_bits_diff`]).
+#[inline(always)]
+fn guess_sweep_diff(
+    cands: &mut Vec<(u32, u32)>,
+    cap: usize,
+    offset: u64,
+    x: &[f32],
+    b: &[f32],
+    lo: u32,
+    hi: u32,
+) -> (u64, bool) {
+    let mut bits = [0u64; BLOCK / 64];
+    let words = x.len().div_ceil(64);
+    let above = range_bits_diff(x, b, lo, hi - lo, hi, &mut bits[..words]);
+    if cap == 0 {
+        return (above, false);
+    }
+    let hits: usize = bits[..words].iter().map(|w| w.count_ones() as usize).sum();
+    if cands.len() + hits > cap {
+        return (above, false);
+    }
+    for (w, &word) in bits[..words].iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let t = 64 * w + word.trailing_zeros() as usize;
+            // (positions are below n ≤ 2³², checked by `guess`)
+            cands.push(((offset + t as u64) as u32, magnitude_key(x[t] - b[t])));
+            word &= word - 1;
+        }
+    }
+    (above, true)
+}
+
 /// Sweep 0 after a coded guess ([`Stage::GuessCoded`]): counts the keys
 /// above `hi` (returned); for each key within `lo..=hi`, sets its position
 /// bit in `bits` and appends its code (its index in `table`, or [`ESCAPE`]
@@ -958,35 +1031,119 @@ fn range_bits_portable(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u6
 #[target_feature(enable = "avx2")]
 fn range_bits_avx2(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
     use std::arch::x86_64::*;
-    // Unsigned comparisons as signed ones on values with the top bit flipped.
-    let flip = _mm256_set1_epi32(i32::MIN);
-    let lo_v = _mm256_set1_epi32(lo as i32);
-    let span_f = _mm256_set1_epi32((span ^ 0x8000_0000) as i32);
-    let hi_f = _mm256_set1_epi32((hi ^ 0x8000_0000) as i32);
-    let mut acc = _mm256_setzero_si256();
-    let octets = keys.len() / 8;
-    bits.iter_mut().for_each(|w| *w = 0);
-    for g in 0..octets {
-        // SAFETY: `8 g + 8 <= keys.len()`; unaligned load.
-        let v = unsafe { _mm256_loadu_si256(keys.as_ptr().add(8 * g) as *const __m256i) };
-        let gt = _mm256_cmpgt_epi32(_mm256_xor_si256(v, flip), hi_f);
-        acc = _mm256_sub_epi32(acc, gt);
-        let d = _mm256_xor_si256(_mm256_sub_epi32(v, lo_v), flip);
-        let outside = _mm256_cmpgt_epi32(d, span_f);
-        let m = !_mm256_movemask_ps(_mm256_castsi256_ps(outside)) as u32 & 0xff;
-        bits[g / 8] |= (m as u64) << (8 * (g % 8));
+    let load = |e: usize| {
+        // SAFETY: `e + 8 <= keys.len()` (`range_core`); unaligned load.
+        unsafe { _mm256_loadu_si256(keys.as_ptr().add(e) as *const __m256i) }
+    };
+    // SAFETY: AVX2 is enabled on this function.
+    unsafe { range_core(keys.len(), load, |e| keys[e], lo, span, hi, bits) }
+}
+
+/// [`range_bits`] of the keys of `x − b` ([`magnitude_key`]).
+#[inline(always)]
+fn range_bits_diff(x: &[f32], b: &[f32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { range_bits_diff_avx2(x, b, lo, span, hi, bits) };
     }
-    let mut lanes = [0u32; 8];
-    // SAFETY: `lanes` holds 8 words; unaligned store.
-    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
-    // (each lane counts at most keys.len() / 8 < 2^32 keys)
-    let mut above: u64 = lanes.iter().map(|&l| l as u64).sum();
-    for e in 8 * octets..keys.len() {
-        let k = keys[e];
-        bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
-        above += u64::from(k > hi);
+    let mut keys = [0u32; BLOCK];
+    let keys = &mut keys[..x.len()];
+    for ((k, &x), &b) in keys.iter_mut().zip(x).zip(b) {
+        *k = magnitude_key(x - b);
     }
-    above
+    range_bits_portable(keys, lo, span, hi, bits)
+}
+
+/// [`range_bits_diff`] with AVX2: each key computed in a register from
+/// eight `f32` differences (the same IEEE subtraction), then compared as
+/// [`range_bits_avx2`] does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn range_bits_diff_avx2(
+    x: &[f32],
+    b: &[f32],
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+) -> u64 {
+    use std::arch::x86_64::*;
+    assert_eq!(x.len(), b.len());
+    let load = |e: usize| {
+        // SAFETY: `e + 8 <= x.len() == b.len()` (`range_core`); unaligned
+        // loads; AVX2 is enabled on this function.
+        unsafe {
+            let d = _mm256_sub_ps(
+                _mm256_loadu_ps(x.as_ptr().add(e)),
+                _mm256_loadu_ps(b.as_ptr().add(e)),
+            );
+            _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fff_ffff))
+        }
+    };
+    // SAFETY: AVX2 is enabled on this function.
+    unsafe {
+        range_core(
+            x.len(),
+            load,
+            |e| magnitude_key(x[e] - b[e]),
+            lo,
+            span,
+            hi,
+            bits,
+        )
+    }
+}
+
+/// The loop of [`range_bits_avx2`] over `n` keys, eight at a time from
+/// `load8(e)` (keys `e..e + 8`, called with `e + 8 <= n`), the rest one at
+/// a time from `load1(e)`.
+///
+/// # Safety
+/// AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn range_core(
+    n: usize,
+    load8: impl Fn(usize) -> std::arch::x86_64::__m256i,
+    load1: impl Fn(usize) -> u32,
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+) -> u64 {
+    use std::arch::x86_64::*;
+    assert!(n <= 64 * bits.len());
+    // SAFETY: AVX2 is available, as the caller guarantees.
+    unsafe {
+        // Unsigned comparisons as signed ones on values with the top bit flipped.
+        let flip = _mm256_set1_epi32(i32::MIN);
+        let lo_v = _mm256_set1_epi32(lo as i32);
+        let span_f = _mm256_set1_epi32((span ^ 0x8000_0000) as i32);
+        let hi_f = _mm256_set1_epi32((hi ^ 0x8000_0000) as i32);
+        let mut acc = _mm256_setzero_si256();
+        let octets = n / 8;
+        bits.iter_mut().for_each(|w| *w = 0);
+        for g in 0..octets {
+            let v = load8(8 * g);
+            let gt = _mm256_cmpgt_epi32(_mm256_xor_si256(v, flip), hi_f);
+            acc = _mm256_sub_epi32(acc, gt);
+            let d = _mm256_xor_si256(_mm256_sub_epi32(v, lo_v), flip);
+            let outside = _mm256_cmpgt_epi32(d, span_f);
+            let m = !_mm256_movemask_ps(_mm256_castsi256_ps(outside)) as u32 & 0xff;
+            bits[g / 8] |= (m as u64) << (8 * (g % 8));
+        }
+        let mut lanes = [0u32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc);
+        // (each lane counts at most n / 8 < 2^32 keys)
+        let mut above: u64 = lanes.iter().map(|&l| l as u64).sum();
+        for e in 8 * octets..n {
+            let k = load1(e);
+            bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
+            above += u64::from(k > hi);
+        }
+        above
+    }
 }
 
 /// The bin (scanning from the top) holding the `k`-th largest, and how many
@@ -1364,6 +1521,91 @@ mod tests {
             let (kept, one) = select_guessed(&same, k as u64, 999, &same[..64]);
             assert_eq!(kept, reference(&same, k), "k={k}");
             assert!(one);
+        }
+    }
+
+    #[test]
+    fn range_bits_of_differences_are_those_of_their_keys() {
+        let val = |i: u32| (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5;
+        let b: Vec<f32> = (0..1000).map(|i| val(i) * 0.1).collect();
+        let mut x: Vec<f32> = (0..1000)
+            .map(|i| b[i as usize] + val(i + 7) * 0.01)
+            .collect();
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        x[5] = b[5];
+        let keys: Vec<u32> = x
+            .iter()
+            .zip(&b)
+            .map(|(&x, &b)| magnitude_key(x - b))
+            .collect();
+        let mid = magnitude_key(0.004);
+        for (lo, hi) in [
+            (0u32, u32::MAX),
+            (mid, mid + (1 << 20)),
+            (0x7f80_0000, 0x7fff_ffff),
+        ] {
+            for len in [0usize, 7, 8, 63, 64, 65, 1000] {
+                let words = len.div_ceil(64).max(1);
+                let (mut a, mut c) = (vec![u64::MAX; words], vec![0u64; words]);
+                let n_a = range_bits_diff(&x[..len], &b[..len], lo, hi - lo, hi, &mut a);
+                let n_c = range_bits_portable(&keys[..len], lo, hi - lo, hi, &mut c);
+                assert_eq!((n_a, a), (n_c, c), "lo {lo} hi {hi} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn observing_differences_selects_as_observing_keys() {
+        let n = 50_000u32;
+        let val = |i: u32| (i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 - 0.5;
+        let b: Vec<f32> = (0..n).map(|i| val(i) * 0.1).collect();
+        // Plain task vectors (the guess sweep computes keys in registers),
+        // and rounded ones: many ties at any threshold (a coded guess).
+        for rounded in [false, true] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    let d = val(i + 11) * 0.01;
+                    let d = if rounded {
+                        (d * 6400.0).round() / 4096.0
+                    } else {
+                        d
+                    };
+                    b[i as usize] + d
+                })
+                .collect();
+            let keys: Vec<u32> = x
+                .iter()
+                .zip(&b)
+                .map(|(&x, &b)| magnitude_key(x - b))
+                .collect();
+            for k in [0u64, 1, 777, 10_000, 25_000, n as u64 - 1, n as u64] {
+                let run = |diff: bool| {
+                    let mut t = TopK::new(n as u64, k, true);
+                    let mut sample: Vec<u32> = keys.iter().step_by(7).copied().collect();
+                    t.guess(&mut sample);
+                    if !rounded && (1..n as u64).contains(&k) {
+                        assert!(matches!(t.stage, Stage::Guess { .. }), "k={k}");
+                    }
+                    let mut scratch = vec![0u32; BLOCK];
+                    for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+                        for at in (0..n as usize).step_by(BLOCK) {
+                            let end = (at + BLOCK).min(n as usize);
+                            let (x, b) = (&x[at..end], &b[at..end]);
+                            if diff {
+                                t.observe_diff("", at as u64, x, b, &mut scratch);
+                            } else {
+                                t.observe("", at as u64, &keys[at..end]);
+                            }
+                        }
+                        t.end_sweep(sweep).unwrap();
+                    }
+                    t.selection().cloned()
+                };
+                let (by_keys, by_diff) = (run(false), run(true));
+                assert!(by_keys.is_some(), "k={k}");
+                assert_eq!(by_keys, by_diff, "k={k} rounded={rounded}");
+            }
         }
     }
 
