@@ -18,6 +18,9 @@
 //! - [`Combine`]: the final combination of (sparsified) task vectors: the
 //!   linear sum of task arithmetic or the sign election and disjoint merge of
 //!   TIES ([`Consensus`]).
+//! - [`combine_trimmed`], [`combine_masked`]: TIES' trim and DARE's masked
+//!   drop fused with the combination, four elements at a time in AVX2
+//!   registers (bit-identical to [`combine_blocks`] with the same fill).
 //! - [`dare_keep`]: DARE's random drop decision, drawn from the reproducible
 //!   stream of [`TensorContext::rng`](crate::TensorContext::rng).
 //! - [`RankOrder`]: the magnitude ranks within a row (DELLA), by a stable
