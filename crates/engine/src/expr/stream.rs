@@ -201,6 +201,17 @@ impl Worker {
     }
 }
 
+/// Writes the results held by `workers` (chunks of tensor `name`, in
+/// order); returns the bytes written.
+fn write_results(writer: &mut ModelWriter, name: &str, workers: &[Worker]) -> Result<u64, IoError> {
+    let mut bytes = 0;
+    for w in workers {
+        writer.write(name, &w.out[..w.out_len])?;
+        bytes += w.out_len as u64;
+    }
+    Ok(bytes)
+}
+
 /// Evaluates `expr` on whole models and writes the result as a model
 /// directory at `out`, streaming: each floating-point tensor is read, decoded
 /// to `f32`, evaluated and encoded chunk by chunk (chunks in parallel on the
@@ -396,7 +407,9 @@ fn run_eval_remapping(
     .map_err(io_error(format!("cannot write output `{}`", out.display())))?;
 
     // Size the chunks to the budget: per element, each worker holds one f32
-    // per input and per scratch buffer, plus the encoded output.
+    // per input and per scratch buffer, plus the encoded output; there are
+    // two sets of workers (one computes a batch while the other's results
+    // are written).
     let evaluator = Evaluator::new(&expr);
     let workers_n = rayon::current_num_threads().max(1);
     let out_size = out_tensors
@@ -406,17 +419,26 @@ fn run_eval_remapping(
         .max()
         .unwrap_or(4);
     let per_elem = (4 * (opened.len() + evaluator.scratch_buffers()) + out_size) as u64;
-    let chunk = (opts.max_memory / workers_n as u64 / per_elem)
+    let chunk = (opts.max_memory / (2 * workers_n) as u64 / per_elem)
         .clamp(MIN_CHUNK as u64, MAX_CHUNK as u64) as usize;
-    let mut workers: Vec<Worker> = (0..workers_n)
-        .map(|_| Worker {
-            ev: evaluator.clone(),
-            inputs: vec![Vec::new(); opened.len()],
-            out: Vec::new(),
-            out_len: 0,
-            check_finite: !opts.allow_non_finite,
-        })
-        .collect();
+    let new_set = || -> Vec<Worker> {
+        (0..workers_n)
+            .map(|_| Worker {
+                ev: evaluator.clone(),
+                inputs: vec![Vec::new(); opened.len()],
+                out: Vec::new(),
+                out_len: 0,
+                check_finite: !opts.allow_non_finite,
+            })
+            .collect()
+    };
+    let mut sets = [new_set(), new_set()];
+    // The set that computes the next batch (the other holds the results of
+    // the batch before, until they are written).
+    let mut cur = 0usize;
+    // The batch computed last and not yet written: its tensor and how many
+    // workers of the other set hold its chunks, in order.
+    let mut unwritten: Option<(&str, usize)> = None;
     let write_ctx = || format!("cannot write output `{}`", out.display());
 
     let mut report = EvalReport {
@@ -451,6 +473,10 @@ fn run_eval_remapping(
     let mut mapped = 0u64;
     for t in &out_tensors {
         if !t.dtype.is_float() {
+            if let Some((name, k)) = unwritten.take() {
+                report.bytes_written += write_results(&mut writer, name, &sets[1 - cur][..k])
+                    .map_err(io_error(write_ctx()))?;
+            }
             let bytes = template
                 .tensor_bytes(&t.name)
                 .map_err(io_error(format!("cannot read model `{}`", template.name())))?;
@@ -481,7 +507,9 @@ fn run_eval_remapping(
             {
                 return Err(EngineError::Cancelled);
             }
-            // One batch: a chunk per worker, computed in parallel, written in order.
+            // One batch: a chunk per worker of the current set, computed in
+            // parallel while the batch before is written, in order (before,
+            // the workers waited for every write).
             let ranges: Vec<Range<usize>> = (0..workers_n)
                 .map(|w| {
                     let s = (start + w * chunk).min(n);
@@ -490,17 +518,26 @@ fn run_eval_remapping(
                 .filter(|r| !r.is_empty())
                 .collect();
             let end = ranges.last().map_or(start, |r| r.end);
-            workers[..ranges.len()]
-                .par_iter_mut()
-                .zip(ranges.par_iter())
-                .map(|(w, r)| w.run(&opened, &t.name, r.clone(), t.dtype))
-                .collect::<Result<Vec<()>, EngineError>>()?;
-            for w in &workers[..ranges.len()] {
-                writer
-                    .write(&t.name, &w.out[..w.out_len])
-                    .map_err(io_error(write_ctx()))?;
-                report.bytes_written += w.out_len as u64;
-            }
+            let [a, b] = &mut sets;
+            let (computing, done) = if cur == 0 { (a, &*b) } else { (b, &*a) };
+            let (models, writer) = (&opened, &mut writer);
+            let (computed, wrote) = rayon::join(
+                || {
+                    computing[..ranges.len()]
+                        .par_iter_mut()
+                        .zip(ranges.par_iter())
+                        .map(|(w, r)| w.run(models, &t.name, r.clone(), t.dtype))
+                        .collect::<Result<Vec<()>, EngineError>>()
+                },
+                || match unwritten {
+                    Some((name, k)) => write_results(writer, name, &done[..k]),
+                    None => Ok(0),
+                },
+            );
+            report.bytes_written += wrote.map_err(io_error(write_ctx()))?;
+            computed?;
+            unwritten = Some((t.name.as_str(), ranges.len()));
+            cur = 1 - cur;
             let elems = (end - start) as u64;
             report.bytes_read += elems * in_per_elem;
             progress.advance(elems * in_per_elem, 0);
@@ -516,6 +553,10 @@ fn run_eval_remapping(
         report.tensors_evaluated += 1;
         report.params += n as u64;
         progress.advance(0, 1);
+    }
+    if let Some((name, k)) = unwritten.take() {
+        report.bytes_written +=
+            write_results(&mut writer, name, &sets[1 - cur][..k]).map_err(io_error(write_ctx()))?;
     }
     progress.finish();
     report.support_files = writer
