@@ -1610,6 +1610,64 @@ mod tests {
     }
 
     #[test]
+    fn observing_tied_differences_after_a_coded_guess_selects_as_observing_keys() {
+        // BF16-like task vectors: a few magnitudes, each tied many times, and
+        // rare ones that take the escape code; differences exact in f32.
+        // More keys in the tie at the threshold than candidates may be
+        // recorded (`CANDIDATES`).
+        let n = 2_400_000usize;
+        let grid = [0.5f32, 0.25, 0.25, 0.25, 0.25, 0.25, 0.125, 0.125, 0.125];
+        let hash = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        let b: Vec<f32> = (0..n).map(|i| (hash(i + 7) % 64) as f32 / 16.0).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                let h = hash(i);
+                let d = if i % 20_011 == 5 {
+                    0.2 + (i / 20_011) as f32 / 1024.0 // rare
+                } else {
+                    grid[(h % grid.len() as u64) as usize]
+                };
+                let d = if h & (1 << 20) != 0 { -d } else { d };
+                b[i] + d
+            })
+            .collect();
+        let keys: Vec<u32> = x
+            .iter()
+            .zip(&b)
+            .map(|(&x, &b)| magnitude_key(x - b))
+            .collect();
+        let even: Vec<u32> = keys.iter().step_by(n / 4096).copied().collect();
+        let on_rare = keys.iter().filter(|&&k| k >= magnitude_key(0.21)).count() as u64;
+        for k in [1u64, 480_013, 1_000_001, 1_439_999, on_rare, n as u64 - 1] {
+            let run = |diff: bool| {
+                let mut t = TopK::new(n as u64, k, true);
+                t.guess(&mut even.clone());
+                let coded = matches!(t.stage, Stage::GuessCoded { .. });
+                let mut scratch = vec![0u32; BLOCK];
+                for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+                    for at in (0..n).step_by(BLOCK) {
+                        let end = (at + BLOCK).min(n);
+                        if diff {
+                            t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
+                        } else {
+                            t.observe("", at as u64, &keys[at..end]);
+                        }
+                    }
+                    t.end_sweep(sweep).unwrap();
+                }
+                (coded, t.selection().cloned())
+            };
+            let ((coded, by_keys), (_, by_diff)) = (run(false), run(true));
+            if [480_013, 1_000_001, 1_439_999].contains(&k) {
+                // Within the large ties: the case under test.
+                assert!(coded, "k={k}");
+            }
+            assert!(by_keys.is_some(), "k={k}");
+            assert_eq!(by_keys, by_diff, "k={k}");
+        }
+    }
+
+    #[test]
     fn range_bits_with_avx2_are_the_portable_bits() {
         let keys: Vec<u32> = (0..1000u32)
             .map(|i| i.wrapping_mul(2_654_435_761) >> (i % 7))
