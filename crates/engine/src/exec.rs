@@ -45,6 +45,22 @@ use crate::progress::Progress;
 const MIN_CHUNK: u64 = 4096;
 /// Largest chunk, in elements, for methods without a per-tensor pass.
 const MAX_PLAIN_CHUNK: u64 = 1 << 16;
+/// Largest working set of one chunk (every input decoded, and the result),
+/// in bytes, for methods with a per-tensor pass: about 262,000 elements of
+/// a base and three models.
+///
+/// A tensor of one chunk is decoded once and kept for the pass and the
+/// merge; one of several chunks is read again (from the page cache, where
+/// its first read just put it) for each sweep and for the merge. Decoding
+/// whole tensors of millions of elements into buffers larger than the
+/// cache cost more than reading them twice: each decoded value went to
+/// memory and came back twice. A bf16 GPT-2 TIES merge (1 base + 3, two
+/// threads) took 1.11-1.22 s with the default budget (one chunk up to 11M
+/// elements) and 0.93-0.99 s with chunks of 131K-262K elements, f32 TIES,
+/// DARE and DELLA about a quarter less CPU time, same outputs (hand-timed
+/// with `--max-memory`, 2026-12-07; `cargo xtask bench` measures the
+/// result).
+const MAX_PASS_CHUNK_BYTES: u64 = 6 << 20;
 /// Most result elements encoded and handed to the writer at once: a whole
 /// tensor's result (methods that merge whole tensors) goes out in pieces, so
 /// the encoded bytes stay in cache on their way into `write` and the encode
@@ -584,14 +600,15 @@ fn execute_inner(
     // Methods without a per-tensor pass read every chunk once: keep chunks
     // small enough for the allocator to reuse their buffers (fresh pages cost
     // a fault and a zeroing each) and for the cache. Methods with a pass read
-    // a multi-chunk tensor once per sweep and once more to merge: larger chunks.
+    // a multi-chunk tensor once per sweep and once more to merge: larger
+    // chunks, still within the cache (`MAX_PASS_CHUNK_BYTES`).
     let has_tensor_pass = plan
         .tensors
         .iter()
         .find_map(|t| plan.context(t, None))
         .map(|ctx| plan.method.tensor_pass(&ctx).is_some());
     let chunk_len = if has_tensor_pass == Some(true) {
-        by_budget
+        by_budget.min((MAX_PASS_CHUNK_BYTES / per_elem).max(MAX_PLAIN_CHUNK))
     } else {
         by_budget.min(MAX_PLAIN_CHUNK)
     } as usize;
