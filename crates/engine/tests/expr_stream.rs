@@ -541,3 +541,70 @@ fn misaligned_f32_tensors_are_decoded_not_lent() {
     convert::round_to(DType::BF16, &mut want[..3]);
     assert_eq!(bits(got.values().unwrap()), bits(&want));
 }
+
+/// Writes `SHAPES` in `dtype` to `dir` with `value` at element `index` of
+/// `big`.
+fn poisoned(dir: &Path, dtype: DType, index: usize, value: f32) -> String {
+    let mut e = entries(5, dtype, SHAPES);
+    let big = e.iter_mut().find(|t| t.0 == "big").unwrap();
+    let mut v = values(99, big.2.iter().product());
+    v[index] = value;
+    big.3 = convert::encode_f32_vec(dtype, &v).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &e);
+    dir.display().to_string()
+}
+
+#[test]
+fn non_finite_values_are_found_in_decoded_and_in_lent_inputs() {
+    let f = fixture();
+    let out = f.root.join("out");
+    // BF16 inputs are decoded (the check is part of decoding), aligned F32
+    // inputs are used in place (checked after): both are searched, and the
+    // error names the first bad input in the expression's model order.
+    let bf16_nan = poisoned(&f.root.join("bn"), DType::BF16, 4_100, f32::NAN);
+    let bf16_low = poisoned(&f.root.join("bl"), DType::BF16, 10, f32::INFINITY);
+    let f32_inf = poisoned(&f.root.join("fi"), DType::F32, 4_101, f32::NEG_INFINITY);
+    let clean = f.models[1].1.clone();
+    let cases = [
+        // (x, y, reported model, index, value)
+        (&bf16_nan, &clean, &bf16_nan, 4_100, f32::NAN),
+        (&clean, &bf16_nan, &bf16_nan, 4_100, f32::NAN),
+        (&clean, &f32_inf, &f32_inf, 4_101, f32::NEG_INFINITY),
+        // One chunk holds both: the first model is reported, not the
+        // smallest index.
+        (&f32_inf, &bf16_low, &f32_inf, 4_101, f32::NEG_INFINITY),
+        (&bf16_low, &f32_inf, &bf16_low, 10, f32::INFINITY),
+    ];
+    for (x, y, bad, at, value) in cases {
+        let models = [("x".to_string(), x.clone()), ("y".to_string(), y.clone())];
+        let opts = EvalOptions {
+            // One chunk for the whole of `big`.
+            max_memory: 1 << 30,
+            ..EvalOptions::default()
+        };
+        match run_eval("x - y", &models, &out, &opts, &NoProgress) {
+            Err(EngineError::NonFinite {
+                model,
+                tensor,
+                index,
+                value: v,
+            }) => {
+                assert_eq!(model, Model::open(bad).unwrap().name(), "{x} {y}");
+                assert_eq!((tensor.as_str(), index), ("big", at as u64), "{x} {y}");
+                assert_eq!(v.to_bits(), value.to_bits());
+            }
+            other => panic!("{x} {y}: {other:?}"),
+        }
+        assert!(!out.exists());
+        // Allowed, the value propagates.
+        let opts = EvalOptions {
+            allow_non_finite: true,
+            ..opts
+        };
+        run_eval("x - y", &models, &out, &opts, &NoProgress).unwrap();
+        let got = Model::open_path(&out).unwrap().read_f32_vec("big").unwrap();
+        assert!(!got[at].is_finite());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
