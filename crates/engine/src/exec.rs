@@ -60,6 +60,14 @@ const MAX_PLAIN_CHUNK: u64 = 1 << 16;
 /// DARE and DELLA about a quarter less CPU time, same outputs (hand-timed
 /// with `--max-memory`, 2026-12-07; `cargo xtask bench` measures the
 /// result).
+///
+/// The cost: TIES' guess of its threshold samples the first chunk of a
+/// tensor, now at most about 262K elements (the first rows of a matrix)
+/// rather than the whole of a tensor of up to about 11M. Where those rows
+/// are not typical of the tensor the guess misses and the selection takes
+/// its histogram sweeps (one more read of the tensor each; results never
+/// change). The synthetic benchmarks cannot show how often that happens
+/// on real checkpoints; that was not measured.
 const MAX_PASS_CHUNK_BYTES: u64 = 6 << 20;
 /// Most result elements encoded and handed to the writer at once: a whole
 /// tensor's result (methods that merge whole tensors) goes out in pieces, so
