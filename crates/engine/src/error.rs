@@ -229,12 +229,25 @@ pub(crate) fn check_finite(
 ) -> Result<(), EngineError> {
     match tensormerge_core::convert::first_non_finite(values) {
         None => Ok(()),
-        Some(i) => Err(EngineError::NonFinite {
-            model: model.to_owned(),
-            tensor: tensor.to_owned(),
-            index: (offset + i) as u64,
-            value: values[i],
-        }),
+        Some(i) => Err(non_finite_at(values, i, model, tensor, offset)),
+    }
+}
+
+/// The error for `values[i]`, a NaN or infinity found at element
+/// `offset + i` of tensor `tensor` of `model` (by [`check_finite`] or while
+/// decoding).
+pub(crate) fn non_finite_at(
+    values: &[f32],
+    i: usize,
+    model: &str,
+    tensor: &str,
+    offset: usize,
+) -> EngineError {
+    EngineError::NonFinite {
+        model: model.to_owned(),
+        tensor: tensor.to_owned(),
+        index: (offset + i) as u64,
+        value: values[i],
     }
 }
 

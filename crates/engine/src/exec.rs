@@ -182,12 +182,13 @@ impl Source {
                 )
             })?;
         if check && let Some(i) = bad {
-            return Err(EngineError::NonFinite {
-                model: self.reference.clone(),
-                tensor: name.to_owned(),
-                index: (first + i) as u64,
-                value: out[i],
-            });
+            return Err(crate::error::non_finite_at(
+                out,
+                i,
+                &self.reference,
+                name,
+                first,
+            ));
         }
         Ok(bytes)
     }

@@ -198,12 +198,8 @@ impl Worker {
                 if lent.is_some() {
                     crate::error::check_finite(v, m.name(), name, range.start)?;
                 } else if let Some(i) = *bad {
-                    return Err(EngineError::NonFinite {
-                        model: m.name().to_owned(),
-                        tensor: name.to_owned(),
-                        index: (range.start + i) as u64,
-                        value: v[i],
-                    });
+                    let e = crate::error::non_finite_at(v, i, m.name(), name, range.start);
+                    return Err(e);
                 }
             }
         }

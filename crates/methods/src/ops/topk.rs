@@ -1555,6 +1555,45 @@ mod tests {
         }
     }
 
+    /// The keys `|x − b|` ([`magnitude_key`]).
+    fn diff_keys(x: &[f32], b: &[f32]) -> Vec<u32> {
+        x.iter()
+            .zip(b)
+            .map(|(&x, &b)| magnitude_key(x - b))
+            .collect()
+    }
+
+    /// Selects the `k` largest of `diff_keys(x, b)` after a guess from
+    /// `sample`, block by block, with [`TopK::observe_diff`] (`diff`) or
+    /// with [`TopK::observe`] of the keys; returns the stage after the
+    /// guess and the selection.
+    fn select_observing(
+        x: &[f32],
+        b: &[f32],
+        keys: &[u32],
+        k: u64,
+        sample: &[u32],
+        diff: bool,
+    ) -> (Stage, Option<Selection>) {
+        let n = keys.len();
+        let mut t = TopK::new(n as u64, k, true);
+        t.guess(&mut sample.to_vec());
+        let stage = t.stage.clone();
+        let mut scratch = vec![0u32; BLOCK];
+        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+            for at in (0..n).step_by(BLOCK) {
+                let end = (at + BLOCK).min(n);
+                if diff {
+                    t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
+                } else {
+                    t.observe("", at as u64, &keys[at..end]);
+                }
+            }
+            t.end_sweep(sweep).unwrap();
+        }
+        (stage, t.selection().cloned())
+    }
+
     #[test]
     fn observing_differences_selects_as_observing_keys() {
         let n = 50_000u32;
@@ -1574,35 +1613,14 @@ mod tests {
                     b[i as usize] + d
                 })
                 .collect();
-            let keys: Vec<u32> = x
-                .iter()
-                .zip(&b)
-                .map(|(&x, &b)| magnitude_key(x - b))
-                .collect();
+            let keys = diff_keys(&x, &b);
+            let sample: Vec<u32> = keys.iter().step_by(7).copied().collect();
             for k in [0u64, 1, 777, 10_000, 25_000, n as u64 - 1, n as u64] {
-                let run = |diff: bool| {
-                    let mut t = TopK::new(n as u64, k, true);
-                    let mut sample: Vec<u32> = keys.iter().step_by(7).copied().collect();
-                    t.guess(&mut sample);
-                    if !rounded && (1..n as u64).contains(&k) {
-                        assert!(matches!(t.stage, Stage::Guess { .. }), "k={k}");
-                    }
-                    let mut scratch = vec![0u32; BLOCK];
-                    for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
-                        for at in (0..n as usize).step_by(BLOCK) {
-                            let end = (at + BLOCK).min(n as usize);
-                            let (x, b) = (&x[at..end], &b[at..end]);
-                            if diff {
-                                t.observe_diff("", at as u64, x, b, &mut scratch);
-                            } else {
-                                t.observe("", at as u64, &keys[at..end]);
-                            }
-                        }
-                        t.end_sweep(sweep).unwrap();
-                    }
-                    t.selection().cloned()
-                };
-                let (by_keys, by_diff) = (run(false), run(true));
+                let run = |diff| select_observing(&x, &b, &keys, k, &sample, diff);
+                let ((stage, by_keys), (_, by_diff)) = (run(false), run(true));
+                if !rounded && (1..n as u64).contains(&k) {
+                    assert!(matches!(stage, Stage::Guess { .. }), "k={k}");
+                }
                 assert!(by_keys.is_some(), "k={k}");
                 assert_eq!(by_keys, by_diff, "k={k} rounded={rounded}");
             }
@@ -1631,33 +1649,13 @@ mod tests {
                 b[i] + d
             })
             .collect();
-        let keys: Vec<u32> = x
-            .iter()
-            .zip(&b)
-            .map(|(&x, &b)| magnitude_key(x - b))
-            .collect();
+        let keys = diff_keys(&x, &b);
         let even: Vec<u32> = keys.iter().step_by(n / 4096).copied().collect();
         let on_rare = keys.iter().filter(|&&k| k >= magnitude_key(0.21)).count() as u64;
         for k in [1u64, 480_013, 1_000_001, 1_439_999, on_rare, n as u64 - 1] {
-            let run = |diff: bool| {
-                let mut t = TopK::new(n as u64, k, true);
-                t.guess(&mut even.clone());
-                let coded = matches!(t.stage, Stage::GuessCoded { .. });
-                let mut scratch = vec![0u32; BLOCK];
-                for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
-                    for at in (0..n).step_by(BLOCK) {
-                        let end = (at + BLOCK).min(n);
-                        if diff {
-                            t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
-                        } else {
-                            t.observe("", at as u64, &keys[at..end]);
-                        }
-                    }
-                    t.end_sweep(sweep).unwrap();
-                }
-                (coded, t.selection().cloned())
-            };
-            let ((coded, by_keys), (_, by_diff)) = (run(false), run(true));
+            let run = |diff| select_observing(&x, &b, &keys, k, &even, diff);
+            let ((stage, by_keys), (_, by_diff)) = (run(false), run(true));
+            let coded = matches!(stage, Stage::GuessCoded { .. });
             if [480_013, 1_000_001, 1_439_999].contains(&k) {
                 // Within the large ties: the case under test.
                 assert!(coded, "k={k}");
