@@ -565,6 +565,9 @@ fn non_finite_values_are_found_in_decoded_and_in_lent_inputs() {
     let bf16_nan = poisoned(&f.root.join("bn"), DType::BF16, 4_100, f32::NAN);
     let bf16_low = poisoned(&f.root.join("bl"), DType::BF16, 10, f32::INFINITY);
     let f32_inf = poisoned(&f.root.join("fi"), DType::F32, 4_101, f32::NEG_INFINITY);
+    // Past the first part a worker evaluates at a time (8192 elements).
+    let bf16_far = poisoned(&f.root.join("bf"), DType::BF16, 9_000, f32::NAN);
+    let f32_far = poisoned(&f.root.join("ff"), DType::F32, 17_000, f32::INFINITY);
     let clean = f.models[1].1.clone();
     let cases = [
         // (x, y, reported model, index, value)
@@ -575,6 +578,10 @@ fn non_finite_values_are_found_in_decoded_and_in_lent_inputs() {
         // smallest index.
         (&f32_inf, &bf16_low, &f32_inf, 4_101, f32::NEG_INFINITY),
         (&bf16_low, &f32_inf, &bf16_low, 10, f32::INFINITY),
+        // In different parts of one chunk: still the first model.
+        (&bf16_far, &bf16_low, &bf16_far, 9_000, f32::NAN),
+        (&f32_far, &bf16_low, &f32_far, 17_000, f32::INFINITY),
+        (&bf16_low, &bf16_far, &bf16_low, 10, f32::INFINITY),
     ];
     for (x, y, bad, at, value) in cases {
         let models = [("x".to_string(), x.clone()), ("y".to_string(), y.clone())];
