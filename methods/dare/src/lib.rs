@@ -410,15 +410,14 @@ impl L1Pass {
             // The inputs' cache lines two blocks ahead, as TIES' pass does
             // (7% less time for dare_linear and dare_ties at 16M elements,
             // hand-measured by alternating both forms in one process).
-            let ahead = start + PREFETCH_AHEAD;
-            for p in (ahead..(ahead + PASS_BLOCK).min(base.len())).step_by(16) {
-                ops::prefetch(base, p);
-                for (x, &d) in chunk.models.iter().zip(&self.densities) {
-                    if drops(d) {
-                        ops::prefetch(x, p);
-                    }
-                }
-            }
+            let dens = &self.densities;
+            ops::prefetch_block(
+                base,
+                chunk.models,
+                start + PREFETCH_AHEAD,
+                PASS_BLOCK,
+                |i| drops(dens[i]),
+            );
             for (i, &d) in self.densities.iter().enumerate() {
                 if !drops(d) {
                     continue;

@@ -179,15 +179,10 @@ impl TopKPass {
             // The inputs' cache lines two blocks ahead: the hardware
             // prefetcher alone leaves this loop waiting for memory (the pass
             // took about 25% longer without, bench-phases on 16M elements).
-            let ahead = start + 2 * BLOCK;
-            for at in (ahead..(ahead + BLOCK).min(base.len())).step_by(16) {
-                ops::prefetch(base, at);
-                for (x, sel) in chunk.models.iter().zip(&self.selectors) {
-                    if !sel.is_done() {
-                        ops::prefetch(x, at);
-                    }
-                }
-            }
+            let sels = &self.selectors;
+            ops::prefetch_block(base, chunk.models, start + 2 * BLOCK, BLOCK, |i| {
+                !sels[i].is_done()
+            });
             for (i, sel) in self.selectors.iter_mut().enumerate() {
                 if sel.is_done() {
                     continue;

@@ -429,8 +429,8 @@ mod tests {
 
     fn combines(m: usize) -> Vec<Combine> {
         let mut all = Vec::new();
-        // Unit weights, others, and powers of two (divisors that are
-        // powers of two in some lanes and not in others).
+        // Unit weights (the `max(count, 1)` division), others of both
+        // signs, and powers of two of both signs.
         for weights in [
             vec![1.0; m],
             [0.7, -0.3, 1.1, 0.5, 2.0][..m].to_vec(),

@@ -65,6 +65,29 @@ pub use sum::*;
 pub use topk::*;
 pub use weights::*;
 
+/// Hints the CPU to load the cache lines of positions `from..from + len`
+/// of `base` and of each model `models[i]` for which `wanted(i)`: a
+/// statistics pass fetching the block it will read next while it computes
+/// this one (the hardware prefetcher alone left TIES' and DARE's passes
+/// waiting for memory).
+#[inline(always)]
+pub fn prefetch_block(
+    base: &[f32],
+    models: &[&[f32]],
+    from: usize,
+    len: usize,
+    wanted: impl Fn(usize) -> bool,
+) {
+    for at in (from..(from + len).min(base.len())).step_by(16) {
+        prefetch(base, at);
+        for (i, x) in models.iter().enumerate() {
+            if wanted(i) {
+                prefetch(x, at);
+            }
+        }
+    }
+}
+
 /// Hints the CPU to load the cache line holding `data[at]` (no effect past
 /// the end of `data`, or off x86-64).
 #[inline(always)]
