@@ -24,7 +24,8 @@
 //! task_arithmetic ≤ 1.3×, bf16 ties ≤ 2×, eval ≤ 1.3×, peak RSS ≤ 256 MiB
 //! for each. The floor is the faster of reading every input and then writing
 //! the output, and doing both at once (as a merge does); its writes start
-//! the write-back to the disk every 8 MiB, as the merge's writer does.
+//! a background sync of the written data every 8 MiB, as the merge's
+//! writer does.
 //! Inputs are in the page cache for both the floor
 //! and the merges (they were just written), so the comparison is warm against
 //! warm. `--quick` uses a tiny model of the same structure (a smoke test; not
@@ -346,12 +347,13 @@ pub(crate) fn read_through(path: &Path, buf: &mut [u8]) -> Result<u8> {
 }
 
 /// Writes `bytes` bytes (copies of `buf`) to a new file at `path` and
-/// syncs it, starting the write-back to the disk as `tensormerge`'s writer
-/// does (the same call, as often), so that the floor gets the same head
-/// start on the disk as a merge.
+/// syncs it, syncing in the background every [`WRITEBACK_EVERY`] bytes as
+/// `tensormerge`'s writer does (the same [`Writeback`], as often), so that
+/// the floor gets the same head start on the disk as a merge.
 pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
-    use tensormerge::io::{WRITEBACK_EVERY, start_writeback};
+    use tensormerge::io::{WRITEBACK_EVERY, Writeback};
     let mut f = File::create(path).with_context(|| path.display().to_string())?;
+    let writeback = Writeback::new(&f)?;
     let (mut left, mut dirty) = (bytes, 0u64);
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
@@ -360,9 +362,10 @@ pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
         dirty += n as u64;
         if dirty >= WRITEBACK_EVERY {
             dirty = 0;
-            start_writeback(&f);
+            writeback.request();
         }
     }
+    writeback.finish()?;
     f.sync_all()?;
     Ok(())
 }

@@ -93,6 +93,6 @@ pub use mapper_ext::MapperExt;
 pub use model::{INDEX_FILE, Model, SINGLE_FILE};
 pub use pieces::{JoinOptions, JoinReport, PartSpec, join};
 pub use writer::{
-    DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WRITEBACK_EVERY, WriterOptions,
-    start_writeback, write_safetensors,
+    DEFAULT_MAX_SHARD_BYTES, ModelWriter, SUPPORT_FILES, WRITEBACK_EVERY, Writeback, WriterOptions,
+    write_safetensors,
 };

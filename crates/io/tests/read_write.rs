@@ -822,8 +822,8 @@ fn writing_ahead_gives_the_bytes_of_writing_in_order() {
     assert!(!partial.exists());
 }
 
-/// Files of many write-back intervals (the writer starts the disk's
-/// write-back every 8 MiB written, in order or ahead): a 40 MiB model
+/// Files of many write-back intervals (the writer has each shard file's
+/// data synced in the background every 8 MiB written, in order or ahead): a 40 MiB model
 /// written in uneven pieces, the second tensor partly ahead of the first,
 /// reads back value for value, and the file is byte for byte the one
 /// written in one piece per tensor.
