@@ -85,8 +85,16 @@ impl Selection {
 #[derive(Debug, Clone)]
 enum Stage {
     /// One segment, after a [`guess`](TopK::guess): counting the keys above
-    /// `hi` and recording the keys within `lo..=hi` as candidates.
-    Guess { lo: u32, hi: u32, above: u64 },
+    /// `hi` and recording the keys within `lo..=hi` as candidates, except,
+    /// with `split`, those equal to `lo`: the sample showed a large tie
+    /// there (BF16 differences take few values), so each of them is only a
+    /// position bit in [`TopK::bits`].
+    Guess {
+        lo: u32,
+        hi: u32,
+        above: u64,
+        split: bool,
+    },
     /// One segment, after a [`guess`](TopK::guess) whose range holds many
     /// keys of few values (a large tie, as in BF16 weights): counting the
     /// keys above `hi`, and for those within `lo..=hi` setting their
@@ -146,6 +154,10 @@ enum Stage {
 /// the sample shows more than that in few distinct values (a large tie, as
 /// in BF16 weights, whose differences take few values), as a position bit
 /// each plus a one-byte code of the value (`n / 8` bytes plus one per key).
+/// When the sample shows a large tie at the bottom of the range (a quarter
+/// of the range or more), the keys of that tie are a position bit each
+/// (`n / 8` bytes) and only the others are candidates: in a BF16 GPT-2
+/// TIES merge 95% of the candidates were that one value.
 #[derive(Debug, Clone)]
 pub struct TopK {
     n: u64,
@@ -330,9 +342,27 @@ impl TopK {
             }
             return;
         }
+        // A large tie at the bottom of the range (a quarter of the sample's
+        // keys within it or more, as with BF16 task vectors, where 95% of
+        // the candidates of a GPT-2 merge were that one value): a position
+        // bit each instead of an 8-byte candidate, so that recording and
+        // selecting the candidates costs far less. The result is the same.
+        let at_lo = sample.iter().filter(|&&k| k == lo).count();
+        let split = lo < hi && 4 * at_lo >= inside;
+        let expect = if split {
+            self.bits = vec![0; self.n.div_ceil(64) as usize];
+            ((inside - at_lo) as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024
+        } else {
+            expect
+        };
         self.cands = Vec::with_capacity(expect.min(self.cap()));
         self.cands_ok = true;
-        self.stage = Stage::Guess { lo, hi, above: 0 };
+        self.stage = Stage::Guess {
+            lo,
+            hi,
+            above: 0,
+            split,
+        };
     }
 
     /// The number of keys kept (known after the first sweep with
@@ -388,18 +418,24 @@ impl TopK {
         keys: &mut [u32],
     ) {
         assert!(x.len() == b.len() && x.len() <= BLOCK);
-        if let Stage::Guess { lo, hi, .. } = self.stage {
+        if let Stage::Guess { lo, hi, split, .. } = self.stage {
             if self.seen == 0 && self.one_segment {
                 self.segment = segment.to_string();
             }
             let cap = if self.cands_ok { self.cap() } else { 0 };
-            let (count, ok) = guess_sweep_diff(&mut self.cands, cap, offset, x, b, lo, hi);
+            let at_lo = if split {
+                Some(&mut self.bits[..])
+            } else {
+                None
+            };
+            let (count, ok) = guess_sweep_diff(&mut self.cands, at_lo, cap, offset, x, b, lo, hi);
             if let Stage::Guess { above, .. } = &mut self.stage {
                 *above += count;
             }
             if !ok {
                 self.cands_ok = false;
                 self.cands = Vec::new();
+                self.bits = Vec::new();
             }
             self.seen += x.len() as u64;
             return;
@@ -421,13 +457,24 @@ impl TopK {
         let cap = if self.cands_ok { self.cap() } else { 0 };
         match &mut self.stage {
             Stage::Done(_) => {}
-            Stage::Guess { lo, hi, above } => {
+            Stage::Guess {
+                lo,
+                hi,
+                above,
+                split,
+            } => {
                 let (lo, hi) = (*lo, *hi);
-                let (count, ok) = guess_sweep(&mut self.cands, cap, offset, keys, lo, hi);
+                let at_lo = if *split {
+                    Some(&mut self.bits[..])
+                } else {
+                    None
+                };
+                let (count, ok) = guess_sweep(&mut self.cands, at_lo, cap, offset, keys, lo, hi);
                 *above += count;
                 if !ok {
                     self.cands_ok = false;
                     self.cands = Vec::new();
+                    self.bits = Vec::new();
                 }
                 self.seen += keys.len() as u64;
             }
@@ -579,15 +626,27 @@ impl TopK {
         self.flush();
         match self.stage.clone() {
             Stage::Done(_) => Ok(()),
-            Stage::Guess { above, .. } => {
+            Stage::Guess { above, lo, .. } => {
                 check(seen, self.n)?;
                 let cands = std::mem::take(&mut self.cands);
-                let inside = cands.len() as u64;
+                // The keys equal to `lo` not recorded as candidates (split).
+                let at_lo: u64 = self.bits.iter().map(|w| w.count_ones() as u64).sum();
+                let inside = cands.len() as u64 + at_lo;
                 if self.cands_ok && above < self.k && self.k <= above + inside {
-                    self.finish_from(cands, self.k - above);
+                    let need = self.k - above;
+                    if need <= cands.len() as u64 {
+                        // The threshold is above `lo`: the keys at `lo` are
+                        // below it, as if they were candidates.
+                        self.finish_from(cands, need);
+                    } else {
+                        // Every candidate is kept, and `need - c` of the
+                        // ties at `lo`, by lowest position.
+                        self.finish_at(lo, need - cands.len() as u64, at_lo);
+                    }
                 } else {
                     // The guess missed: the histograms decide.
                     self.cands_ok = false;
+                    self.bits = Vec::new();
                     self.stage = Stage::High;
                 }
                 Ok(())
@@ -752,6 +811,25 @@ impl TopK {
         }
     }
 
+    /// Finishes a split [`Stage::Guess`] whose threshold is `key`, the
+    /// bottom of the range: `kept` of the `ties` keys equal to it (their
+    /// positions set in [`bits`](Self::bits)) are kept, the first in index
+    /// order.
+    fn finish_at(&mut self, key: u32, kept: u64, ties: u64) {
+        if kept == ties {
+            self.finish(Selection::AtLeast(key));
+            return;
+        }
+        // (`kept < ties`: the set bit of ordinal `kept - 1` exists)
+        let index = nth_set_bit(&self.bits, kept - 1).unwrap_or(0);
+        let segment = std::mem::take(&mut self.segment);
+        self.finish(Selection::Ties {
+            key,
+            segment,
+            index,
+        });
+    }
+
     /// Finishes a [`Stage::GuessCoded`] sweep whose range holds the
     /// `need`-th largest of the keys within it; false (nothing changed)
     /// if the records do not allow it.
@@ -863,12 +941,14 @@ fn nth_set_bit(bits: &[u64], mut j: u64) -> Option<u64> {
 }
 
 /// Sweep 0 after a guess: counts the keys above `hi` (returned) and appends
-/// to `cands` those within `lo..=hi` with their positions (from `offset`).
-/// The second value is false (and the appending stops) when that would
-/// exceed `cap` candidates.
+/// to `cands` those within `lo..=hi` with their positions (from `offset`),
+/// except, with `at_lo` (a split guess), those equal to `lo`, whose
+/// position bits are set in `at_lo` instead. The second value is false (and
+/// the recording stops) when that would exceed `cap` candidates.
 #[inline(always)]
 fn guess_sweep(
     cands: &mut Vec<(u32, u32)>,
+    mut at_lo: Option<&mut [u64]>,
     cap: usize,
     offset: u64,
     keys: &[u32],
@@ -880,26 +960,17 @@ fn guess_sweep(
     let mut ok = cap > 0;
     // A bit per key within the range (one word per 64 keys), then the set
     // bits: few keys are within the range.
-    let mut bits = [0u64; BLOCK / 64];
+    let (mut bits, mut eq) = ([0u64; BLOCK / 64], [0u64; BLOCK / 64]);
     for (c, part) in keys.chunks(BLOCK).enumerate() {
         let words = part.len().div_ceil(64);
-        above += range_bits(part, lo, span, hi, &mut bits[..words]);
-        if !ok {
-            continue;
-        }
-        let hits: usize = bits[..words].iter().map(|w| w.count_ones() as usize).sum();
-        if cands.len() + hits > cap {
-            ok = false;
-            continue;
-        }
-        for (w, &word) in bits[..words].iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let t = 64 * w + word.trailing_zeros() as usize;
-                // (positions are below n ≤ 2³², checked by `guess`)
-                cands.push(((offset + (c * BLOCK + t) as u64) as u32, part[t]));
-                word &= word - 1;
-            }
+        let (bits, eq) = (&mut bits[..words], &mut eq[..words]);
+        above += match at_lo {
+            Some(_) => range_bits::<true>(part, lo, span, hi, bits, eq),
+            None => range_bits::<false>(part, lo, span, hi, bits, &mut []),
+        };
+        if ok {
+            let at = offset + (c * BLOCK) as u64;
+            ok = record(cands, at_lo.as_deref_mut(), cap, at, bits, eq, |t| part[t]);
         }
     }
     (above, ok)
@@ -908,8 +979,10 @@ fn guess_sweep(
 /// [`guess_sweep`] of the keys of `x − b` (one block), computed as they
 /// are compared ([`range_bits_diff`]).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn guess_sweep_diff(
     cands: &mut Vec<(u32, u32)>,
+    at_lo: Option<&mut [u64]>,
     cap: usize,
     offset: u64,
     x: &[f32],
@@ -917,26 +990,82 @@ fn guess_sweep_diff(
     lo: u32,
     hi: u32,
 ) -> (u64, bool) {
-    let mut bits = [0u64; BLOCK / 64];
+    let (mut bits, mut eq) = ([0u64; BLOCK / 64], [0u64; BLOCK / 64]);
     let words = x.len().div_ceil(64);
-    let above = range_bits_diff(x, b, lo, hi - lo, hi, &mut bits[..words]);
+    let (bits, eq) = (&mut bits[..words], &mut eq[..words]);
+    let above = match at_lo {
+        Some(_) => range_bits_diff::<true>(x, b, lo, hi - lo, hi, bits, eq),
+        None => range_bits_diff::<false>(x, b, lo, hi - lo, hi, bits, &mut []),
+    };
     if cap == 0 {
         return (above, false);
     }
-    let hits: usize = bits[..words].iter().map(|w| w.count_ones() as usize).sum();
+    let ok = record(cands, at_lo, cap, offset, bits, eq, |t| {
+        magnitude_key(x[t] - b[t])
+    });
+    (above, ok)
+}
+
+/// Records the keys of one block at positions `offset..` whose bits are
+/// set in `bits` (within the guessed range): as candidates, `key(t)` for
+/// the key at `offset + t`, except, with `at_lo`, those whose bits are set
+/// in `eq` too (equal to `lo`), which get their position bit in `at_lo`.
+/// False (nothing recorded) when the candidates would exceed `cap`.
+#[inline(always)]
+fn record(
+    cands: &mut Vec<(u32, u32)>,
+    at_lo: Option<&mut [u64]>,
+    cap: usize,
+    offset: u64,
+    bits: &[u64],
+    eq: &[u64],
+    key: impl Fn(usize) -> u32,
+) -> bool {
+    let split = at_lo.is_some();
+    let word = |w: usize| if split { bits[w] & !eq[w] } else { bits[w] };
+    let hits: usize = (0..bits.len()).map(|w| word(w).count_ones() as usize).sum();
     if cands.len() + hits > cap {
-        return (above, false);
+        return false;
     }
-    for (w, &word) in bits[..words].iter().enumerate() {
-        let mut word = word;
+    // Written in place (one length update per block, not per key).
+    let start = cands.len();
+    cands.resize(start + hits, (0, 0));
+    let mut slots = cands[start..].iter_mut();
+    for w in 0..bits.len() {
+        let mut word = word(w);
         while word != 0 {
             let t = 64 * w + word.trailing_zeros() as usize;
             // (positions are below n ≤ 2³², checked by `guess`)
-            cands.push(((offset + t as u64) as u32, magnitude_key(x[t] - b[t])));
+            if let Some(slot) = slots.next() {
+                *slot = ((offset + t as u64) as u32, key(t));
+            }
             word &= word - 1;
         }
     }
-    (above, true)
+    if let Some(at_lo) = at_lo {
+        for (w, &e) in eq.iter().enumerate() {
+            or_bits_at(at_lo, offset + 64 * w as u64, e);
+        }
+    }
+    true
+}
+
+/// Sets in `bits` (bit `p % 64` of word `p / 64` for position `p`) the bits
+/// of `word` as positions `at..at + 64`; positions past `bits` are ignored.
+#[inline(always)]
+fn or_bits_at(bits: &mut [u64], at: u64, word: u64) {
+    if word == 0 {
+        return;
+    }
+    let (w, s) = ((at / 64) as usize, at % 64);
+    if let Some(d) = bits.get_mut(w) {
+        *d |= word << s;
+    }
+    if s != 0
+        && let Some(d) = bits.get_mut(w + 1)
+    {
+        *d |= word >> (64 - s);
+    }
 }
 
 /// Sweep 0 after a coded guess ([`Stage::GuessCoded`]): counts the keys
@@ -965,7 +1094,7 @@ fn coded_sweep(
     let (mut last, mut last_code) = (u32::MAX, ESCAPE);
     for (c, part) in keys.chunks(BLOCK).enumerate() {
         let n = part.len().div_ceil(64);
-        above += range_bits(part, lo, span, hi, &mut words[..n]);
+        above += range_bits::<false>(part, lo, span, hi, &mut words[..n], &mut []);
         for (w, &word) in words[..n].iter().enumerate() {
             let mut word = word;
             while word != 0 {
@@ -999,27 +1128,48 @@ fn coded_sweep(
 /// the others (`values.len() <= 64 · bits.len()`): DARE's keep mask from its
 /// draws ([`dare_limit`]), with AVX2 where the CPU has it.
 pub fn bits_at_most(values: &[u32], limit: u32, bits: &mut [u64]) {
-    range_bits(values, 0, limit, u32::MAX, bits);
+    range_bits::<false>(values, 0, limit, u32::MAX, bits, &mut []);
 }
 
 /// Sets bit `e % 64` of `bits[e / 64]` when `keys[e]` is within `lo..=lo +
 /// span` (other bits cleared; `keys.len() <= 64 · bits.len()`), and returns
-/// how many keys are above `hi`.
+/// how many keys are above `hi`. With `EQ`, also sets the bits of `eq` (as
+/// long as `bits`) where `keys[e] == lo`, likewise.
 #[inline(always)]
-fn range_bits(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+fn range_bits<const EQ: bool>(
+    keys: &[u32],
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+    eq: &mut [u64],
+) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { range_bits_avx2(keys, lo, span, hi, bits) };
+        return unsafe { range_bits_avx2::<EQ>(keys, lo, span, hi, bits, eq) };
     }
-    range_bits_portable(keys, lo, span, hi, bits)
+    range_bits_portable::<EQ>(keys, lo, span, hi, bits, eq)
 }
 
-fn range_bits_portable(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+fn range_bits_portable<const EQ: bool>(
+    keys: &[u32],
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+    eq: &mut [u64],
+) -> u64 {
     bits.iter_mut().for_each(|w| *w = 0);
+    if EQ {
+        eq.iter_mut().for_each(|w| *w = 0);
+    }
     let mut above = 0u64;
     for (e, &k) in keys.iter().enumerate() {
         bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
+        if EQ {
+            eq[e / 64] |= u64::from(k == lo) << (e % 64);
+        }
         above += u64::from(k > hi);
     }
     above
@@ -1029,30 +1179,45 @@ fn range_bits_portable(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u6
 /// and count).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn range_bits_avx2(keys: &[u32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+fn range_bits_avx2<const EQ: bool>(
+    keys: &[u32],
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+    eq: &mut [u64],
+) -> u64 {
     use std::arch::x86_64::*;
     let load = |e: usize| {
         // SAFETY: `e + 8 <= keys.len()` (`range_core`); unaligned load.
         unsafe { _mm256_loadu_si256(keys.as_ptr().add(e) as *const __m256i) }
     };
     // SAFETY: AVX2 is enabled on this function.
-    unsafe { range_core(keys.len(), load, |e| keys[e], lo, span, hi, bits) }
+    unsafe { range_core::<EQ>(keys.len(), load, |e| keys[e], lo, span, hi, bits, eq) }
 }
 
 /// [`range_bits`] of the keys of `x − b` ([`magnitude_key`]).
 #[inline(always)]
-fn range_bits_diff(x: &[f32], b: &[f32], lo: u32, span: u32, hi: u32, bits: &mut [u64]) -> u64 {
+fn range_bits_diff<const EQ: bool>(
+    x: &[f32],
+    b: &[f32],
+    lo: u32,
+    span: u32,
+    hi: u32,
+    bits: &mut [u64],
+    eq: &mut [u64],
+) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { range_bits_diff_avx2(x, b, lo, span, hi, bits) };
+        return unsafe { range_bits_diff_avx2::<EQ>(x, b, lo, span, hi, bits, eq) };
     }
     let mut keys = [0u32; BLOCK];
     let keys = &mut keys[..x.len()];
     for ((k, &x), &b) in keys.iter_mut().zip(x).zip(b) {
         *k = magnitude_key(x - b);
     }
-    range_bits_portable(keys, lo, span, hi, bits)
+    range_bits_portable::<EQ>(keys, lo, span, hi, bits, eq)
 }
 
 /// [`range_bits_diff`] with AVX2: each key computed in a register from
@@ -1060,13 +1225,14 @@ fn range_bits_diff(x: &[f32], b: &[f32], lo: u32, span: u32, hi: u32, bits: &mut
 /// [`range_bits_avx2`] does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn range_bits_diff_avx2(
+fn range_bits_diff_avx2<const EQ: bool>(
     x: &[f32],
     b: &[f32],
     lo: u32,
     span: u32,
     hi: u32,
     bits: &mut [u64],
+    eq: &mut [u64],
 ) -> u64 {
     use std::arch::x86_64::*;
     assert_eq!(x.len(), b.len());
@@ -1083,7 +1249,7 @@ fn range_bits_diff_avx2(
     };
     // SAFETY: AVX2 is enabled on this function.
     unsafe {
-        range_core(
+        range_core::<EQ>(
             x.len(),
             load,
             |e| magnitude_key(x[e] - b[e]),
@@ -1091,6 +1257,7 @@ fn range_bits_diff_avx2(
             span,
             hi,
             bits,
+            eq,
         )
     }
 }
@@ -1103,7 +1270,8 @@ fn range_bits_diff_avx2(
 /// AVX2 is available.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn range_core(
+#[allow(clippy::too_many_arguments)]
+unsafe fn range_core<const EQ: bool>(
     n: usize,
     load8: impl Fn(usize) -> std::arch::x86_64::__m256i,
     load1: impl Fn(usize) -> u32,
@@ -1111,9 +1279,11 @@ unsafe fn range_core(
     span: u32,
     hi: u32,
     bits: &mut [u64],
+    eq: &mut [u64],
 ) -> u64 {
     use std::arch::x86_64::*;
     assert!(n <= 64 * bits.len());
+    assert!(!EQ || eq.len() == bits.len());
     // SAFETY: AVX2 is available, as the caller guarantees.
     unsafe {
         // Unsigned comparisons as signed ones on values with the top bit flipped.
@@ -1124,6 +1294,9 @@ unsafe fn range_core(
         let mut acc = _mm256_setzero_si256();
         let octets = n / 8;
         bits.iter_mut().for_each(|w| *w = 0);
+        if EQ {
+            eq.iter_mut().for_each(|w| *w = 0);
+        }
         for g in 0..octets {
             let v = load8(8 * g);
             let gt = _mm256_cmpgt_epi32(_mm256_xor_si256(v, flip), hi_f);
@@ -1132,6 +1305,11 @@ unsafe fn range_core(
             let outside = _mm256_cmpgt_epi32(d, span_f);
             let m = !_mm256_movemask_ps(_mm256_castsi256_ps(outside)) as u32 & 0xff;
             bits[g / 8] |= (m as u64) << (8 * (g % 8));
+            if EQ {
+                let at = _mm256_cmpeq_epi32(v, lo_v);
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(at)) as u32 & 0xff;
+                eq[g / 8] |= (m as u64) << (8 * (g % 8));
+            }
         }
         let mut lanes = [0u32; 8];
         _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc);
@@ -1140,6 +1318,9 @@ unsafe fn range_core(
         for e in 8 * octets..n {
             let k = load1(e);
             bits[e / 64] |= u64::from(k.wrapping_sub(lo) <= span) << (e % 64);
+            if EQ {
+                eq[e / 64] |= u64::from(k == lo) << (e % 64);
+            }
             above += u64::from(k > hi);
         }
         above
@@ -1548,8 +1729,17 @@ mod tests {
             for len in [0usize, 7, 8, 63, 64, 65, 1000] {
                 let words = len.div_ceil(64).max(1);
                 let (mut a, mut c) = (vec![u64::MAX; words], vec![0u64; words]);
-                let n_a = range_bits_diff(&x[..len], &b[..len], lo, hi - lo, hi, &mut a);
-                let n_c = range_bits_portable(&keys[..len], lo, hi - lo, hi, &mut c);
+                let n_a = range_bits_diff::<false>(
+                    &x[..len],
+                    &b[..len],
+                    lo,
+                    hi - lo,
+                    hi,
+                    &mut a,
+                    &mut [],
+                );
+                let n_c =
+                    range_bits_portable::<false>(&keys[..len], lo, hi - lo, hi, &mut c, &mut []);
                 assert_eq!((n_a, a), (n_c, c), "lo {lo} hi {hi} len {len}");
             }
         }
@@ -1592,6 +1782,155 @@ mod tests {
             t.end_sweep(sweep).unwrap();
         }
         (stage, t.selection().cloned())
+    }
+
+    /// BF16-like task vectors around a base: the differences take a few
+    /// hundred values, one of them (`1.5 · 2⁻¹¹`) on about 40% of the
+    /// positions; `x − b` is exact in `f32`.
+    fn tied_differences(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let hash = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        let b: Vec<f32> = (0..n).map(|i| (hash(i + 3) % 512) as f32 / 256.0).collect();
+        let x = (0..n)
+            .map(|i| {
+                let h = hash(i);
+                let m = if h % 5 < 2 { 3 } else { 1 + (h >> 8) % 400 } as f32 / 2048.0;
+                let d = if h & (1 << 20) != 0 { -m } else { m };
+                b[i] + d
+            })
+            .collect();
+        (x, b)
+    }
+
+    /// Selects the top `k` of the keys of `x − b` through
+    /// [`TopK::observe_diff`] (`diff`) or [`TopK::observe`], in pieces of
+    /// `piece` keys (at most [`BLOCK`] with `diff`), after a guess from
+    /// `sample`; returns the stage after the guess, whether the first sweep
+    /// settled it, and what is kept.
+    fn select_split(
+        x: &[f32],
+        b: &[f32],
+        k: u64,
+        sample: &[u32],
+        diff: bool,
+        piece: usize,
+    ) -> (Stage, bool, Vec<bool>) {
+        let keys = diff_keys(x, b);
+        let n = keys.len();
+        let mut t = TopK::new(n as u64, k, true);
+        t.guess(&mut sample.to_vec());
+        let stage = t.stage.clone();
+        let mut scratch = vec![0u32; BLOCK];
+        let mut one = false;
+        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
+            for at in (0..n).step_by(piece) {
+                let end = (at + piece).min(n);
+                if diff {
+                    t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
+                } else {
+                    t.observe("", at as u64, &keys[at..end]);
+                }
+            }
+            t.end_sweep(sweep).unwrap();
+            if sweep == 0 {
+                one = t.is_done();
+            }
+        }
+        let s = t.selection().unwrap().clone();
+        let kept = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &key)| s.keeps("", i as u64, key))
+            .collect();
+        (stage, one, kept)
+    }
+
+    #[test]
+    fn a_guess_over_a_large_tie_at_its_bottom_records_the_tie_as_position_bits_and_is_exact() {
+        let n = 300_000;
+        let (x, b) = tied_differences(n);
+        let keys = diff_keys(&x, &b);
+        let tie = magnitude_key(1.5 / 1024.0);
+        let above = keys.iter().filter(|&&k| k > tie).count() as u64;
+        let at = keys.iter().filter(|&&k| k == tie).count() as u64;
+        assert!(at > n as u64 / 3, "{at} ties");
+        let even: Vec<u32> = keys.iter().step_by(7).copied().collect();
+        // The k-th largest just above the tie (the tie is the range's
+        // bottom, and the threshold is above it), at its first keys, inside
+        // it, and a guess whose range ends exactly at the last tie kept.
+        let mut splits = 0;
+        for k in [above - 40, above, above + 1, above + 3_000, above + 40_000] {
+            let expect = reference(&keys, k as usize);
+            for (diff, piece) in [(false, 100_003), (false, 7_777), (true, 200), (true, BLOCK)] {
+                let (stage, one, kept) = select_split(&x, &b, k, &even, diff, piece);
+                if let Stage::Guess {
+                    split: true, lo, ..
+                } = stage
+                {
+                    assert_eq!(lo, tie, "k={k}");
+                    splits += 1;
+                }
+                assert!(one, "k={k} diff={diff} piece={piece}: one sweep");
+                assert_eq!(kept, expect, "k={k} diff={diff} piece={piece}");
+            }
+        }
+        // The ranges at the tie's top and inside it were split.
+        assert!(splits >= 12, "{splits} split guesses");
+        // Split, the ties are position bits only, never candidates.
+        for diff in [false, true] {
+            let mut t = TopK::new(n as u64, above + 3_000, true);
+            t.guess(&mut even.clone());
+            assert!(matches!(t.stage, Stage::Guess { split: true, .. }));
+            for at in (0..n).step_by(200) {
+                let end = (at + 200).min(n);
+                if diff {
+                    t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut [0; BLOCK]);
+                } else {
+                    t.observe("", at as u64, &keys[at..end]);
+                }
+            }
+            assert!(t.cands_ok && !t.cands.is_empty());
+            assert!(t.cands.iter().all(|c| c.1 > tie), "diff={diff}");
+            let bits: u64 = t.bits.iter().map(|w| w.count_ones() as u64).sum();
+            assert_eq!(bits, at, "diff={diff}");
+        }
+        // Every tie kept: the selection is `AtLeast` the tie. A sample with
+        // the k-th largest at its first tie (keys above it, then ties) puts
+        // the range's bottom at the tie and its top above it.
+        let k = above + at;
+        assert!(k < n as u64);
+        let s = 40_000;
+        let r = (k as f64 / n as f64 * s as f64) as usize;
+        let mut sample: Vec<u32> = (0..r as u32).map(|j| tie + 1 + j).collect();
+        sample.extend(std::iter::repeat_n(tie, s - r));
+        for (diff, piece) in [(false, 65_536), (true, 130)] {
+            let (stage, _, kept) = select_split(&x, &b, k, &sample, diff, piece);
+            assert!(
+                matches!(stage, Stage::Guess { split: true, .. }),
+                "{stage:?}"
+            );
+            assert_eq!(kept, reference(&keys, k as usize), "k={k} diff={diff}");
+        }
+    }
+
+    #[test]
+    fn range_bits_with_equal_bits_are_the_portable_ones() {
+        let keys: Vec<u32> = (0..777u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) % 97)
+            .collect();
+        for (lo, hi) in [(0u32, 96u32), (40, 60), (50, 50), (96, 96), (10, 11)] {
+            for len in [0usize, 1, 7, 8, 63, 64, 65, 256] {
+                let words = len.div_ceil(64);
+                let (mut a, mut ea) = (vec![0u64; words], vec![0u64; words]);
+                let (mut c, mut ec) = (vec![!0u64; words], vec![!0u64; words]);
+                let n_a = range_bits::<true>(&keys[..len], lo, hi - lo, hi, &mut a, &mut ea);
+                let n_c =
+                    range_bits_portable::<true>(&keys[..len], lo, hi - lo, hi, &mut c, &mut ec);
+                assert_eq!((n_a, &a, &ea), (n_c, &c, &ec), "lo={lo} hi={hi} len={len}");
+                for e in 0..len {
+                    assert_eq!((ec[e / 64] >> (e % 64)) & 1 == 1, keys[e] == lo, "e={e}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -1681,8 +2020,9 @@ mod tests {
                 let words = len.div_ceil(64).max(1);
                 let mut a = vec![u64::MAX; words];
                 let mut b = vec![0u64; words];
-                let n_a = range_bits(&keys[..len], lo, hi - lo, hi, &mut a);
-                let n_b = range_bits_portable(&keys[..len], lo, hi - lo, hi, &mut b);
+                let n_a = range_bits::<false>(&keys[..len], lo, hi - lo, hi, &mut a, &mut []);
+                let n_b =
+                    range_bits_portable::<false>(&keys[..len], lo, hi - lo, hi, &mut b, &mut []);
                 assert_eq!((n_a, &a), (n_b, &b), "lo {lo} hi {hi} len {len}");
                 if lo == 0 {
                     let mut c = vec![u64::MAX; words];
