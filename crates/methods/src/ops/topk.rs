@@ -1126,7 +1126,7 @@ fn coded_sweep(
 
 /// Sets bit `e % 64` of `bits[e / 64]` when `values[e] <= limit`, clears
 /// the others (`values.len() <= 64 · bits.len()`): DARE's keep mask from its
-/// draws ([`dare_limit`]), with AVX2 where the CPU has it.
+/// draws ([`dare_limit`](super::dare_limit)), with AVX2 where the CPU has it.
 pub fn bits_at_most(values: &[u32], limit: u32, bits: &mut [u64]) {
     range_bits::<false>(values, 0, limit, u32::MAX, bits, &mut []);
 }
