@@ -156,8 +156,9 @@ enum Stage {
 /// each plus a one-byte code of the value (`n / 8` bytes plus one per key).
 /// When the sample shows a large tie at the bottom of the range (a quarter
 /// of the range or more), the keys of that tie are a position bit each
-/// (`n / 8` bytes) and only the others are candidates: in a BF16 GPT-2
-/// TIES merge 95% of the candidates were that one value.
+/// (`n / 8` bytes) and only the others are candidates (coded only if those
+/// others are still too many): in a BF16 GPT-2 TIES merge 95% of the keys
+/// within the ranges were that one value.
 #[derive(Debug, Clone)]
 pub struct TopK {
     n: u64,
@@ -315,10 +316,19 @@ impl TopK {
             nth(bottom as usize)
         };
         let hi = hi.max(lo);
-        // Room for the expected candidates and a quarter more.
         let inside = sample.iter().filter(|&&k| (lo..=hi).contains(&k)).count();
-        let expect = (inside as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024;
-        if inside as f64 / s as f64 * self.n as f64 > self.cap() as f64 {
+        // A large tie at the bottom of the range (a quarter of the sample's
+        // keys within it or more, as with BF16 task vectors, where 95% of
+        // the candidates of a GPT-2 merge were that one value): a position
+        // bit each (`n / 8` bytes) instead of an 8-byte candidate, so that
+        // recording and selecting the candidates costs far less. The result
+        // is the same.
+        let at_lo = sample.iter().filter(|&&k| k == lo).count();
+        let split = lo < hi && 4 * at_lo >= inside;
+        let recorded = if split { inside - at_lo } else { inside };
+        // Room for the expected records and a quarter more.
+        let expect = |keys: usize| (keys as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024;
+        if recorded as f64 / s as f64 * self.n as f64 > self.cap() as f64 {
             // The sample says the range holds more keys than may be recorded
             // as candidates: a large tie at the threshold, as in BF16
             // weights. With few distinct values there, a position bit and a
@@ -335,27 +345,17 @@ impl TopK {
             if table.len() < ESCAPE as usize {
                 self.table = table;
                 self.bits = vec![0; self.n.div_ceil(64) as usize];
-                self.codes = Vec::with_capacity(expect);
+                self.codes = Vec::with_capacity(expect(inside));
                 self.cands = Vec::new();
                 self.cands_ok = true;
                 self.stage = Stage::GuessCoded { lo, hi, above: 0 };
             }
             return;
         }
-        // A large tie at the bottom of the range (a quarter of the sample's
-        // keys within it or more, as with BF16 task vectors, where 95% of
-        // the candidates of a GPT-2 merge were that one value): a position
-        // bit each instead of an 8-byte candidate, so that recording and
-        // selecting the candidates costs far less. The result is the same.
-        let at_lo = sample.iter().filter(|&&k| k == lo).count();
-        let split = lo < hi && 4 * at_lo >= inside;
-        let expect = if split {
+        if split {
             self.bits = vec![0; self.n.div_ceil(64) as usize];
-            ((inside - at_lo) as f64 / s as f64 * self.n as f64 * 1.25) as usize + 1024
-        } else {
-            expect
-        };
-        self.cands = Vec::with_capacity(expect.min(self.cap()));
+        }
+        self.cands = Vec::with_capacity(expect(recorded).min(self.cap()));
         self.cands_ok = true;
         self.stage = Stage::Guess {
             lo,
@@ -1909,6 +1909,40 @@ mod tests {
                 "{stage:?}"
             );
             assert_eq!(kept, reference(&keys, k as usize), "k={k} diff={diff}");
+        }
+    }
+
+    #[test]
+    fn a_tie_at_the_bottom_too_large_for_candidates_is_split_not_coded() {
+        // Half the keys one value, a tenth distinct values above it: the
+        // guessed range holds more keys than may be candidates (2.4M keys,
+        // room for 2²⁰), but without its bottom value only a few thousand.
+        let n = 2_400_000usize;
+        let tie = magnitude_key(0.25);
+        let hash = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        let keys: Vec<u32> = (0..n)
+            .map(|i| match hash(i) % 10 {
+                0 => tie + 1 + (hash(i + 1) % 1_000_000) as u32,
+                1..=5 => tie,
+                _ => tie - 1 - (hash(i + 2) % 1_000_000) as u32,
+            })
+            .collect();
+        let above = keys.iter().filter(|&&k| k > tie).count() as u64;
+        let even: Vec<u32> = keys.iter().step_by(n / 4096).copied().collect();
+        for k in [above - 500, above + 1, above + 1000] {
+            let mut t = TopK::new(n as u64, k, true);
+            t.guess(&mut even.clone());
+            assert!(
+                matches!(t.stage, Stage::Guess { split: true, lo, .. } if lo == tie),
+                "k={k}: {:?}",
+                t.stage
+            );
+            let expect = reference(&keys, k as usize);
+            for chunk in [n, 333_331] {
+                let (kept, one) = select_guessed(&keys, k, chunk, &even);
+                assert_eq!(kept, expect, "k={k} chunk={chunk}");
+                assert!(one, "k={k} chunk={chunk}: one sweep");
+            }
         }
     }
 
