@@ -1364,7 +1364,11 @@ mod tests {
             }
             t.end_sweep(sweep).unwrap();
         }
-        let s = t.selection().unwrap().clone();
+        kept_by(t.selection().unwrap(), keys)
+    }
+
+    /// Which of `keys` (one segment, positions from 0) `s` keeps.
+    fn kept_by(s: &Selection, keys: &[u32]) -> Vec<bool> {
         keys.iter()
             .enumerate()
             .map(|(i, &key)| s.keeps("", i as u64, key))
@@ -1607,12 +1611,7 @@ mod tests {
                 after_first = t.is_done();
             }
         }
-        let s = t.selection().unwrap().clone();
-        let kept = keys
-            .iter()
-            .enumerate()
-            .map(|(i, &key)| s.keeps("", i as u64, key))
-            .collect();
+        let kept = kept_by(t.selection().unwrap(), keys);
         (kept, after_first)
     }
 
@@ -1765,14 +1764,34 @@ mod tests {
         sample: &[u32],
         diff: bool,
     ) -> (Stage, Option<Selection>) {
+        let (stage, _, t) = observe_guessed(x, b, keys, k, sample, diff, BLOCK);
+        (stage, t.selection().cloned())
+    }
+
+    /// Runs a one-segment [`TopK`] of the `k` largest of `keys` (those of
+    /// `x − b`) after a guess from `sample`, through
+    /// [`TopK::observe_diff`] (`diff`) or [`TopK::observe`], in pieces of
+    /// `piece` keys (at most [`BLOCK`] with `diff`); returns the stage after
+    /// the guess, whether the first sweep settled it, and the selector.
+    #[allow(clippy::too_many_arguments)]
+    fn observe_guessed(
+        x: &[f32],
+        b: &[f32],
+        keys: &[u32],
+        k: u64,
+        sample: &[u32],
+        diff: bool,
+        piece: usize,
+    ) -> (Stage, bool, TopK) {
         let n = keys.len();
         let mut t = TopK::new(n as u64, k, true);
         t.guess(&mut sample.to_vec());
         let stage = t.stage.clone();
         let mut scratch = vec![0u32; BLOCK];
+        let mut one = false;
         for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
-            for at in (0..n).step_by(BLOCK) {
-                let end = (at + BLOCK).min(n);
+            for at in (0..n).step_by(piece) {
+                let end = (at + piece).min(n);
                 if diff {
                     t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
                 } else {
@@ -1780,8 +1799,11 @@ mod tests {
                 }
             }
             t.end_sweep(sweep).unwrap();
+            if sweep == 0 {
+                one = t.is_done();
+            }
         }
-        (stage, t.selection().cloned())
+        (stage, one, t)
     }
 
     /// BF16-like task vectors around a base: the differences take a few
@@ -1815,33 +1837,8 @@ mod tests {
         piece: usize,
     ) -> (Stage, bool, Vec<bool>) {
         let keys = diff_keys(x, b);
-        let n = keys.len();
-        let mut t = TopK::new(n as u64, k, true);
-        t.guess(&mut sample.to_vec());
-        let stage = t.stage.clone();
-        let mut scratch = vec![0u32; BLOCK];
-        let mut one = false;
-        for sweep in 0..TopK::SWEEPS_ONE_SEGMENT {
-            for at in (0..n).step_by(piece) {
-                let end = (at + piece).min(n);
-                if diff {
-                    t.observe_diff("", at as u64, &x[at..end], &b[at..end], &mut scratch);
-                } else {
-                    t.observe("", at as u64, &keys[at..end]);
-                }
-            }
-            t.end_sweep(sweep).unwrap();
-            if sweep == 0 {
-                one = t.is_done();
-            }
-        }
-        let s = t.selection().unwrap().clone();
-        let kept = keys
-            .iter()
-            .enumerate()
-            .map(|(i, &key)| s.keeps("", i as u64, key))
-            .collect();
-        (stage, one, kept)
+        let (stage, one, t) = observe_guessed(x, b, &keys, k, sample, diff, piece);
+        (stage, one, kept_by(t.selection().unwrap(), &keys))
     }
 
     #[test]
