@@ -347,23 +347,19 @@ pub(crate) fn read_through(path: &Path, buf: &mut [u8]) -> Result<u8> {
 }
 
 /// Writes `bytes` bytes (copies of `buf`) to a new file at `path` and
-/// syncs it, syncing in the background every [`WRITEBACK_EVERY`] bytes as
-/// `tensormerge`'s writer does (the same [`Writeback`], as often), so that
-/// the floor gets the same head start on the disk as a merge.
+/// syncs it, syncing in the background as `tensormerge`'s writer does (the
+/// same [`Writeback`](tensormerge::io::Writeback), as often), so that the
+/// floor gets the same head start on the disk as a merge.
 pub(crate) fn write_synced(path: &Path, bytes: u64, buf: &[u8]) -> Result<()> {
-    use tensormerge::io::{WRITEBACK_EVERY, Writeback};
+    use tensormerge::io::Writeback;
     let mut f = File::create(path).with_context(|| path.display().to_string())?;
-    let writeback = Writeback::new(&f)?;
-    let (mut left, mut dirty) = (bytes, 0u64);
+    let mut writeback = Writeback::new(&f)?;
+    let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         f.write_all(&buf[..n])?;
         left -= n as u64;
-        dirty += n as u64;
-        if dirty >= WRITEBACK_EVERY {
-            dirty = 0;
-            writeback.request();
-        }
+        writeback.written(n as u64);
     }
     writeback.finish()?;
     f.sync_all()?;

@@ -71,8 +71,8 @@ pub(crate) struct ShardPlan {
     pub(crate) end: usize,
 }
 
-/// Bytes [`ModelWriter`] writes to a shard file between two requests to
-/// its [`Writeback`].
+/// Bytes written to a file between two background syncs its
+/// [`Writeback`] asks for ([`ModelWriter`] has one per shard file).
 pub const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// A shard file being written, hashed on the way when it is a piece.
@@ -80,8 +80,6 @@ pub const WRITEBACK_EVERY: u64 = 8 << 20;
 struct ShardFile {
     file: File,
     hasher: Option<Sha256>,
-    /// Bytes written since the write-back was last requested.
-    dirty: u64,
     /// Syncs the file's data in the background while the merge goes on.
     writeback: Writeback,
 }
@@ -92,29 +90,23 @@ impl ShardFile {
         Ok(ShardFile {
             file,
             hasher: hashed.then(Sha256::new),
-            dirty: 0,
             writeback,
         })
     }
 
-    /// Counts `n` bytes written (in order or ahead); every
-    /// [`WRITEBACK_EVERY`] bytes asks the [`Writeback`] to sync what is
-    /// written so far, so the disk writes while the merge computes and the
-    /// `fsync` that closes the file has little left to do. The bytes written
-    /// do not change.
+    /// Counts `n` bytes written (in order or ahead), so that the disk
+    /// writes while the merge computes and the `fsync` that closes the file
+    /// has little left to do ([`Writeback::written`]).
     fn written(&mut self, n: usize) {
-        self.dirty += n as u64;
-        if self.dirty >= WRITEBACK_EVERY {
-            self.dirty = 0;
-            self.writeback.request();
-        }
+        self.writeback.written(n as u64);
     }
 }
 
-/// Writes a file's data to the disk in the background: each
-/// [`request`](Self::request) has a thread of its own call `fdatasync` on
-/// the file (a duplicate of its descriptor) soon, without the caller
-/// waiting; requests made while one is pending are merged into it.
+/// Writes a file's data to the disk in the background: every
+/// [`WRITEBACK_EVERY`] bytes reported [`written`](Self::written), a thread
+/// of its own calls `fdatasync` on the file (a duplicate of its
+/// descriptor), without the caller waiting; a sync asked for while one is
+/// pending is merged into it.
 /// [`finish`](Self::finish) waits for the thread and returns the first
 /// error a sync met, so that no write error is lost (on Linux an error
 /// reported to one `fsync` is not reported again to a later one on the same
@@ -132,15 +124,19 @@ impl ShardFile {
 /// use std::io::Write;
 /// # let dir = tempfile::tempdir().unwrap();
 /// let mut f = std::fs::File::create(dir.path().join("out.bin")).unwrap();
-/// let wb = tensormerge_io::Writeback::new(&f).unwrap();
-/// f.write_all(&[7u8; 1 << 20]).unwrap();
-/// wb.request();
+/// let mut wb = tensormerge_io::Writeback::new(&f).unwrap();
+/// for _ in 0..9 {
+///     f.write_all(&[7u8; 1 << 20]).unwrap();
+///     wb.written(1 << 20); // the eighth MiB asks for a sync
+/// }
 /// wb.finish().unwrap(); // waits for the background sync; reports its error
 /// f.sync_all().unwrap();
-/// assert_eq!(std::fs::read(dir.path().join("out.bin")).unwrap(), vec![7u8; 1 << 20]);
+/// assert_eq!(std::fs::read(dir.path().join("out.bin")).unwrap(), vec![7u8; 9 << 20]);
 /// ```
 #[derive(Debug)]
 pub struct Writeback {
+    /// Bytes reported since the last sync was asked for.
+    dirty: u64,
     requests: Option<std::sync::mpsc::SyncSender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -167,14 +163,26 @@ impl Writeback {
                 result
             })?;
         Ok(Writeback {
+            dirty: 0,
             requests: Some(tx),
             thread: Some(thread),
         })
     }
 
+    /// Counts `n` more bytes written to the file; every
+    /// [`WRITEBACK_EVERY`] bytes asks for what is written so far to be
+    /// synced. Returns at once.
+    pub fn written(&mut self, n: u64) {
+        self.dirty += n;
+        if self.dirty >= WRITEBACK_EVERY {
+            self.dirty = 0;
+            self.request();
+        }
+    }
+
     /// Asks for the file's data written so far to be synced; returns at
     /// once.
-    pub fn request(&self) {
+    fn request(&self) {
         if let Some(tx) = &self.requests {
             // Full: a request is pending and will cover these bytes too.
             let _ = tx.try_send(());
@@ -1317,11 +1325,15 @@ mod tests {
             .write(true)
             .open("/dev/null")
             .unwrap();
-        // No request: no sync ran, nothing to report.
-        Writeback::new(&null).unwrap().finish().unwrap();
-        let wb = Writeback::new(&null).unwrap();
-        wb.request();
-        wb.request();
+        // Less than WRITEBACK_EVERY: no sync ran, nothing to report.
+        let mut wb = Writeback::new(&null).unwrap();
+        wb.written(WRITEBACK_EVERY - 1);
+        wb.finish().unwrap();
+        let mut wb = Writeback::new(&null).unwrap();
+        wb.written(WRITEBACK_EVERY - 1);
+        wb.written(1); // the threshold: a sync
+        wb.written(2 * WRITEBACK_EVERY);
+        wb.written(WRITEBACK_EVERY);
         let e = wb.finish().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
     }
@@ -1333,13 +1345,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
         let mut f = File::create(&path).unwrap();
-        let wb = Writeback::new(&f).unwrap();
+        let mut wb = Writeback::new(&f).unwrap();
         let mut expect = Vec::new();
         for i in 0..200u32 {
             let block = vec![(i % 251) as u8; 4096 + i as usize];
             f.write_all(&block).unwrap();
             expect.extend_from_slice(&block);
-            wb.request();
+            // Counted as a whole 8 MiB each: a sync asked for every time.
+            wb.written(WRITEBACK_EVERY);
         }
         wb.finish().unwrap();
         f.sync_all().unwrap();
