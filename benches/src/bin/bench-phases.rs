@@ -37,7 +37,9 @@ fn main() {
         .filter(|c| c.label.contains(only.as_str()))
     {
         let mut best: Vec<f64> = Vec::new();
-        let merge = case.merge(3).expect("merge");
+        // The models the case merges (the two-model methods take one).
+        let k = case.models(&inputs);
+        let merge = case.merge(k).expect("merge");
         let shape = [n];
         let ctx = TensorContext {
             name: "bench.weight",
@@ -47,8 +49,8 @@ fn main() {
             seed: merge.seed,
             model_stats: None,
         };
-        let models: Vec<&[f32]> = inputs.models.iter().map(|m| m.as_slice()).collect();
-        let aux = vec![None; 3];
+        let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
+        let aux = vec![None; k];
         let scratch = tensormerge_methods::Scratch::default();
         macro_rules! chunk {
             ($stats:expr) => {
@@ -64,9 +66,15 @@ fn main() {
                 }
             };
         }
+        // Fisher merging's pass is over the whole model (`model_pass`), and
+        // the two-model methods have none: nothing to split into phases.
+        if merge.method.tensor_pass(&ctx).is_none() {
+            println!("{:<20} no per-tensor pass", case.label);
+            continue;
+        }
         for _ in 0..runs {
             let mut times = Vec::new();
-            let mut pass = merge.method.tensor_pass(&ctx).expect("merge");
+            let mut pass = merge.method.tensor_pass(&ctx).expect("checked above");
             let mut line = format!("{:<20}", case.label);
             for sweep in 0..pass.sweeps() {
                 let (t, c) = (Instant::now(), cpu_ms());
