@@ -341,8 +341,8 @@ fn fetch(
 /// straight into the writer), room for its encoded result in the reorder
 /// buffer. It is admitted when the reservations fit the
 /// budget, or when nothing else is in flight. One tensor whose working set
-/// alone is over the budget (a whole tensor merged at once, such as the
-/// embedding under `slerp`) is admitted when it is next to be written,
+/// alone is over the budget (a whole tensor merged at once: the embedding
+/// under a method that is not chunkable) is admitted when it is next to be written,
 /// beside the others, whose reservations then still fit the budget without
 /// it: so the other workers keep going while it runs, and memory stays within
 /// the budget plus that one tensor (before, it ran alone, which left every

@@ -210,8 +210,11 @@ pub trait MergeMethod: Send + Sync + 'static {
 
     /// Whether a tensor may be split into chunks merged independently (with
     /// per-tensor stats shared between them). `true` for element-wise methods;
-    /// methods that need whole rows or the whole tensor (SLERP's norms) say
-    /// `false` and always receive the whole tensor.
+    /// a method that needs the whole tensor at once says `false` and always
+    /// receives it whole (memory: the largest tensor, several times). No
+    /// built-in method does: tensor-wide quantities (SLERP's norms, DARE's L1
+    /// norms) come from a per-tensor pass, whole rows from
+    /// [`chunk_multiple`](Self::chunk_multiple).
     fn chunkable(&self) -> bool {
         true
     }
