@@ -268,12 +268,12 @@ macro_rules! quarter_pair {
 /// (hand-measured, both forms alternating in one process): it split the
 /// rotation by 16 into two shuffles (`vpshuflw` + `vpshufhw`), rotated
 /// both operands of `d ^ a` by 8 instead of their xor (one more shuffle),
-/// and spilled eleven registers. Here rows `a`, `b` and `d` (12 words) stay
-/// in registers, the quarter rounds run in pairs, and only the pair's two
-/// `c` words are in registers: the other two wait in memory (two loads and
-/// two stores per half round), as in Goll and Gueron's AVX2 ChaCha
-/// ("Vectorization on ChaCha Stream Cipher", 2014). The same integer
-/// operations in the same order: the same words, which
+/// and moved state through the stack (five stores and five loads per
+/// double round, read off `objdump`). Here rows `a`, `b` and `d` (12
+/// words) stay in registers, the quarter rounds run in pairs, and only the
+/// pair's two `c` words are in registers: the other two wait in memory
+/// (two loads and two stores per half round). The same integer operations
+/// in the same order: the same words, which
 /// `bulk_draws_are_the_chacha8_stream_words` checks against `rand_chacha`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]

@@ -45,8 +45,11 @@
 //! the sums (and the output) are bit for bit those of one loop over the
 //! whole tensor; the merge then interpolates each chunk with the tensor's
 //! two weights. Memory is the engine's chunks, not three copies of the
-//! largest tensor (GPT-2's 38.6M-element embedding: 478 MiB peak before,
-//! measured by `cargo xtask bench`).
+//! largest tensor (`cargo xtask bench` on GPT-2 small, whose embedding has
+//! 38.6M elements: 478 MiB peak RSS before, 17 MiB now). The price: a
+//! tensor larger than one chunk is read twice (the pass, then the merge),
+//! as for every method with a per-tensor pass; the bench's wall time did
+//! not grow (1.15 s before, 1.03 – 1.12 s now).
 #![deny(missing_docs)]
 
 use std::sync::Arc;
