@@ -131,7 +131,25 @@ impl Scratch {
     }
 }
 
-impl Chunk<'_> {
+impl<'a> Chunk<'a> {
+    /// The base and the one model of a method that merges between two
+    /// endpoints (SLERP, NearSwap): an error naming `method` when there is
+    /// no base ([`MethodError::NeedsBase`]) or not exactly one model
+    /// ([`MethodError::ModelCount`]).
+    pub fn base_and_one_model(&self, method: &str) -> Result<(&'a [f32], &'a [f32]), MethodError> {
+        let base = self.base.ok_or_else(|| MethodError::NeedsBase {
+            method: method.into(),
+        })?;
+        let [x] = self.models else {
+            return Err(MethodError::ModelCount {
+                method: method.into(),
+                expected: "exactly 1 besides the base".into(),
+                got: self.models.len(),
+            });
+        };
+        Ok((base, x))
+    }
+
     /// Number of elements in this chunk.
     pub fn len(&self) -> usize {
         self.models

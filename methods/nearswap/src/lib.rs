@@ -70,16 +70,7 @@ impl MergeMethod for NearSwap {
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
         let t = chunk.tensor.global.f64("t")?;
-        let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
-            method: INFO.name.into(),
-        })?;
-        let [x] = chunk.models else {
-            return Err(MethodError::ModelCount {
-                method: INFO.name.into(),
-                expected: "exactly 1".into(),
-                got: chunk.models.len(),
-            });
-        };
+        let (base, x) = chunk.base_and_one_model(INFO.name)?;
         for ((o, &b), &x) in out.iter_mut().zip(base).zip(x.iter()) {
             let diff = (b as f64 - x as f64).abs();
             let w = if diff == 0.0 {

@@ -169,7 +169,7 @@ struct SumsPass {
 
 impl StatsPass for SumsPass {
     fn observe(&mut self, _sweep: usize, chunk: &Chunk<'_>) -> Result<(), MethodError> {
-        let (base, x) = endpoints(chunk)?;
+        let (base, x) = chunk.base_and_one_model(INFO.name)?;
         self.sums.add(base, x);
         Ok(())
     }
@@ -177,21 +177,6 @@ impl StatsPass for SumsPass {
     fn finish(self: Box<Self>) -> Result<Stats, MethodError> {
         Ok(Arc::new(self.sums))
     }
-}
-
-/// The chunk's base and its one model.
-fn endpoints<'a>(chunk: &Chunk<'a>) -> Result<(&'a [f32], &'a [f32]), MethodError> {
-    let base = chunk.base.ok_or_else(|| MethodError::NeedsBase {
-        method: INFO.name.into(),
-    })?;
-    let [x] = chunk.models else {
-        return Err(MethodError::ModelCount {
-            method: INFO.name.into(),
-            expected: "exactly 1 besides the base".into(),
-            got: chunk.models.len(),
-        });
-    };
-    Ok((base, x))
 }
 
 impl MergeMethod for Slerp {
@@ -207,7 +192,7 @@ impl MergeMethod for Slerp {
 
     fn merge(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<(), MethodError> {
         let t = chunk.tensor.global.f64("t")?;
-        let (base, x) = endpoints(chunk)?;
+        let (base, x) = chunk.base_and_one_model(INFO.name)?;
         let sums = match chunk.tensor_stats {
             Some(stats) => *stats
                 .downcast_ref::<Sums>()
@@ -414,9 +399,11 @@ mod tests {
     }
 
     /// A chunk that is not the whole tensor cannot be merged without the
-    /// per-tensor pass's sums (its own sums would give another angle).
+    /// per-tensor pass's sums (its own sums would give another angle); a
+    /// whole tensor can; a missing base or a second model is an error
+    /// ([`Chunk::base_and_one_model`]).
     #[test]
-    fn a_chunk_without_the_pass_is_an_error() {
+    fn merge_errors_name_what_is_missing() {
         let (a, b) = ([1.0f32, 0.0, 0.5, 0.2], [0.0f32, 1.0, 0.5, 0.1]);
         let global = Params::resolve(
             "slerp",
@@ -460,6 +447,25 @@ mod tests {
         Slerp.merge(&whole, &mut got).unwrap();
         slerp(0.5, &a, &b, &mut want);
         assert_eq!(got, want);
+        // No base, or two models besides it: errors that say which.
+        let no_base = Chunk {
+            base: None,
+            ..whole
+        };
+        let err = Slerp.merge(&no_base, &mut got).unwrap_err();
+        assert!(matches!(err, MethodError::NeedsBase { .. }), "{err}");
+        let two: [&[f32]; 2] = [&b, &b];
+        let two = Chunk {
+            models: &two,
+            aux: &[None, None],
+            ..whole
+        };
+        let err = Slerp.merge(&two, &mut got).unwrap_err();
+        assert!(
+            matches!(err, MethodError::ModelCount { got: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("slerp"), "{err}");
     }
 
     #[test]
