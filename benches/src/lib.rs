@@ -337,6 +337,22 @@ impl Case {
     }
 }
 
+/// The shape the benchmarks give a tensor of `n` elements: rows of [`ROW`]
+/// (a weight matrix, as the row-wise methods such as DELLA see one) when
+/// `n` is a multiple of it, else one row.
+///
+/// ```
+/// assert_eq!(tensormerge_benches::shape(4096), [4, 1024]);
+/// assert_eq!(tensormerge_benches::shape(1000), [1000]);
+/// ```
+pub fn shape(n: usize) -> Vec<usize> {
+    if n.is_multiple_of(ROW) {
+        vec![n / ROW, ROW]
+    } else {
+        vec![n]
+    }
+}
+
 /// Merges `inputs` as one whole tensor with the pass protocol of
 /// [`merge_tensor`](tensormerge_methods::merge_tensor) (per-tensor pass, then
 /// merge), on borrowed slices: the cost of the method alone, no copies.
@@ -353,13 +369,8 @@ pub fn merge_whole_with(
     self_aux: bool,
     out: &mut [f32],
 ) -> Result<(), MethodError> {
-    // Rows of 1024 (a weight matrix, as the row-wise methods see one).
     let n = inputs.base.len();
-    let shape: Vec<usize> = if n.is_multiple_of(ROW) {
-        vec![n / ROW, ROW]
-    } else {
-        vec![n]
-    };
+    let shape = shape(n);
     let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
     // Fisher merging with each model as its own Fisher estimate.
     let aux: Vec<Option<&[f32]>> = models.iter().map(|&m| self_aux.then_some(m)).collect();

@@ -40,7 +40,9 @@ fn main() {
         // The models the case merges (the two-model methods take one).
         let k = case.models(&inputs);
         let merge = case.merge(k).expect("merge");
-        let shape = [n];
+        // The shape `bench-ratios` merges (rows of 1024): DELLA ranks
+        // within rows, and one row of millions costs it ten times more.
+        let shape = tensormerge_benches::shape(n);
         let ctx = TensorContext {
             name: "bench.weight",
             shape: &shape,
