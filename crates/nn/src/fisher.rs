@@ -2,7 +2,7 @@
 //! Raffel 2022, arXiv:2111.09832).
 //!
 //! For a causal LM, one *sample* is one window of `context` tokens (the
-//! non-overlapping windows of [`windows`](crate::windows) with
+//! non-overlapping windows of [`windows`] with
 //! `stride = context`, taken in order and cycled when more samples are
 //! asked for than there are windows). Its log-likelihood is summed over the
 //! window's `context - 1` predictions, `ℓ = Σ_t log p(y_t | x_≤t)`, and

@@ -9,7 +9,7 @@
 //!
 //! A model is loaded from a model directory ([`Pipeline::open`], through
 //! `tensormerge-io`; bf16/f16 weights converted to f32) or straight from a
-//! merged [`ParamVector`](tensormerge_core::ParamVector) with its mapper and
+//! merged [`ParamVector`] with its mapper and
 //! a template model ([`Pipeline::from_vector`]; nothing written to disk, the
 //! same logits as the saved directory bit for bit). The architecture comes
 //! from `config.json`'s `model_type` (and `architectures` for the BERT head);

@@ -3,7 +3,7 @@
 //! by `breadcrumbs`, `breadcrumbs_ties` and `magnitude_prune`.
 //!
 //! The ranking is the exact, tie-broken order of
-//! [`ops::TopK`](tensormerge_methods::ops::TopK) (larger magnitude first,
+//! [`ops::TopK`] (larger magnitude first,
 //! equal magnitudes by lower index), run in memory over the whole tensor
 //! block by block, so no `n`-sized buffer is allocated.
 

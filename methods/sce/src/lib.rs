@@ -36,7 +36,7 @@
 //!
 //! Differences from mergekit: variances are computed in `f64` and ranked as
 //! `f32` with the exact tie-broken top-k of
-//! [`ops::TopK`](tensormerge_methods::ops::TopK) (equal variances: lower
+//! [`ops::TopK`] (equal variances: lower
 //! index first) instead of `torch.topk`; `int8_mask` has no effect. Tensors
 //! are merged in chunks after a per-tensor pass (count of non-zero
 //! variances, the streaming top-k, the energies), so memory does not grow
