@@ -1,7 +1,15 @@
-//! Criterion benches of `ops` building blocks on GPT-2-shaped rows, per
-//! entry: DELLA's keep decisions ([`RankOrder::keep_mask`]) against the
-//! exact-rank route they replace ([`RankOrder::order`] and a lookup per
-//! rank), measured side by side.
+//! Criterion benches of building blocks, per entry, each against what it
+//! replaces, measured side by side:
+//!
+//! - `della_keep_row*`: DELLA's keep decisions ([`RankOrder::keep_mask`]) on
+//!   GPT-2-shaped rows against the exact-rank route ([`RankOrder::order`]
+//!   and a lookup per rank);
+//! - `chacha8_draws`: the ChaCha8 words DARE and DELLA draw, one per entry,
+//!   in blocks of 256 as DARE's L1 pass takes them ([`Draws::fill`]),
+//!   against `rand_chacha`'s `ChaCha8Rng` making the same words one at a
+//!   time (`tensormerge_methods::rng::stream`).
+//!
+//! `cargo bench -p tensormerge-benches --bench ops [-- FILTER]`
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tensormerge_benches::Inputs;
@@ -65,5 +73,35 @@ fn keep_mask(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, keep_mask);
+fn draws(c: &mut Criterion) {
+    const N: usize = 1 << 20;
+    let mut group = c.benchmark_group("chacha8_draws");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(N as u64));
+    let mut block = [0u32; 256];
+    group.bench_function("Draws::fill", |b| {
+        b.iter(|| {
+            let mut draws = Draws::new(0, "bench.weight", 0, 0);
+            let mut acc = 0u32;
+            for _ in 0..N / block.len() {
+                draws.fill(&mut block);
+                acc ^= block[0] ^ block[255];
+            }
+            acc
+        })
+    });
+    group.bench_function("rand_chacha", |b| {
+        b.iter(|| {
+            let mut rng = tensormerge_methods::rng::stream(0, "bench.weight", 0, 0);
+            let mut acc = 0u32;
+            for _ in 0..N {
+                acc ^= rand::RngCore::next_u32(&mut rng);
+            }
+            acc
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, keep_mask, draws);
 criterion_main!(benches);
