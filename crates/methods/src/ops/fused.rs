@@ -334,6 +334,31 @@ mod x86 {
                 }
             }};
         }
+        // TIES without `normalize`: the sum of the agreeing entries alone.
+        // Those of an elected + are the positive entries, those of a − the
+        // negative ones, so both sums are made without waiting for the vote,
+        // and the vote picks one. `max(d, 0)` is `d` where `d > 0`, else +0
+        // (NaN included): `elect!`'s masked `d` for `s = 1`; `min` likewise
+        // for `s = −1`; added in the same order, so the bits are the same,
+        // from fewer and shorter chains of operations. DARE's merge at
+        // density 0.5 on 16M elements (`dare_ties`) took 10 – 13% less time,
+        // hand-measured by alternating both forms in one process (41 – 61
+        // runs each); prefetching the inputs 1024 – 4096 elements ahead
+        // changed nothing there.
+        macro_rules! elect_sum {
+            ($d:expr) => {{
+                let d = $d;
+                let mut vote = zero;
+                let (mut pos, mut neg) = (zero, zero);
+                for &d in &d {
+                    vote = _mm256_add_pd(vote, if count { sign(d) } else { d });
+                    pos = _mm256_add_pd(pos, _mm256_max_pd(d, zero));
+                    neg = _mm256_add_pd(neg, _mm256_min_pd(d, zero));
+                }
+                // A zero vote, or NaN's, as the block path: `v >= 0 ? 1 : -1`.
+                _mm256_blendv_pd(neg, pos, _mm256_cmp_pd::<_CMP_GE_OQ>(vote, zero))
+            }};
+        }
         macro_rules! store {
             ($e:expr, $bd:expr, $merged:expr) => {{
                 let o = _mm256_cvtpd_ps(_mm256_add_pd($bd, _mm256_mul_pd(lambda, $merged)));
@@ -381,13 +406,11 @@ mod x86 {
                         acc = _mm256_mul_pd(acc, inv);
                     }
                     acc
-                } else {
+                } else if combine.normalize {
                     let (acc, div) = elect!(d);
-                    if combine.normalize {
-                        normalized!(acc, div)
-                    } else {
-                        acc
-                    }
+                    normalized!(acc, div)
+                } else {
+                    elect_sum!(d)
                 };
                 store!(e, bd, merged);
             }
