@@ -480,6 +480,12 @@ struct Args {
     only: Option<Vec<String>>,
 }
 
+/// The options of `cargo xtask bench` (the GPT-2-small merges).
+pub(crate) const USAGE: &str = "usage: cargo xtask bench [--quick] [--dir DIR] [--keep] [--bin PATH] [--check] [-j N] [--repeat N] [--methods] [--only M1,M2]";
+
+/// The options of `cargo xtask bench --nn`.
+pub(crate) const NN_USAGE: &str = "usage: cargo xtask bench --nn [--quick]";
+
 fn parse_args(args: &[String]) -> Result<Args> {
     let mut a = Args {
         quick: false,
@@ -520,9 +526,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
                     .filter(|n: &usize| *n >= 1)
                     .context("--repeat needs a positive number")?
             }
-            other => bail!(
-                "unknown option `{other}`\nusage: cargo xtask bench [--quick] [--dir DIR] [--keep] [--bin PATH] [--check] [-j N] [--repeat N] [--methods] [--only M1,M2]"
-            ),
+            other => bail!("unknown option `{other}`\n{USAGE}"),
         }
     }
     Ok(a)

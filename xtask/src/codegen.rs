@@ -16,13 +16,16 @@ fn root() -> PathBuf {
         .map_or_else(|| xtask.join(".."), Path::to_path_buf)
 }
 
+/// The options of `cargo xtask codegen`.
+pub(crate) const USAGE: &str = "usage: cargo xtask codegen [--check]";
+
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<()> {
     let mut check = false;
     for a in args {
         match a.as_str() {
             "--check" => check = true,
-            other => bail!("unknown argument `{other}` (usage: cargo xtask codegen [--check])"),
+            other => bail!("unknown argument `{other}` ({USAGE})"),
         }
     }
     let path = root().join(tensormerge::docs::METHODS_MD);

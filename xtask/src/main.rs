@@ -12,18 +12,39 @@ mod codegen;
 mod fuzz;
 mod scale;
 
+const USAGE: &str = "usage: cargo xtask <task> [args]  (cargo xtask <task> --help for its options)\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor (--scale: out-of-core; --nn: forward pass)\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time";
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let task = args.next().unwrap_or_default();
     let rest: Vec<String> = args.collect();
+    // `--help` prints the task's usage (`demo` passes it on to
+    // `tensormerge demo`, whose own help lists the demo's options).
+    let help = rest.iter().any(|a| a == "-h" || a == "--help");
     match task.as_str() {
         "demo" => run_demo(&rest),
+        "bench" if help => {
+            let more = |u: &str| u.replacen("usage:", "      ", 1);
+            println!(
+                "{}\n{}\n{}",
+                bench::USAGE,
+                more(scale::USAGE),
+                more(bench::NN_USAGE)
+            );
+            Ok(())
+        }
         "bench" => bench::run(&rest),
+        "codegen" if help => {
+            println!("{}", codegen::USAGE);
+            Ok(())
+        }
         "codegen" => codegen::run(&rest),
         "fuzz" => fuzz::run(&rest),
-        _ => bail!(
-            "usage: cargo xtask <task> [args]\n\ntasks:\n  demo      run `tensormerge demo` (release build)\n  bench     realistic merge benchmark against the I/O floor (--scale: out-of-core; --nn: forward pass)\n  codegen   regenerate docs/methods.md (`--check` fails when stale)\n  fuzz      run each fuzz target for a bounded time"
-        ),
+        "" | "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown task `{other}`\n{USAGE}"),
     }
 }
 

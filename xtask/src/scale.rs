@@ -504,6 +504,9 @@ struct Args {
     bin: Option<PathBuf>,
 }
 
+/// The options of `cargo xtask bench --scale`.
+pub(crate) const USAGE: &str = "usage: cargo xtask bench --scale [--scale-gb G] [--sizes 0.25,0.5,1] [--dir DIR] [--keep] [--bin PATH]";
+
 fn parse_args(args: &[String]) -> Result<Args> {
     let mut a = Args {
         gb: 10.0,
@@ -535,9 +538,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--dir" => a.dir = Some(it.next().context("--dir needs a path")?.into()),
             "--bin" => a.bin = Some(it.next().context("--bin needs a path")?.into()),
             "--keep" => a.keep = true,
-            other => bail!(
-                "unknown option `{other}`\nusage: cargo xtask bench --scale [--scale-gb G] [--sizes 0.25,0.5,1] [--dir DIR] [--keep] [--bin PATH]"
-            ),
+            other => bail!("unknown option `{other}`\n{USAGE}"),
         }
     }
     Ok(a)
