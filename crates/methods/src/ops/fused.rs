@@ -293,6 +293,14 @@ mod x86 {
                 (d, bd)
             }};
         }
+        // TIES' vote: adds model `i`'s entries `d` (count consensus: their
+        // signs) to `vote`, in model order in both elections below.
+        macro_rules! vote {
+            ($vote:expr, $d:expr) => {{
+                let d = $d;
+                _mm256_add_pd($vote, if count { sign(d) } else { d })
+            }};
+        }
         // TIES' election and disjoint sum: the sum of the agreeing entries
         // and of their weights.
         macro_rules! elect {
@@ -300,7 +308,7 @@ mod x86 {
                 let d = $d;
                 let mut vote = zero;
                 for &d in &d {
-                    vote = _mm256_add_pd(vote, if count { sign(d) } else { d });
+                    vote = vote!(vote, d);
                 }
                 // The elected sign as ±1 (a zero vote, or NaN's, as the
                 // block path: `v >= 0 ? 1 : -1`).
@@ -351,7 +359,7 @@ mod x86 {
                 let mut vote = zero;
                 let (mut pos, mut neg) = (zero, zero);
                 for &d in &d {
-                    vote = _mm256_add_pd(vote, if count { sign(d) } else { d });
+                    vote = vote!(vote, d);
                     pos = _mm256_add_pd(pos, _mm256_max_pd(d, zero));
                     neg = _mm256_add_pd(neg, _mm256_min_pd(d, zero));
                 }
