@@ -360,6 +360,93 @@ pub fn merge_whole(merge: &Merge<'_>, inputs: &Inputs, out: &mut [f32]) -> Resul
     merge_whole_with(merge, inputs, inputs.models.len(), false, out)
 }
 
+/// One merge of [`Inputs`] as a single tensor of shape [`shape`], ready to
+/// hand to a method: what the [`TensorContext`]s and [`Chunk`]s of
+/// [`merge_whole_with`] and of `bench-phases` borrow, built in one place so
+/// that both time the same tensor.
+///
+/// ```
+/// use tensormerge_benches::{Inputs, Whole, CASES};
+/// let inputs = Inputs::new(4096, 3);
+/// let merge = CASES[0].merge(3).unwrap();
+/// let whole = Whole::new(&merge, &inputs, 3, false);
+/// let ctx = whole.context(None);
+/// assert_eq!(ctx.shape, [4, 1024]);
+/// let chunk = whole.chunk(&ctx, None);
+/// assert_eq!((chunk.offset, chunk.models.len()), (0, 3));
+/// ```
+#[derive(Debug)]
+pub struct Whole<'a> {
+    merge: &'a Merge<'a>,
+    base: &'a [f32],
+    shape: Vec<usize>,
+    models: Vec<&'a [f32]>,
+    aux: Vec<Option<&'a [f32]>>,
+    scratch: tensormerge_methods::Scratch,
+}
+
+impl<'a> Whole<'a> {
+    /// The merge of the base and the first `k` models of `inputs`, each
+    /// model its own auxiliary tensor when `self_aux` (Fisher merging with
+    /// the models as their Fisher estimates).
+    pub fn new(merge: &'a Merge<'a>, inputs: &'a Inputs, k: usize, self_aux: bool) -> Self {
+        let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
+        let aux = models.iter().map(|&m| self_aux.then_some(m)).collect();
+        Whole {
+            merge,
+            base: &inputs.base,
+            shape: shape(inputs.base.len()),
+            models,
+            aux,
+            scratch: tensormerge_methods::Scratch::default(),
+        }
+    }
+
+    /// The tensor's context, with the whole-model statistics `model_stats`
+    /// (`None` before the model pass, or for methods without one).
+    pub fn context<'b>(&'b self, model_stats: Option<&'b Stats>) -> TensorContext<'b> {
+        TensorContext {
+            name: "bench.weight",
+            shape: &self.shape,
+            global: &self.merge.global,
+            models: &self.merge.models,
+            seed: self.merge.seed,
+            model_stats,
+        }
+    }
+
+    /// The whole tensor as one chunk of `tensor` (a context from
+    /// [`context`](Self::context)), with the per-tensor statistics `stats`.
+    pub fn chunk<'b>(
+        &'b self,
+        tensor: &'b TensorContext<'b>,
+        stats: Option<&'b Stats>,
+    ) -> Chunk<'b> {
+        Chunk {
+            tensor,
+            offset: 0,
+            base: Some(self.base),
+            models: &self.models,
+            aux: &self.aux,
+            base_aux: None,
+            tensor_stats: stats,
+            scratch: &self.scratch,
+        }
+    }
+}
+
+/// Runs `pass` over `chunk`, sweep by sweep, and returns its statistics.
+fn run_pass(mut pass: Box<dyn StatsPass>, chunk: &Chunk<'_>) -> Result<Stats, MethodError> {
+    for sweep in 0..pass.sweeps() {
+        pass.observe(sweep, chunk)?;
+        pass.end_sweep(sweep)?;
+        if pass.done() {
+            break;
+        }
+    }
+    pass.finish()
+}
+
 /// [`merge_whole`] of the first `k` models, each its own auxiliary tensor
 /// when `self_aux` (Fisher merging with the models as their Fisher estimates).
 pub fn merge_whole_with(
@@ -369,53 +456,18 @@ pub fn merge_whole_with(
     self_aux: bool,
     out: &mut [f32],
 ) -> Result<(), MethodError> {
-    let n = inputs.base.len();
-    let shape = shape(n);
-    let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
-    // Fisher merging with each model as its own Fisher estimate.
-    let aux: Vec<Option<&[f32]>> = models.iter().map(|&m| self_aux.then_some(m)).collect();
-    let scratch = tensormerge_methods::Scratch::default();
-    let chunk = |tensor, stats| Chunk {
-        tensor,
-        offset: 0,
-        base: Some(&inputs.base),
-        models: &models,
-        aux: &aux,
-        base_aux: None,
-        tensor_stats: stats,
-        scratch: &scratch,
-    };
-    let run = |mut pass: Box<dyn StatsPass>, chunk: &Chunk<'_>| -> Result<Stats, MethodError> {
-        for sweep in 0..pass.sweeps() {
-            pass.observe(sweep, chunk)?;
-            pass.end_sweep(sweep)?;
-            if pass.done() {
-                break;
-            }
-        }
-        pass.finish()
-    };
+    let whole = Whole::new(merge, inputs, k, self_aux);
     // The whole-model pass (Fisher normalisation) over the one tensor, then
     // the per-tensor pass.
-    let pre = TensorContext {
-        name: "bench.weight",
-        shape: &shape,
-        global: &merge.global,
-        models: &merge.models,
-        seed: merge.seed,
-        model_stats: None,
-    };
+    let pre = whole.context(None);
     let model_stats = match merge.method.model_pass(&merge.global, &merge.models) {
         None => None,
-        Some(pass) => Some(run(pass, &chunk(&pre, None))?),
+        Some(pass) => Some(run_pass(pass, &whole.chunk(&pre, None))?),
     };
-    let ctx = TensorContext {
-        model_stats: model_stats.as_ref(),
-        ..pre.clone()
-    };
+    let ctx = whole.context(model_stats.as_ref());
     let stats = match merge.method.tensor_pass(&ctx) {
         None => None,
-        Some(pass) => Some(run(pass, &chunk(&ctx, None))?),
+        Some(pass) => Some(run_pass(pass, &whole.chunk(&ctx, None))?),
     };
-    merge.method.merge(&chunk(&ctx, stats.as_ref()), out)
+    merge.method.merge(&whole.chunk(&ctx, stats.as_ref()), out)
 }

@@ -17,8 +17,7 @@ fn cpu_ms() -> f64 {
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
-use tensormerge_benches::{CASES, Inputs};
-use tensormerge_methods::{Chunk, TensorContext};
+use tensormerge_benches::{CASES, Inputs, Whole};
 fn main() {
     let n = std::env::args()
         .nth(1)
@@ -40,34 +39,11 @@ fn main() {
         // The models the case merges (the two-model methods take one).
         let k = case.models(&inputs);
         let merge = case.merge(k).expect("merge");
-        // The shape `bench-ratios` merges (rows of 1024): DELLA ranks
-        // within rows, and one row of millions costs it ten times more.
-        let shape = tensormerge_benches::shape(n);
-        let ctx = TensorContext {
-            name: "bench.weight",
-            shape: &shape,
-            global: &merge.global,
-            models: &merge.models,
-            seed: merge.seed,
-            model_stats: None,
-        };
-        let models: Vec<&[f32]> = inputs.models[..k].iter().map(|m| m.as_slice()).collect();
-        let aux = vec![None; k];
-        let scratch = tensormerge_methods::Scratch::default();
-        macro_rules! chunk {
-            ($stats:expr) => {
-                Chunk {
-                    tensor: &ctx,
-                    offset: 0,
-                    base: Some(&inputs.base),
-                    models: &models,
-                    aux: &aux,
-                    base_aux: None,
-                    tensor_stats: $stats,
-                    scratch: &scratch,
-                }
-            };
-        }
+        // The tensor `bench-ratios` merges ([`Whole`]: rows of 1024, where
+        // DELLA ranks within rows; one row of millions costs it ten times
+        // more).
+        let whole = Whole::new(&merge, &inputs, k, case.self_aux);
+        let ctx = whole.context(None);
         // Fisher merging's pass is over the whole model (`model_pass`), and
         // the two-model methods have none: nothing to split into phases.
         if merge.method.tensor_pass(&ctx).is_none() {
@@ -80,7 +56,8 @@ fn main() {
             let mut line = format!("{:<20}", case.label);
             for sweep in 0..pass.sweeps() {
                 let (t, c) = (Instant::now(), cpu_ms());
-                pass.observe(sweep, &chunk!(None)).expect("merge");
+                pass.observe(sweep, &whole.chunk(&ctx, None))
+                    .expect("merge");
                 pass.end_sweep(sweep).expect("merge");
                 times.push(cpu_ms() - c);
                 line += &format!(
@@ -93,7 +70,7 @@ fn main() {
             let (t, c) = (Instant::now(), cpu_ms());
             merge
                 .method
-                .merge(&chunk!(Some(&stats)), &mut out)
+                .merge(&whole.chunk(&ctx, Some(&stats)), &mut out)
                 .expect("merge");
             times.push(cpu_ms() - c);
             line += &format!(
