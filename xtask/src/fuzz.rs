@@ -69,15 +69,12 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
                 return Ok(None);
             }
             "-h" | "--help" => {
-                println!(
-                    "usage: cargo xtask fuzz [--seconds N] [--sanitizer address|none] [--no-install] [--list] [TARGET...]\n\ntargets: {}",
-                    TARGETS.join(", ")
-                );
+                println!("{USAGE}\n\ntargets: {}", TARGETS.join(", "));
                 return Ok(None);
             }
             t if TARGETS.contains(&t) => o.targets.push(t.to_string()),
             other => bail!(
-                "unknown fuzz target or option `{other}` (targets: {})",
+                "unknown fuzz target or option `{other}` (targets: {})\n{USAGE}",
                 TARGETS.join(", ")
             ),
         }
@@ -90,6 +87,9 @@ fn parse(args: &[String]) -> Result<Option<Opts>> {
     }
     Ok(Some(o))
 }
+
+/// The task's usage line (`cargo xtask fuzz --help` adds the targets).
+pub(crate) const USAGE: &str = "usage: cargo xtask fuzz [--seconds N] [--sanitizer address|none] [--no-install] [--list] [TARGET...]";
 
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<()> {
