@@ -4,7 +4,8 @@
 //! default), 1 base + 3 models, against a plain memory copy of the same input
 //! bytes measured in the same run. Results are ratios: a method's bytes per
 //! second over the copy's. Targets: `linear` and `task_arithmetic` at least
-//! 0.5, `ties` and `dare_*` at least 0.2.
+//! 0.5, `ties` and `dare_*` at least 0.35 (issue #13's); the other methods'
+//! are regression floors ([`Case::target`]).
 //!
 //! - `cargo bench -p tensormerge-benches` runs the criterion benches
 //!   (`benches/methods.rs`, bytes per second);
@@ -150,7 +151,7 @@ pub const CASES: &[Case] = &[
         method: "ties",
         global: &[],
         per_model: &[("density", 0.2)],
-        target: 0.2,
+        target: 0.35,
         models: 0,
         self_aux: false,
     },
@@ -159,7 +160,7 @@ pub const CASES: &[Case] = &[
         method: "dare_linear",
         global: &[],
         per_model: &[("density", 0.5)],
-        target: 0.2,
+        target: 0.35,
         models: 0,
         self_aux: false,
     },
@@ -168,7 +169,7 @@ pub const CASES: &[Case] = &[
         method: "dare_ties",
         global: &[],
         per_model: &[("density", 0.5)],
-        target: 0.2,
+        target: 0.35,
         models: 0,
         self_aux: false,
     },
