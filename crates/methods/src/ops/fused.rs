@@ -293,8 +293,8 @@ mod x86 {
                 (d, bd)
             }};
         }
-        // TIES' vote: adds model `i`'s entries `d` (count consensus: their
-        // signs) to `vote`, in model order in both elections below.
+        // TIES' vote: `vote` plus a model's entries `d` (count consensus:
+        // their signs). Both elections below add the models in order.
         macro_rules! vote {
             ($vote:expr, $d:expr) => {{
                 let d = $d;
